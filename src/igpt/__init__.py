@@ -1,0 +1,7 @@
+"""igpt: Image GPT, generative pretraining from pixels."""
+
+from igpt.errors import IgptError
+from igpt.palette import Palette
+
+__all__ = ["IgptError", "Palette"]
+__version__ = "0.1.0"
