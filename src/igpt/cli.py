@@ -23,7 +23,6 @@ def _add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -
     p.add_argument(
         "--data",
         default=default,
-        required=default is None,
         help="digits | mnist | fashion-mnist | cifar10 | cifar100 | an image folder, "
         ".tar/.tar.gz/.zip of one, or a .npz (default: %(default)s)",
     )
@@ -46,6 +45,66 @@ def _cmd_palette_fit(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {palette.size} colours fitted on {train.describe()}")
 
 
+def _train_config(args: argparse.Namespace):
+    from igpt.train import TrainConfig
+
+    overrides = {name: getattr(args, name) for name in ("n_layer", "n_embd", "n_head") if getattr(args, name) is not None}
+    return TrainConfig(
+        data=args.data, data_dir=args.data_dir, resolution=args.resolution, crop=args.crop, augment=args.augment,
+        palette=args.palette, clusters=args.clusters, model=args.model, overrides=overrides, objective=args.objective,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, steps=args.steps,
+        epochs=args.epochs, seed=args.seed, precision=args.precision, device=args.device, compile=args.compile,
+        fsdp=args.fsdp, skip_bad=args.skip_bad, eval_every=args.eval_every, save_every=args.save_every,
+        sample_every=args.sample_every, eval_batches=args.eval_batches,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from igpt.distributed import close_world
+    from igpt.train import Trainer
+
+    trainer = Trainer(_train_config(args), args.out, resume=args.resume)
+    try:
+        result = trainer.run()
+    finally:
+        close_world(trainer.world)
+    if trainer.world.is_main:
+        print(f"done: step {result['step']}, best validation loss {result['best_val_loss']:.4f} nats/token; run folder {args.out}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+    import math
+
+    from igpt import data
+    from igpt.train import evaluate, load_run, unigram_nats
+
+    model, palette, run = load_run(args.ckpt, args.device)
+    train_cfg = run.get("train", {})
+    resolution = math.isqrt(model.config.n_ctx)
+    data_name = args.data or train_cfg.get("data")
+    if data_name is None:
+        raise IgptError("this checkpoint does not record its data set: pass --data")
+    kwargs = dict(data_dir=args.data_dir or train_cfg.get("data_dir"), crop=args.crop or train_cfg.get("crop", False),
+                  skip_bad=args.skip_bad, seed=train_cfg.get("seed", 0))
+    split = data.load_tokens(data_name, args.split, resolution, palette, **kwargs)
+    nats, n_tokens = evaluate(model, split.tokens, objective=model.config.objective, batch_size=args.batch_size,
+                              precision=args.precision)
+    train = data.load_tokens(data_name, "train", resolution, palette, **kwargs)
+    unigram = unigram_nats(train.tokens, split.tokens, palette.size)
+    result = {
+        "nats_per_token": nats, "bits_per_pixel": nats / math.log(2), "n_images": len(split), "n_tokens": n_tokens,
+        "objective": model.config.objective, "split": args.split,
+        "baselines": {"uniform_bits_per_pixel": math.log2(palette.size), "unigram_bits_per_pixel": unigram / math.log(2)},
+    }
+    print(f"{data_name} {args.split}: {nats:.4f} nats/token = {result['bits_per_pixel']:.4f} bits/pixel over "
+          f"{len(split):,} images (uniform {math.log2(palette.size):.3f}, unigram {unigram / math.log(2):.3f} bits/pixel)")
+    if args.json:
+        from igpt.fileio import atomic_write_json
+
+        atomic_write_json(args.json, result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="igpt", description="Image GPT: generative pretraining from pixels.")
     parser.add_argument("--version", action="version", version=f"igpt {_version()}")
@@ -62,6 +121,47 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     fit.set_defaults(func=_cmd_palette_fit)
+
+    train = sub.add_parser("train", help="pretrain a model (AR or BERT objective) into a run folder")
+    _add_data_args(train)
+    train.add_argument("--resolution", type=_positive_int, default=8, help="input resolution (default: %(default)s)")
+    train.add_argument("--palette", default="fit", help="fit | openai | PATH to a palette (default: %(default)s)")
+    train.add_argument("--clusters", type=_positive_int, default=512, help="palette size when fitting")
+    train.add_argument("--model", default="tiny", help="preset: tiny, mini, igpt-s, igpt-m, igpt-l, igpt-xl")
+    train.add_argument("--n-layer", type=_positive_int, default=None, help="override the preset's depth")
+    train.add_argument("--n-embd", type=_positive_int, default=None, help="override the preset's width")
+    train.add_argument("--n-head", type=_positive_int, default=None, help="override the preset's head count")
+    train.add_argument("--objective", choices=("ar", "bert"), default="ar")
+    train.add_argument("--batch-size", type=_positive_int, default=64, help="global batch per optimizer step")
+    train.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step")
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: about one epoch)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=None)
+    length.add_argument("--epochs", type=float, default=None)
+    train.add_argument("--out", required=True, help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    train.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    train.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun")
+    train.add_argument("--augment", action="store_true", help="random resized crops")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--eval-every", type=_positive_int, default=100)
+    train.add_argument("--eval-batches", type=_positive_int, default=None, help="cap validation batches")
+    train.add_argument("--save-every", type=_positive_int, default=200)
+    train.add_argument("--sample-every", type=_positive_int, default=500)
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("eval", help="exact loss (nats/token, bits/pixel) of a checkpoint on a split")
+    evaluate.add_argument("--ckpt", required=True, help="run folder")
+    _add_data_args(evaluate, default=None)
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64)
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    evaluate.add_argument("--json", nargs="?", const="eval.json", default=None, help="also write the result as JSON")
+    evaluate.set_defaults(func=_cmd_eval)
     return parser
 
 

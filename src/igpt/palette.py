@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from igpt.errors import IgptError
+from igpt.fileio import atomic_write, atomic_write_json
 
 HF_CONFIG_NAME = "preprocessor_config.json"
 PALETTE_NAME = "palette.npy"
@@ -241,7 +242,7 @@ class Palette:
             return self.save_hf(path.parent, resolution or 32, name=path.name)
         if path.suffix != ".npy":
             raise IgptError(f"palette files end in .npy or .json, got {path.name}")
-        _atomic_write(path, lambda f: np.save(f, self.centers))
+        atomic_write(path, lambda f: np.save(f, self.centers))
         return path
 
     def to_hf_config(self, resolution: int) -> dict:
@@ -258,9 +259,7 @@ class Palette:
 
     def save_hf(self, directory: str | os.PathLike, resolution: int, name: str = HF_CONFIG_NAME) -> Path:
         path = Path(directory) / name
-        text = json.dumps(self.to_hf_config(resolution), indent=2)
-        _atomic_write(path, lambda f: f.write(text.encode()))
-        return path
+        return atomic_write_json(path, self.to_hf_config(resolution))
 
     @classmethod
     def openai(cls) -> "Palette":
@@ -275,18 +274,6 @@ OPENAI_PALETTE = {
     "filename": "openai_kmeans_centers.npy",
     "sha256": "c614a3d27f02fd6cf02fbbaf9f02e2431fa202726f3e44750658a85eb226bebd",
 }
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise IgptError(f"cannot write {path}: {err.strerror or err}") from None
 
 
 # ---- k-means ------------------------------------------------------------------------------

@@ -1,0 +1,341 @@
+"""The Image GPT network (SPEC 3-4), exact to the released weights.
+
+A GPT-2-style decoder over colour tokens: gain-only RMS norm, quick GELU, no biases, learned
+positions, a learned start-of-sequence vector, an untied zero-initialised head. One set of
+weights serves two objectives: `ar` (causal, next pixel) and `bert` (bidirectional, masked pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from igpt.errors import IgptError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+PRESETS = {
+    "tiny": dict(n_layer=4, n_embd=128, n_head=4),
+    "mini": dict(n_layer=8, n_embd=256, n_head=8),
+    "igpt-s": dict(n_layer=24, n_embd=512, n_head=8),
+    "igpt-m": dict(n_layer=36, n_embd=1024, n_head=8),
+    "igpt-l": dict(n_layer=48, n_embd=1536, n_head=16),
+    "igpt-xl": dict(n_layer=60, n_embd=3072, n_head=16),
+}
+
+
+@dataclass
+class ImageGPTConfig:
+    vocab_size: int = 512  # palette size
+    n_ctx: int = 1024  # pixels per image: resolution squared
+    n_embd: int = 512
+    n_layer: int = 24
+    n_head: int = 8
+    objective: str = "ar"  # "ar" or "bert"
+    bias: bool = False  # linear-layer biases: only for Hugging Face models that carry non-zero ones
+    eps: float = 1e-5
+    n_classes: int = 0  # a classifier head on the mean-pooled final norm (fine-tuning)
+
+    def __post_init__(self):
+        checks = [
+            (self.vocab_size >= 1, "vocab_size must be >= 1"),
+            (self.n_ctx >= 1, "n_ctx must be >= 1"),
+            (self.n_layer >= 1, "n_layer must be >= 1"),
+            (self.n_head >= 1 and self.n_embd % self.n_head == 0,
+             f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"),
+            (self.objective in ("ar", "bert"), f"objective must be 'ar' or 'bert', got {self.objective!r}"),
+            (self.n_classes >= 0, "n_classes must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise IgptError(f"invalid model configuration: {message}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ImageGPTConfig":
+        if name not in PRESETS:
+            raise IgptError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ImageGPTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names - {"model_type", "igpt_version"})
+        if unknown:
+            raise IgptError(f"unknown model configuration fields: {', '.join(unknown)}")
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return {"model_type": "igpt", **dataclasses.asdict(self)}
+
+
+def num_params(config: ImageGPTConfig) -> int:
+    """Parameter count from the configuration alone (no allocation): sizes the big presets."""
+    d, v = config.n_embd, config.vocab_size
+    per_block = 12 * d * d + 2 * d + (9 * d if config.bias else 0)
+    classifier = config.n_classes * d
+    return config.n_layer * per_block + (2 * v + config.n_ctx + 2) * d + classifier
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every layer: (n_layer, batch, heads, n_ctx, head_dim)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: int = 0  # input positions already processed
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__()
+        d = config.n_embd
+        self.n_head = config.n_head
+        self.q = nn.Linear(d, d, bias=config.bias)
+        self.k = nn.Linear(d, d, bias=config.bias)
+        self.v = nn.Linear(d, d, bias=config.bias)
+        self.proj = nn.Linear(d, d, bias=config.bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        mask = None
+        if cache is not None:
+            start = cache.pos
+            cache.k[layer, :, :, start : start + t] = k
+            cache.v[layer, :, :, start : start + t] = v
+            k, v = cache.k[layer, :, :, : start + t], cache.v[layer, :, :, : start + t]
+            if t > 1 and start > 0:  # a chunk after earlier context: causal within the chunk
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+            causal = causal and t > 1 and start == 0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(quick_gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__()
+        self.ln_1 = nn.RMSNorm(config.n_embd, eps=config.eps)
+        self.attn = Attention(config)
+        self.ln_2 = nn.RMSNorm(config.n_embd, eps=config.eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        h = h + self.attn(self.ln_1(h), causal, cache, layer)
+        return h + self.mlp(self.ln_2(h))
+
+
+class ImageGPT(nn.Module):
+    """`model(tokens)` -> logits (B, n, vocab); logits[:, i] predicts tokens[:, i] (the sos shift is inside)."""
+
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__()
+        self.config = config
+        d = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, d)
+        self.wpe = nn.Parameter(torch.empty(config.n_ctx, d))
+        self.sos = nn.Parameter(torch.empty(d))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.RMSNorm(d, eps=config.eps)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        self.classifier = nn.Linear(d, config.n_classes, bias=False) if config.n_classes else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The released initialisation (SPEC 3)."""
+        d, n_layer = self.config.n_embd, self.config.n_layer
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.wpe, std=0.01)
+        nn.init.normal_(self.sos, std=0.02)
+        for block in self.blocks:
+            for lin in (block.attn.q, block.attn.k, block.attn.v):
+                nn.init.normal_(lin.weight, std=1 / math.sqrt(d))
+            nn.init.normal_(block.attn.proj.weight, std=1 / math.sqrt(d * n_layer))
+            nn.init.normal_(block.mlp.fc.weight, std=0.02)
+            nn.init.normal_(block.mlp.proj.weight, std=0.02)
+            for norm in (block.ln_1, block.ln_2):
+                nn.init.ones_(norm.weight)
+        nn.init.ones_(self.ln_f.weight)
+        nn.init.zeros_(self.head.weight)
+        if self.classifier is not None:
+            nn.init.zeros_(self.classifier.weight)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # ---- the forward pass ----------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Input vectors: [sos, e(x_1..x_{n-1})] for ar; e(x) with masked positions zeroed for bert."""
+        b, n = tokens.shape
+        if n > self.config.n_ctx:
+            raise IgptError(f"{n} tokens exceed the model's context of {self.config.n_ctx}")
+        if self.config.objective == "ar":
+            sos = self.sos.expand(b, 1, -1).to(self.wte.weight.dtype)
+            h = torch.cat([sos, self.wte(tokens[:, :-1])], dim=1)
+        else:
+            h = self.wte(tokens)
+            if mask is not None:
+                h = h.masked_fill(mask[..., None], 0.0)
+        return h + self.wpe[:n]
+
+    def hidden(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, n, d)."""
+        h = self.embed(tokens, mask)
+        causal = self.config.objective == "ar"
+        for block in self.blocks:
+            h = block(h, causal)
+        return self.ln_f(h)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.hidden(tokens, mask))
+
+    def loss(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean NLL in nats/token: every position (ar), or the 15% masked positions (bert)."""
+        if self.config.objective == "ar":
+            logits = self(tokens)
+            return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+        mask = torch.rand(tokens.shape, generator=generator, device=generator.device if generator else None)
+        mask = (mask < 0.15).to(tokens.device)
+        logits = self(tokens, mask)
+        return F.cross_entropy(logits[mask].float(), tokens[mask])
+
+    def classify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(generative logits, class logits from the mean-pooled final norm) from one pass."""
+        if self.classifier is None:
+            raise IgptError("this model has no classifier head: fine-tune it first (igpt finetune)")
+        hidden = self.hidden(tokens)
+        return self.head(hidden), self.classifier(hidden.mean(1))
+
+    def features(self, tokens: torch.Tensor, layers) -> dict[int, torch.Tensor]:
+        """SPEC 6 probe features from one pass: f_l = mean over positions of norm(h_l).
+
+        h_l is the residual stream after l blocks, normalised by block l+1's first norm
+        (what its attention sees); for l = n_layer it is ln_f's output. l runs 0..n_layer.
+        """
+        wanted = sorted(set(int(l) for l in layers))
+        if not wanted or wanted[0] < 0 or wanted[-1] > self.config.n_layer:
+            raise IgptError(f"probe layers must lie in 0..{self.config.n_layer}, got {list(layers)}")
+        out = {}
+        h = self.embed(tokens)
+        causal = self.config.objective == "ar"
+        for i, block in enumerate(self.blocks):
+            if i in wanted:
+                out[i] = block.ln_1(h).mean(1).float()
+            if i >= wanted[-1]:
+                break
+            h = block(h, causal)
+        if self.config.n_layer in wanted:
+            out[self.config.n_layer] = self.ln_f(h).mean(1).float()
+        return {l: out[l] for l in wanted}
+
+    # ---- incremental decoding --------------------------------------------------------------------
+    def new_kv_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        c = self.config
+        shape = (c.n_layer, batch, c.n_head, c.n_ctx, c.n_embd // c.n_head)
+        device = device or self.wte.weight.device
+        dtype = dtype or self.wte.weight.dtype
+        return KVCache(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+
+    def step(self, tokens: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """Feed the next tokens (B, T) (or None at the start) and return logits (B, vocab) for the next pixel.
+
+        The first call also feeds sos, so a prefix of p pixels costs one pass and yields the
+        prediction for pixel p; later calls take the pixels just sampled.
+        """
+        if self.config.objective != "ar":
+            raise IgptError("incremental decoding needs an autoregressive (ar) model")
+        parts = []
+        if cache.pos == 0:
+            b = cache.k.shape[1]
+            parts.append(self.sos.expand(b, 1, -1).to(self.wte.weight.dtype))
+        if tokens is not None and tokens.shape[1]:
+            parts.append(self.wte(tokens))
+        h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        t = h.shape[1]
+        if cache.pos + t > self.config.n_ctx:
+            raise IgptError(f"decoding past the context of {self.config.n_ctx} pixels")
+        h = h + self.wpe[cache.pos : cache.pos + t]
+        for i, block in enumerate(self.blocks):
+            h = block(h, True, cache, i)
+        cache.pos += t
+        return self.head(self.ln_f(h[:, -1]))
+
+    # ---- files -----------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:
+        """`config.json` + `model.safetensors`, each written atomically."""
+        from safetensors.torch import save
+
+        from igpt.fileio import atomic_write, atomic_write_json
+
+        directory = Path(directory)
+        state = state_dict if state_dict is not None else self.state_dict()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        payload = save(tensors, metadata={"format": "pt"})
+        atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(payload))
+        atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ImageGPT":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise IgptError(f"{directory} is not a folder: give a run folder or a save_pretrained folder")
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.is_file() or not weights_path.is_file():
+            hint = " (a Hugging Face model? import it with igpt convert --from-hf)" if config_path.is_file() else ""
+            raise IgptError(f"{directory} is not an igpt model: it needs {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
+        try:
+            values = json.loads(config_path.read_text())
+        except (OSError, ValueError) as err:
+            raise IgptError(f"{config_path} is not readable JSON ({err})") from None
+        if not isinstance(values, dict) or values.get("model_type", "igpt") != "igpt":
+            raise IgptError(
+                f"{config_path} describes a {values.get('model_type') if isinstance(values, dict) else 'non'}"
+                " model, not igpt; import Hugging Face models with igpt convert --from-hf"
+            )
+        config = ImageGPTConfig.from_dict(values)
+        try:
+            state = load_file(weights_path, device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise IgptError(f"{weights_path} is damaged or truncated ({err}); re-save or re-download it") from None
+        model = cls(config)
+        missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+        if missing or unexpected:
+            raise IgptError(
+                f"{weights_path} does not match {config_path}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+        shapes = [k for k, v in model.state_dict().items() if state[k].shape != v.shape]
+        if shapes:
+            raise IgptError(f"{weights_path} does not match {config_path}: wrong shape for {shapes[:3]}")
+        model.load_state_dict(state)
+        return model.to(map_location)

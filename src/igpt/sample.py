@@ -1,0 +1,120 @@
+"""Sampling (SPEC 7): raster-order ancestral sampling with a static key/value cache.
+
+The prefix (if any) goes through the model in one pass; each further pixel is one cached
+step whose cost grows with the context so far, never a full forward pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from igpt.errors import IgptError
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering; filtered entries become -inf."""
+    if temperature <= 0:
+        raise IgptError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax decoding)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise IgptError(f"top-p must lie in (0, 1], got {top_p}")
+    if top_k is not None and top_k <= 0:
+        raise IgptError(f"top-k must be positive, got {top_k}")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest head whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model,
+    n: int,
+    prefix: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """`n` token sequences of the model's full context; `prefix` (n or 1 rows of p tokens) is kept as given."""
+    if model.config.objective != "ar":
+        raise IgptError("sampling needs an autoregressive (ar) model; this one was trained with the bert objective")
+    if not greedy:
+        filter_logits(torch.zeros(1, 2), temperature, top_k, top_p)  # validate the options up front
+    device = next(model.parameters()).device
+    n_ctx = model.config.n_ctx
+    if prefix is not None:
+        prefix = torch.as_tensor(prefix, dtype=torch.long, device=device)
+        prefix = prefix[None] if prefix.ndim == 1 else prefix
+        if prefix.shape[1] > n_ctx:
+            raise IgptError(f"the prefix holds {prefix.shape[1]} tokens but the context is {n_ctx}")
+        if len(prefix) == 1 and n > 1:
+            prefix = prefix.expand(n, -1)
+        if len(prefix) != n:
+            raise IgptError(f"give one prefix or {n}, got {len(prefix)}")
+    batch_size = batch_size or n
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, n, batch_size):
+        rows = min(batch_size, n - start)
+        head = prefix[start : start + rows] if prefix is not None else None
+        chunks.append(_sample_batch(model, rows, head, temperature, top_k, top_p, greedy, generator, device))
+    model.train(was_training)
+    return torch.cat(chunks)
+
+
+def _sample_batch(model, rows, prefix, temperature, top_k, top_p, greedy, generator, device) -> torch.Tensor:
+    n_ctx = model.config.n_ctx
+    out = torch.empty(rows, n_ctx, dtype=torch.long, device=device)
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    cache = model.new_kv_cache(rows, device=device, dtype=dtype)
+    known = 0 if prefix is None else prefix.shape[1]
+    if known:
+        out[:, :known] = prefix
+    logits = model.step(out[:, :known] if known else None, cache)  # predictions for pixel `known`
+    for pos in range(known, n_ctx):
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        out[:, pos] = nxt
+        if pos + 1 < n_ctx:
+            logits = model.step(nxt[:, None], cache)
+    return out
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, scale: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile uint8 images (N, H, W, 3) into one image, each enlarged by nearest neighbour."""
+    n, h, w = images.shape[:3]
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    scale = scale or max(1, 64 // max(h, w))
+    big = images.repeat(scale, 1).repeat(scale, 2)
+    bh, bw = h * scale, w * scale
+    grid = np.full((rows * (bh + pad) + pad, columns * (bw + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(big):
+        r, c = divmod(i, columns)
+        grid[pad + r * (bh + pad) : pad + r * (bh + pad) + bh, pad + c * (bw + pad) : pad + c * (bw + pad) + bw] = img
+    return grid
+
+
+def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None, scale: int | None = None) -> Path:
+    from PIL import Image
+
+    from igpt.fileio import atomic_write
+
+    grid = Image.fromarray(image_grid(images, columns, scale))
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"))

@@ -1,0 +1,185 @@
+"""Pretraining: schedule, deterministic batches, run folders, exact resume, refusals, scale-out."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from igpt import IgptError
+from igpt.checkpoint import RunFolder
+from igpt.tensorboard import read_scalars
+from igpt.train import Batches, TrainConfig, Trainer, learning_rate, load_run
+
+TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("IGPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def config(**changes) -> TrainConfig:
+    base = dict(data="digits", resolution=8, model="tiny", overrides=TINY, batch_size=32, steps=12, lr=3e-3,
+                eval_every=6, save_every=4, sample_every=12, eval_batches=2)
+    return TrainConfig(**{**base, **changes})
+
+
+def train(tmp_path, name="run", resume=False, **changes):
+    trainer = Trainer(config(**changes), tmp_path / name, resume=resume, log=lambda *_: None, progress=False)
+    trainer.run()
+    return tmp_path / name
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in RunFolder(run).metrics() if "loss" in r}
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero():
+    lrs = [learning_rate(s, 1.0, 10, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert learning_rate(60, 1.0, 10, 110) == pytest.approx(0.5)
+    assert learning_rate(110, 1.0, 10, 110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_batches_depend_only_on_seed_and_step():
+    tokens = np.arange(100 * 4, dtype=np.uint16).reshape(100, 4)
+    a, b = Batches(8, 0, tokens=tokens), Batches(8, 0, tokens=tokens)
+    for step in (30, 3, 12, 3):
+        torch.testing.assert_close(a(step), b(step))
+    epoch = np.concatenate([a.indices(s) for s in range(a.per_epoch)])
+    assert len(np.unique(epoch)) == len(epoch) == 96  # an epoch visits distinct images
+    assert not np.array_equal(a.indices(0), Batches(8, 1, tokens=tokens).indices(0))
+
+
+def test_a_run_folder_is_self_contained(tmp_path):
+    run = train(tmp_path)
+    for name in ("config.json", "model.safetensors", "palette.npy", "run.json", "train_state.pt", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert (run / "best" / "model.safetensors").is_file()
+    assert list((run / "samples").glob("*.png"))
+    records = RunFolder(run).metrics()
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert all({"lr", "tokens_per_s"} <= r.keys() and math.isfinite(r["loss"]) for r in steps)
+    vals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in vals] == [6, 12]
+    assert vals[0]["val_bits_per_pixel"] == pytest.approx(vals[0]["val_loss"] / math.log(2))
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    tags = {tag for _, tag, _ in read_scalars(next(run.glob("events.out.tfevents.*")))}
+    assert {"loss", "lr", "val_loss"} <= tags
+    model, palette, info = load_run(run)
+    assert model.config.vocab_size == palette.size == 17 and info["step"] == 12
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
+    full = step_losses(train(tmp_path, "full"))
+    script = (
+        "import os, signal, sys\n"
+        "from igpt.checkpoint import RunFolder\n"
+        "log = RunFolder.log_metrics\n"
+        "def killing(self, record):\n"
+        "    log(self, record)\n"
+        "    if record.get('step') == 10: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "RunFolder.log_metrics = killing\n"
+        "from igpt.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["train", "--data", "digits", "--resolution", "8", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
+            "--batch-size", "32", "--steps", "12", "--eval-every", "6", "--save-every", "4", "--sample-every", "12",
+            "--eval-batches", "2", "--out", str(tmp_path / "cut")]
+    killed = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, env=os.environ)
+    assert killed.returncode == -9
+    assert RunFolder(tmp_path / "cut").saved_step() == 8
+    trainer = Trainer(config(), tmp_path / "cut", resume=True, log=lambda *_: None, progress=False)
+    assert trainer.start == 8
+    trainer.run()
+    resumed = step_losses(tmp_path / "cut")
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(1, 13):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def test_gradient_accumulation_gives_the_same_steps(tmp_path):
+    one = step_losses(train(tmp_path, "one", steps=4, eval_every=4))
+    two = step_losses(train(tmp_path, "two", steps=4, eval_every=4, grad_accum=4))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5)
+
+
+def test_bert_objective_trains(tmp_path):
+    losses = step_losses(train(tmp_path, objective="bert", steps=8, eval_every=8, lr=1e-2))
+    assert all(math.isfinite(v) for v in losses.values())
+    model, _, _ = load_run(tmp_path / "run")
+    assert model.config.objective == "bert"
+
+
+def test_refusals_come_before_any_training(tmp_path):
+    train(tmp_path, steps=2, eval_every=2)
+    with pytest.raises(IgptError, match="not empty"):
+        Trainer(config(steps=2), tmp_path / "run", log=lambda *_: None)
+    with pytest.raises(IgptError, match=r"lr 0\.003 \(run\) vs 0\.01 \(now\)"):
+        Trainer(config(steps=2, lr=0.01), tmp_path / "run", resume=True, log=lambda *_: None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(IgptError, match="is a file"):
+        Trainer(config(), tmp_path / "file", log=lambda *_: None)
+    with pytest.raises(IgptError, match="nothing to resume"):
+        Trainer(config(), tmp_path / "empty", resume=True, log=lambda *_: None)
+    with pytest.raises(IgptError, match="--batch-size must be positive"):
+        config(batch_size=0)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import igpt.train as train_module
+
+    real = train_module.nll_sum
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        value = real(*args)
+        return value * float("nan") if calls["n"] > 5 else value
+
+    monkeypatch.setattr(train_module, "nll_sum", poisoned)
+    with pytest.raises(IgptError, match="non-finite at step 6.*step 4"):
+        train(tmp_path, eval_every=100)
+    assert RunFolder(tmp_path / "run").saved_step() == 4
+
+
+def test_eval_command_writes_exact_json(tmp_path):
+    from igpt.cli import main
+
+    run = train(tmp_path, steps=4, eval_every=4)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--ckpt", str(run), "--split", "test", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_images"] > 100 and math.isfinite(result["nats_per_token"])
+    assert result["bits_per_pixel"] == pytest.approx(result["nats_per_token"] / math.log(2))
+    assert result["baselines"]["uniform_bits_per_pixel"] == pytest.approx(math.log2(17))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path):
+    common = ["--data", "digits", "--resolution", "8", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
+              "--batch-size", "32", "--steps", "4", "--eval-every", "4", "--sample-every", "4", "--eval-batches", "2",
+              "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "igpt.cli", "train", *common, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr
+    dual = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29581",
+         "-m", "igpt.cli", "train", *common, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env,
+    )
+    assert dual.returncode == 0, dual.stderr[-3000:]
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5)
