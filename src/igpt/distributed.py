@@ -90,6 +90,23 @@ def no_sync(model: torch.nn.Module, skip: bool):
     return model.no_sync() if skip and hasattr(model, "no_sync") else nullcontext()
 
 
+def on_main(world: World, fn):
+    """Run `fn` on rank 0 only and hand its result (or its IgptError) to every rank."""
+    if not world.distributed:
+        return fn()
+    box = [None]
+    if world.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except IgptError as err:
+            box[0] = ("error", str(err))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise IgptError(value)
+    return value
+
+
 def all_sum(value: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         value = value.clone()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from igpt import data
 from igpt.checkpoint import RunFolder
-from igpt.distributed import World, all_sum, full_state, init_world, load_full_state, no_sync, unwrap, wrap
+from igpt.distributed import World, all_sum, full_state, init_world, load_full_state, no_sync, on_main, wrap
 from igpt.errors import IgptError
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.palette import Palette
@@ -253,13 +253,17 @@ class Trainer:
         self.cfg, self.log, self.progress = cfg, log, progress
         self.world = init_world(cfg.device)
         self.folder = RunFolder(out)
-        self.folder.prepare(resume=resume, config=cfg, differences=config_differences)
+        on_main(self.world, lambda: self.folder.prepare(resume=resume, config=cfg, differences=config_differences))
         torch.manual_seed(cfg.seed)
-        if resume:
-            self.palette = self.folder.palette()
-        else:
-            self.palette = resolve_palette(cfg, log if self.world.is_main else None)
         kwargs = _data_kwargs(cfg)
+
+        def first_palette_and_caches() -> Palette:
+            palette = self.folder.palette() if resume else resolve_palette(cfg, log)
+            for split in ("train", "val"):
+                data.load_tokens(cfg.data, split, cfg.resolution, palette, **kwargs)
+            return palette
+
+        self.palette = on_main(self.world, first_palette_and_caches)
         train = data.load_tokens(cfg.data, "train", cfg.resolution, self.palette, **kwargs)
         self.val = data.load_tokens(cfg.data, "val", cfg.resolution, self.palette, **kwargs)
         self.train_tokens = train.tokens
