@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from igpt.errors import IgptError
 
@@ -105,6 +106,35 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         atomic_write_json(args.json, result)
 
 
+def _empty_output(path: str) -> None:
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise IgptError(f"--out {out} exists and is not an empty folder: choose a new one")
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from igpt import hf
+    from igpt.checkpoint import RunFolder
+    from igpt.palette import Palette
+
+    _empty_output(args.out)
+    if args.from_hf:
+        model, palette = hf.from_hf(args.from_hf)
+        palette = Palette.load(args.palette) if args.palette else palette
+        if palette is None:
+            raise IgptError(f"{args.from_hf} has no preprocessor_config.json with the palette: pass --palette PATH")
+        if palette.size != model.config.vocab_size:
+            raise IgptError(f"the palette has {palette.size} colours but the model predicts {model.config.vocab_size}")
+        RunFolder.save_model(Path(args.out), model, palette, None)
+        print(f"wrote {args.out}: {model.config.n_layer} layers, width {model.config.n_embd}, {palette.size} colours")
+    else:
+        from igpt.train import load_run
+
+        model, palette, _ = load_run(args.to_hf, "cpu")
+        hf.to_hf(model, palette, args.out)
+        print(f"wrote {args.out}: loads with transformers.ImageGPTForCausalImageModeling.from_pretrained")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="igpt", description="Image GPT: generative pretraining from pixels.")
     parser.add_argument("--version", action="version", version=f"igpt {_version()}")
@@ -162,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     evaluate.add_argument("--json", nargs="?", const="eval.json", default=None, help="also write the result as JSON")
     evaluate.set_defaults(func=_cmd_eval)
+
+    convert = sub.add_parser("convert", help="import Hugging Face ImageGPT weights, or export to them")
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="SRC", help="a Hugging Face folder or hub id (openai/imagegpt-small)")
+    direction.add_argument("--to-hf", metavar="DIR", help="an igpt run or model folder")
+    convert.add_argument("--out", required=True, help="output folder")
+    convert.add_argument("--palette", default=None, help="palette for an import without preprocessor_config.json")
+    convert.set_defaults(func=_cmd_convert)
     return parser
 
 

@@ -1,0 +1,201 @@
+"""Hugging Face ImageGPT interop: import the released weights, export igpt models.
+
+Hugging Face's `ImageGPTForCausalImageModeling` stores the same network differently:
+GPT-2 `Conv1D` weights ([in, out], the transpose of nn.Linear), fused q/k/v, biases
+(zero in the released checkpoints), and the start-of-sequence vector as the last row
+of a (palette + 1)-row embedding. Its `input_ids` must be [sos] + pixels[:-1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from igpt.errors import IgptError
+from igpt.fileio import atomic_write, atomic_write_json
+from igpt.model import ImageGPT, ImageGPTConfig
+from igpt.palette import HF_CONFIG_NAME, Palette
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+# ---- reading a Hugging Face folder -----------------------------------------------------------
+def _resolve(source: str | os.PathLike) -> Path:
+    """A local folder, or a hub id (e.g. openai/imagegpt-small) fetched through huggingface_hub."""
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise IgptError(f"{path} is a file: give the folder that holds config.json and the weights")
+        return path
+    if str(source).count("/") != 1:
+        raise IgptError(f"{source} is neither a folder nor a hub id like openai/imagegpt-small")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise IgptError("downloading from the hub needs huggingface_hub: pip install 'igpt[hub]'") from None
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except Exception as err:  # network, authentication, missing repository
+        raise IgptError(f"cannot fetch {source} from the Hugging Face hub ({type(err).__name__}: {err})") from None
+
+
+def _read_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = next((folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (folder / n).is_file()), None)
+    if index is not None:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [n for n in HF_WEIGHTS if (folder / n).is_file()][:1]
+    if not files:
+        raise IgptError(f"{folder} holds no weights ({' or '.join(HF_WEIGHTS)})")
+    state = {}
+    for name in files:
+        path = folder / name
+        try:
+            if name.endswith(".safetensors"):
+                state.update(load_file(path))
+            else:
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
+            raise IgptError(f"{path} is damaged, truncated or unsafe to load ({err})") from None
+    return {k.removeprefix("imagegpt."): v for k, v in state.items()}
+
+
+def _config_from_hf(hf: dict, folder: Path) -> ImageGPTConfig:
+    if hf.get("model_type") != "imagegpt":
+        raise IgptError(f"{folder}/config.json is a {hf.get('model_type')!r} model, not a Hugging Face ImageGPT")
+    d = hf.get("n_embd", 512)
+    unsupported = [
+        (hf.get("n_inner") not in (None, 4 * d), "n_inner other than 4 * n_embd"),
+        (hf.get("activation_function", "quick_gelu") != "quick_gelu", "an activation other than quick_gelu"),
+        (hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx"),
+        (not hf.get("scale_attn_weights", True), "unscaled attention"),
+        (hf.get("add_cross_attention", False), "cross-attention"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise IgptError(f"{folder} uses {what}, which the released architecture (and igpt) does not have")
+    return ImageGPTConfig(vocab_size=hf["vocab_size"] - 1, n_ctx=hf.get("n_positions", 1024), n_embd=d,
+                          n_layer=hf.get("n_layer", 24), n_head=hf.get("n_head", 8),
+                          eps=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor], config: ImageGPTConfig) -> dict[str, torch.Tensor]:
+    """Rename and reshape Hugging Face tensors into igpt's layout (biases only when config.bias)."""
+    d, v = config.n_embd, config.vocab_size
+    t = "transformer."
+    try:
+        wte = hf_state[t + "wte.weight"]
+        out = {"wte.weight": wte[:v], "sos": wte[v], "wpe": hf_state[t + "wpe.weight"][: config.n_ctx],
+               "ln_f.weight": hf_state[t + "ln_f.weight"], "head.weight": hf_state["lm_head.weight"]}
+        for i in range(config.n_layer):
+            h, b = f"{t}h.{i}.", f"blocks.{i}."
+            qkv_w, qkv_b = hf_state[h + "attn.c_attn.weight"].T, hf_state[h + "attn.c_attn.bias"]
+            pieces = {
+                "attn.q": (qkv_w[:d], qkv_b[:d]), "attn.k": (qkv_w[d : 2 * d], qkv_b[d : 2 * d]),
+                "attn.v": (qkv_w[2 * d :], qkv_b[2 * d :]),
+                "attn.proj": (hf_state[h + "attn.c_proj.weight"].T, hf_state[h + "attn.c_proj.bias"]),
+                "mlp.fc": (hf_state[h + "mlp.c_fc.weight"].T, hf_state[h + "mlp.c_fc.bias"]),
+                "mlp.proj": (hf_state[h + "mlp.c_proj.weight"].T, hf_state[h + "mlp.c_proj.bias"]),
+            }
+            for name, (weight, bias) in pieces.items():
+                out[f"{b}{name}.weight"] = weight
+                if config.bias:
+                    out[f"{b}{name}.bias"] = bias
+            out[b + "ln_1.weight"] = hf_state[h + "ln_1.weight"]
+            out[b + "ln_2.weight"] = hf_state[h + "ln_2.weight"]
+    except KeyError as err:
+        raise IgptError(f"the Hugging Face weights lack {err}: not an ImageGPTForCausalImageModeling checkpoint") from None
+    return {k: x.contiguous().float() for k, x in out.items()}
+
+
+def _has_nonzero_biases(hf_state: dict[str, torch.Tensor]) -> bool:
+    return any(k.endswith(".bias") and x.dtype.is_floating_point and x.ndim == 1 and bool(x.any())
+               for k, x in hf_state.items() if ".attn.c_" in k or ".mlp.c_" in k)
+
+
+def from_hf(source: str | os.PathLike) -> tuple[ImageGPT, Palette | None]:
+    """An igpt model (and the palette, when the folder has preprocessor_config.json) from Hugging Face."""
+    folder = _resolve(source)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise IgptError(f"{folder} has no config.json: not a Hugging Face model folder")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise IgptError(f"{config_path} is not valid JSON ({err})") from None
+    config = _config_from_hf(hf_config, folder)
+    hf_state = _read_state(folder)
+    config.bias = _has_nonzero_biases(hf_state)
+    model = ImageGPT(config)
+    state = state_from_hf(hf_state, config)
+    expected = model.state_dict()
+    wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    if wrong:
+        raise IgptError(f"{folder}: weights do not match config.json (e.g. {wrong[0]})")
+    model.load_state_dict(state)
+    palette = Palette.load(folder / HF_CONFIG_NAME) if (folder / HF_CONFIG_NAME).is_file() else None
+    if palette is not None and palette.size != config.vocab_size:
+        raise IgptError(
+            f"{folder}: the palette has {palette.size} colours but the model predicts {config.vocab_size}"
+        )
+    return model, palette
+
+
+# ---- writing a Hugging Face folder -----------------------------------------------------------
+def state_to_hf(model: ImageGPT) -> dict[str, torch.Tensor]:
+    config = model.config
+    s = {k: x.detach().float().cpu() for k, x in model.state_dict().items()}
+    t = "transformer."
+    out = {t + "wte.weight": torch.cat([s["wte.weight"], s["sos"][None]]), t + "wpe.weight": s["wpe"],
+           t + "ln_f.weight": s["ln_f.weight"], "lm_head.weight": s["head.weight"]}
+
+    def bias(name: str, size: int) -> torch.Tensor:
+        return s.get(name + ".bias", torch.zeros(size))
+
+    d = config.n_embd
+    for i in range(config.n_layer):
+        h, b = f"{t}h.{i}.", f"blocks.{i}."
+        out[h + "ln_1.weight"] = s[b + "ln_1.weight"]
+        out[h + "ln_2.weight"] = s[b + "ln_2.weight"]
+        out[h + "attn.c_attn.weight"] = torch.cat([s[b + f"attn.{x}.weight"] for x in "qkv"]).T
+        out[h + "attn.c_attn.bias"] = torch.cat([bias(b + f"attn.{x}", d) for x in "qkv"])
+        for ours, theirs, size in (("attn.proj", "attn.c_proj", d), ("mlp.fc", "mlp.c_fc", 4 * d),
+                                   ("mlp.proj", "mlp.c_proj", d)):
+            out[f"{h}{theirs}.weight"] = s[f"{b}{ours}.weight"].T
+            out[f"{h}{theirs}.bias"] = bias(b + ours, size)
+    return {k: x.contiguous() for k, x in out.items()}
+
+
+def hf_config(config: ImageGPTConfig) -> dict:
+    return {
+        "architectures": ["ImageGPTForCausalImageModeling"], "model_type": "imagegpt",
+        "vocab_size": config.vocab_size + 1, "n_positions": config.n_ctx, "n_embd": config.n_embd,
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None, "activation_function": "quick_gelu",
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "layer_norm_epsilon": config.eps,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": False,
+        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+    }
+
+
+def to_hf(model: ImageGPT, palette: Palette, out: str | os.PathLike) -> Path:
+    """A folder `transformers.ImageGPTForCausalImageModeling` and `ImageGPTImageProcessor` load."""
+    from safetensors.torch import save
+
+    if model.config.objective != "ar":
+        raise IgptError("Hugging Face's ImageGPT is autoregressive only; a bert-objective model cannot be exported")
+    if palette.size != model.config.vocab_size:
+        raise IgptError(f"the palette has {palette.size} colours but the model predicts {model.config.vocab_size}")
+    out = Path(out)
+    payload = save(state_to_hf(model), metadata={"format": "pt"})
+    atomic_write(out / "model.safetensors", lambda f: f.write(payload))
+    atomic_write_json(out / "config.json", hf_config(model.config))
+    side = int(round(model.config.n_ctx**0.5))
+    palette.save_hf(out, resolution=side)
+    return out
