@@ -1,0 +1,184 @@
+"""The network: presets, objectives, the sos shift, cached decoding, features, files."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from igpt import IgptError
+from igpt.model import PRESETS, ImageGPT, ImageGPTConfig, num_params
+
+SPEC_PARAMS = {"igpt-s": 76e6, "igpt-m": 455e6, "igpt-l": 1362e6, "igpt-xl": 6801e6}
+
+
+def small(objective="ar", **kw) -> ImageGPT:
+    torch.manual_seed(0)
+    model = ImageGPT(ImageGPTConfig(vocab_size=13, n_ctx=25, n_embd=32, n_layer=3, n_head=4, objective=objective, **kw))
+    with torch.no_grad():  # the released init zeroes the head: randomise so outputs depend on everything
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", SPEC_PARAMS)
+def test_preset_sizes_match_the_paper(name):
+    config = ImageGPTConfig.from_preset(name, vocab_size=512, n_ctx=1024)
+    assert abs(num_params(config) / SPEC_PARAMS[name] - 1) < 0.01
+
+
+@pytest.mark.parametrize("overrides", [{}, {"bias": True}, {"n_classes": 10}])
+def test_parameter_formula_counts_real_models(overrides):
+    config = ImageGPTConfig.from_preset("tiny", vocab_size=17, n_ctx=64, **overrides)
+    assert num_params(config) == sum(p.numel() for p in ImageGPT(config).parameters())
+
+
+def test_presets_and_overrides():
+    assert set(PRESETS) >= {"tiny", "mini", "igpt-s", "igpt-m", "igpt-l", "igpt-xl"}
+    config = ImageGPTConfig.from_preset("mini", n_layer=2, vocab_size=9, n_ctx=16)
+    assert (config.n_layer, config.n_embd, config.vocab_size) == (2, 256, 9)
+    with pytest.raises(IgptError, match="unknown model preset 'huge'.*tiny"):
+        ImageGPTConfig.from_preset("huge")
+    with pytest.raises(IgptError, match="multiple of n_head"):
+        ImageGPTConfig(n_embd=30, n_head=4)
+
+
+def test_released_initialisation():
+    torch.manual_seed(0)
+    d, layers = 256, 8
+    model = ImageGPT(ImageGPTConfig(vocab_size=512, n_ctx=256, n_embd=d, n_layer=layers, n_head=8))
+    block = model.blocks[0]
+    expected = {
+        "q": (block.attn.q.weight, 1 / math.sqrt(d)), "proj": (block.attn.proj.weight, 1 / math.sqrt(d * layers)),
+        "fc": (block.mlp.fc.weight, 0.02), "wte": (model.wte.weight, 0.02), "wpe": (model.wpe, 0.01),
+    }
+    for name, (tensor, std) in expected.items():
+        assert tensor.std().item() == pytest.approx(std, rel=0.1), name
+    assert not model.head.weight.any() and torch.equal(block.ln_1.weight, torch.ones(d))
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_norm_is_gain_only_rms_and_activation_is_quick_gelu():
+    model = small()
+    x = torch.randn(2, 5, 32)
+    norm = model.blocks[0].ln_1
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+    fc = model.blocks[0].mlp
+    torch.testing.assert_close(fc(x), fc.proj(fc.fc(x) * torch.sigmoid(1.702 * fc.fc(x))))
+
+
+def test_ar_logits_at_i_depend_only_on_pixels_before_i():
+    model = small()
+    tokens = torch.randint(0, 13, (2, 25))
+    changed = tokens.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 13
+    a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :11], b[:, :11])  # logits[:, 10] predicts pixel 10 without seeing it
+    assert (a[:, 11:] - b[:, 11:]).abs().max() > 1e-4
+
+
+def test_ar_loss_is_next_pixel_nll_over_all_positions():
+    model = small()
+    tokens = torch.randint(0, 13, (3, 25))
+    expected = F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+    torch.testing.assert_close(model.loss(tokens), expected)
+
+
+def test_bert_zeroes_masked_embeddings_and_scores_only_them():
+    model = small("bert")
+    tokens = torch.randint(0, 13, (2, 25))
+    mask = torch.zeros(2, 25, dtype=torch.bool)
+    mask[:, 3] = True
+    other = tokens.clone()
+    other[:, 3] = (other[:, 3] + 5) % 13
+    torch.testing.assert_close(model(tokens, mask), model(other, mask))  # a masked token's value is invisible
+    assert (model(tokens) - model(other)).abs().max() > 1e-4  # bidirectional: everything sees pixel 3
+    gen = torch.Generator().manual_seed(0)
+    loss = model.loss(tokens, generator=gen)
+    drawn = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0)) < 0.15
+    expected = F.cross_entropy(model(tokens, drawn)[drawn], tokens[drawn])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_cached_decoding_equals_the_full_forward_at_every_position():
+    model = small()
+    tokens = torch.randint(0, 13, (3, 25))
+    full = model(tokens)
+    for prefix in (0, 1, 7):
+        cache = model.new_kv_cache(3)
+        logits = model.step(tokens[:, :prefix] if prefix else None, cache)
+        torch.testing.assert_close(logits, full[:, prefix], atol=1e-4, rtol=0)
+        for i in range(prefix, 24):
+            logits = model.step(tokens[:, i : i + 1], cache)
+            torch.testing.assert_close(logits, full[:, i + 1], atol=1e-4, rtol=0)
+    with pytest.raises(IgptError, match="past the context"):
+        model.step(tokens[:, :1], cache)
+
+
+def test_chunked_step_after_context_is_causal_within_the_chunk():
+    model = small()
+    tokens = torch.randint(0, 13, (2, 25))
+    full = model(tokens)
+    cache = model.new_kv_cache(2)
+    model.step(tokens[:, :4], cache)
+    torch.testing.assert_close(model.step(tokens[:, 4:9], cache), full[:, 9], atol=1e-4, rtol=0)
+
+
+def test_features_are_the_normalised_residual_stream_from_one_pass():
+    model = small()
+    tokens = torch.randint(0, 13, (2, 25))
+    seen = []
+    hooks = [b.ln_1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1))) for b in model.blocks]
+    model(tokens)
+    for h in hooks:
+        h.remove()
+    feats = model.features(tokens, [0, 2, 3])
+    torch.testing.assert_close(feats[0], seen[0])
+    torch.testing.assert_close(feats[2], seen[2])
+    torch.testing.assert_close(feats[3], model.hidden(tokens).mean(1))
+    with pytest.raises(IgptError, match="0..3"):
+        model.features(tokens, [4])
+
+
+def test_bf16_autocast_and_compile():
+    model = small()
+    tokens = torch.randint(0, 13, (2, 25))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(tokens)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - model(tokens)).abs().max() < 0.1
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(tokens), model(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_save_and_load_pretrained(tmp_path):
+    model = small(n_classes=3)
+    model.save_pretrained(tmp_path)
+    again = ImageGPT.from_pretrained(tmp_path)
+    assert again.config == model.config
+    tokens = torch.randint(0, 13, (2, 25))
+    torch.testing.assert_close(again(tokens), model(tokens))
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_bad_model_folders(tmp_path):
+    with pytest.raises(IgptError, match="not a folder"):
+        ImageGPT.from_pretrained(tmp_path / "nope")
+    with pytest.raises(IgptError, match="needs config.json and model.safetensors"):
+        ImageGPT.from_pretrained(tmp_path)
+    small().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(IgptError, match="damaged or truncated"):
+        ImageGPT.from_pretrained(tmp_path)
+    small().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
+    with pytest.raises(IgptError, match="does not match"):
+        ImageGPT.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "future_field": 1}))
+    with pytest.raises(IgptError, match="unknown model configuration fields: future_field"):
+        ImageGPT.from_pretrained(tmp_path)
