@@ -73,17 +73,12 @@ def test_digits_is_embedded_with_17_grey_levels():
 
 
 def test_splits_are_deterministic_and_disjoint():
-    parts = {s: data.load("digits", s).images.reshape(-1, 192) for s in data.SPLITS}
-    again = data.load("digits", "val").images
-    np.testing.assert_array_equal(parts["val"].reshape(again.shape), again)
-    rows = {s: {r.tobytes() for r in v} for s, v in parts.items()}
-    all_rows = np.concatenate(list(parts.values()))
-    assert len({r.tobytes() for r in all_rows}) <= len(all_rows)
-    seen = {}
-    for split, values in parts.items():  # no image index lands in two splits (by identical counts)
-        seen[split] = len(values)
-    assert sum(seen.values()) == 1797
-    assert rows["train"] != rows["val"]
+    native = data.open_source("digits")
+    rows = {s: data._plan(native, s, seed=0)[1] for s in data.SPLITS}
+    assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(1797))
+    np.testing.assert_array_equal(rows["val"], data._plan(data.open_source("digits"), "val", seed=0)[1])
+    assert not np.array_equal(rows["val"], data._plan(native, "val", seed=1)[1])
+    np.testing.assert_array_equal(data.load("digits", "val").images, native.splits["train"].images[rows["val"]][..., None].repeat(3, -1))
 
 
 def test_idx_parser_and_data_dir(tmp_path):

@@ -221,9 +221,9 @@ def test_released_and_fitted_palettes_reconstruct_cifar10(tmp_path, monkeypatch)
 
     monkeypatch.setenv("IGPT_CACHE", str(tmp_path))
     test = data.load(str(CIFAR), "test", 32).images[:2000]
-    train = data.load(str(CIFAR), "train", 32).images[::10]
+    train = data.load(str(CIFAR), "train", 32).images
     released = Palette.load(RELEASED)
-    fitted = Palette.fit(train, clusters=512, max_pixels=300_000, seed=0)
+    fitted = Palette.fit(train, clusters=512, max_pixels=1_000_000, seed=0)
     released_psnr = psnr(released.decode(released.encode(test)), test)
     fitted_psnr = psnr(fitted.decode(fitted.encode(test)), test)
     print(f"CIFAR-10 test PSNR: released {released_psnr:.2f} dB, fitted {fitted_psnr:.2f} dB")
