@@ -1,0 +1,54 @@
+"""Shared helpers for the benchmarks: timing, the machine's matmul peak, model FLOPs."""
+
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import nullcontext
+
+import torch
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def seconds_per_call(fn, warmup: int = 2, min_time: float = 3.0, min_calls: int = 3) -> float:
+    """Median-free simple timing: warm up, then run until `min_time` seconds and `min_calls` calls."""
+    for _ in range(warmup):
+        fn()
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < min_time:
+        fn()
+        calls += 1
+    return (time.perf_counter() - start) / calls
+
+
+def autocast(device: str, precision: str):
+    return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def matmul_peak(dtype=torch.bfloat16, n: int = 2048, device: str = "cpu") -> float:
+    """FLOP/s of a large square matrix product: the practical peak a training step can approach."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+
+    def run():
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * n**3 / seconds_per_call(run, min_time=2.0)
+
+
+def train_flops_per_token(n_layer: int, d: int, n_ctx: int, non_embedding_params: int) -> float:
+    """6 N for the weights (forward + backward) plus 12 L T d for attention scores and values."""
+    return 6 * non_embedding_params + 12 * n_layer * n_ctx * d
