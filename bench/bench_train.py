@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common import autocast, machine, matmul_peak, train_flops_per_token
+from igpt import Palette, data
 from igpt.checkpoint import RunFolder
 from igpt.train import Batches, TrainConfig, Trainer
 
@@ -69,10 +70,12 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"data {args.data} at {args.resolution}x{args.resolution}, model {args.model}, batch {args.batch}")
     results, trainer = {}, None
+    palette_file = Path(tempfile.mkdtemp()) / "palette.npy"
+    Palette.fit(data.load(args.data, "train", args.resolution).images, 512, max_pixels=200_000).save(palette_file)
     for precision in ("fp32", "bf16"):
         cfg = TrainConfig(data=args.data, resolution=args.resolution, model=args.model, batch_size=args.batch,
                           steps=args.steps, precision=precision, eval_every=10**6, save_every=10**6,
-                          sample_every=10**6, palette="fit", clusters=512)
+                          sample_every=10**6, eval_batches=1, palette=str(palette_file))
         results["igpt", precision], trainer = igpt_rate(cfg)
         print(f"  igpt train     {precision}: {results['igpt', precision]:10,.0f} tokens/s")
     for precision in ("fp32", "bf16"):

@@ -106,6 +106,92 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         atomic_write_json(args.json, result)
 
 
+def _sampling_options(args: argparse.Namespace) -> dict:
+    import torch
+
+    from igpt.distributed import resolve_device
+    from igpt.sample import filter_logits
+
+    filter_logits(torch.zeros(1, 2), args.temperature, args.top_k, args.top_p)  # bad options fail first
+    generator = torch.Generator(device=resolve_device(args.device)).manual_seed(args.seed)
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
+                batch_size=args.batch_size)
+
+
+def _load_for_sampling(args: argparse.Namespace):
+    from igpt.train import load_run
+
+    model, palette, run = load_run(args.ckpt, args.device)
+    if model.config.objective != "ar":
+        raise IgptError(f"{args.ckpt} holds a bert-objective model: sampling needs an ar model")
+    return model, palette, run
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from igpt.fileio import atomic_write
+    from igpt.sample import sample, save_grid
+    from igpt.train import autocast
+
+    options = _sampling_options(args)  # validates before the model loads
+    model, palette, _ = _load_for_sampling(args)
+    device = next(model.parameters()).device
+    with autocast(device, args.precision):
+        tokens = sample(model, args.n, **options)
+    images = palette.decode(tokens.cpu().numpy())
+    out = Path(args.out)
+    save_grid(images, out)
+    atomic_write(out.with_suffix(".npy"), lambda f: np.save(f, images))
+    print(f"wrote {out} and {out.with_suffix('.npy')}: {args.n} samples")
+
+
+def _cmd_complete(args: argparse.Namespace) -> None:
+    import math
+
+    import numpy as np
+    import torch
+
+    from igpt import data
+    from igpt.fileio import atomic_write
+    from igpt.sample import complete, save_grid
+    from igpt.train import autocast
+
+    options = _sampling_options(args)
+    model, palette, run = _load_for_sampling(args)
+    side = math.isqrt(model.config.n_ctx)
+    keep_rows = args.keep_rows if args.keep_rows is not None else round(args.keep * side)
+    if args.keep_rows is None and not 0 <= args.keep <= 1:
+        raise IgptError(f"--keep must lie in [0, 1], got {args.keep}")
+    train_cfg = run.get("train", {})
+    images = data.load(args.data or train_cfg.get("data", "digits"), args.split, side,
+                       data_dir=args.data_dir or train_cfg.get("data_dir"), crop=args.crop, skip_bad=args.skip_bad)
+    originals = np.asarray(images.images[: args.n])
+    tokens = torch.from_numpy(palette.encode(originals).astype(np.int64)).to(next(model.parameters()).device)
+    with autocast(tokens.device, args.precision):
+        completed = complete(model, tokens, keep_rows, args.samples, **options)
+    occluded = palette.decode(tokens.cpu().numpy())
+    occluded[:, keep_rows:] = 127
+    sampled = palette.decode(completed.flatten(0, 1).cpu().numpy()).reshape(len(originals), args.samples, side, side, 3)
+    rows = np.concatenate([occluded[:, None], sampled, originals[:, None]], axis=1)
+    out = Path(args.out)
+    save_grid(rows.reshape(-1, side, side, 3), out, columns=args.samples + 2)
+    atomic_write(out.with_suffix(".npy"), lambda f: np.save(f, rows))
+    print(f"wrote {out}: {len(originals)} images x {args.samples} completions from the top {keep_rows} of {side} rows")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="run folder (or a converted model folder)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="images sampled at once")
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--out", required=True, help="output PNG (an .npy of the images is written beside it)")
+
+
 def _empty_output(path: str) -> None:
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -200,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output folder")
     convert.add_argument("--palette", default=None, help="palette for an import without preprocessor_config.json")
     convert.set_defaults(func=_cmd_convert)
+
+    sample = sub.add_parser("sample", help="generate images from a checkpoint (KV-cached)")
+    _add_sampling_args(sample)
+    sample.add_argument("--n", type=_positive_int, default=64, help="number of images")
+    sample.set_defaults(func=_cmd_sample)
+
+    complete = sub.add_parser("complete", help="complete the bottom of real images (the paper's figure)")
+    _add_sampling_args(complete)
+    _add_data_args(complete, default=None)
+    complete.add_argument("--split", choices=("train", "val", "test"), default="test")
+    complete.add_argument("--n", type=_positive_int, default=8, help="number of images")
+    complete.add_argument("--samples", type=_positive_int, default=4, help="completions per image")
+    keep = complete.add_mutually_exclusive_group()
+    keep.add_argument("--keep-rows", type=int, default=None, help="rows kept from the top")
+    keep.add_argument("--keep", type=float, default=0.5, help="fraction of rows kept (default: %(default)s)")
+    complete.set_defaults(func=_cmd_complete)
     return parser
 
 

@@ -6,6 +6,7 @@ step whose cost grows with the context so far, never a full forward pass.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,25 @@ def _sample_batch(model, rows, prefix, temperature, top_k, top_p, greedy, genera
         if pos + 1 < n_ctx:
             logits = model.step(nxt[:, None], cache)
     return out
+
+
+def complete(
+    model,
+    tokens: torch.Tensor,
+    keep_rows: int,
+    samples: int,
+    **options,
+) -> torch.Tensor:
+    """The paper's figure: keep the top `keep_rows` rows of each image, sample the rest `samples` times.
+
+    Returns tokens (N, samples, n_ctx); the kept rows equal the input's.
+    """
+    side = math.isqrt(model.config.n_ctx)
+    if not 0 <= keep_rows <= side:
+        raise IgptError(f"--keep-rows must lie in [0, {side}] for {side}x{side} images, got {keep_rows}")
+    prefix = tokens[:, : keep_rows * side].repeat_interleave(samples, dim=0)
+    out = sample(model, len(prefix), prefix if keep_rows else None, **options)
+    return out.view(len(tokens), samples, -1)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, scale: int | None = None, pad: int = 1) -> np.ndarray:
