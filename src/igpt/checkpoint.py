@@ -50,6 +50,7 @@ class RunFolder:
                 raise IgptError("--resume with a different configuration: " + "; ".join(diff))
         elif self.path.is_dir() and any(self.path.iterdir()):
             raise IgptError(f"--out {self.path} exists and is not empty: choose a new folder, or pass --resume")
+        self.created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".write-test-{os.getpid()}"
@@ -57,8 +58,11 @@ class RunFolder:
             probe.unlink()
         except OSError as err:
             raise IgptError(f"cannot write to --out {self.path}: {err.strerror or err}") from None
-        if not resume:
-            atomic_write_json(self.path / RUN_CONFIG, {"train": dataclasses.asdict(config)})
+
+    def discard_if_empty(self) -> None:
+        """Remove the folder `prepare` created when the run failed before writing anything."""
+        if getattr(self, "created", False) and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def run_config(self) -> dict:
         try:
@@ -92,8 +96,7 @@ class RunFolder:
         torch.save(state, buffer)
         atomic_write(self.path / TRAIN_STATE, lambda f: f.write(buffer.getbuffer()))
         self.save_model(self.path, model, palette, model_state)
-        run = self.run_config()
-        run.update(train=dataclasses.asdict(config), step=step, best_val_loss=best_val, palette_hash=palette.hash)
+        run = {"train": dataclasses.asdict(config), "step": step, "best_val_loss": best_val, "palette_hash": palette.hash}
         atomic_write_json(self.path / RUN_CONFIG, run)
 
     def save_best(self, model, palette: Palette) -> None:

@@ -252,8 +252,17 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | Path, resume: bool = False, log=print, progress: bool = True):
         self.cfg, self.log, self.progress = cfg, log, progress
         self.world = init_world(cfg.device)
+        ImageGPTConfig.from_preset(cfg.model, **cfg.overrides)  # a bad preset or override fails before any file
         self.folder = RunFolder(out)
         on_main(self.world, lambda: self.folder.prepare(resume=resume, config=cfg, differences=config_differences))
+        try:
+            self._setup(cfg, resume, log)
+        except BaseException:
+            if self.world.is_main:
+                self.folder.discard_if_empty()
+            raise
+
+    def _setup(self, cfg: TrainConfig, resume: bool, log) -> None:
         torch.manual_seed(cfg.seed)
         kwargs = _data_kwargs(cfg)
 
