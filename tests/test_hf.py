@@ -1,6 +1,7 @@
 """Hugging Face interop with transformers as the oracle: logits agree in both directions."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.palette import Palette
 
 transformers = pytest.importorskip("transformers")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 CONFIGS = [  # (n_embd, n_head, n_layer, side, palette size, non-zero biases)
     (32, 2, 1, 4, 16, False),
@@ -21,26 +23,33 @@ CONFIGS = [  # (n_embd, n_head, n_layer, side, palette size, non-zero biases)
 ]
 
 
-def hf_model(d, heads, layers, side, vocab, biased, seed):
-    config = transformers.ImageGPTConfig(vocab_size=vocab + 1, n_positions=side * side, n_embd=d, n_layer=layers,
-                                         n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.ImageGPTForCausalImageModeling(config).eval()
+def randomise(model: torch.nn.Module, seed: int, biased: bool) -> None:
+    """Every weight random (head and biases too), so agreement means every tensor is mapped right."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias") and not biased:
                 p.zero_()
-            elif "ln" in name:
+            elif "ln" in name:  # norm gains near 1 keep the activations in a sensible range
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def hf_model(d, heads, layers, side, vocab, biased, seed):
+    config = transformers.ImageGPTConfig(vocab_size=vocab + 1, n_positions=side * side, n_embd=d, n_layer=layers,
+                                         n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.ImageGPTForCausalImageModeling(config).eval()
+    randomise(model, seed, biased)
     return model
 
 
-def hf_logits(model, tokens: torch.Tensor, sos: int) -> torch.Tensor:
+def logit_gap(ours: ImageGPT, theirs, tokens: torch.Tensor) -> float:
+    """Max |difference| of the logits; Hugging Face takes [sos] + pixels[:-1], sos being its last id."""
+    sos = ours.config.vocab_size
     ids = torch.cat([torch.full((len(tokens), 1), sos), tokens[:, :-1]], dim=1)
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return (ours(tokens) - theirs(input_ids=ids).logits).abs().max().item()
 
 
 def random_palette(k, seed=0):
@@ -55,28 +64,21 @@ def test_import_matches_hugging_face_logits(tmp_path, d, heads, layers, side, vo
     ours, palette = from_hf(tmp_path)
     assert ours.config.bias == biased and palette.size == vocab
     tokens = torch.randint(0, vocab, (3, side * side), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        diff = (ours(tokens) - hf_logits(theirs, tokens, sos=vocab)).abs().max().item()
-    assert diff < 1e-4
+    assert logit_gap(ours, theirs, tokens) < 1e-4
 
 
 @pytest.mark.parametrize("d, heads, layers, side, vocab, biased", CONFIGS)
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, d, heads, layers, side, vocab, biased):
     ours = ImageGPT(ImageGPTConfig(vocab_size=vocab, n_ctx=side * side, n_embd=d, n_layer=layers, n_head=heads,
                                    bias=biased))
-    gen = torch.Generator().manual_seed(layers)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen) + (1 if p.ndim == 1 and not biased else 0))
+    randomise(ours, seed=layers, biased=biased)
     palette = random_palette(vocab, seed=3)
     to_hf(ours, palette, tmp_path)
     theirs = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path).eval()
     processor = transformers.ImageGPTImageProcessor.from_pretrained(tmp_path)
     np.testing.assert_array_equal(np.asarray(processor.clusters, dtype=np.float32), palette.centers)
     tokens = torch.randint(0, vocab, (2, side * side), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        diff = (ours(tokens) - hf_logits(theirs, tokens, sos=vocab)).abs().max().item()
-    assert diff < 1e-4
+    assert logit_gap(ours, theirs, tokens) < 1e-4
     again, _ = from_hf(tmp_path)  # and back: the round trip is exact
     for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -121,3 +123,68 @@ def test_bad_inputs_give_one_clear_error(tmp_path, capsys):
     assert main(["convert", "--from-hf", str(tmp_path / "missing" / "x" / "y"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("igpt: error:")
+
+
+def test_hub_ids_go_through_huggingface_hub(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    hf_model(32, 2, 1, 4, 16, False, seed=1).save_pretrained(tmp_path / "snap")
+    random_palette(16).save_hf(tmp_path / "snap", resolution=4)
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked["repo"] = repo_id
+        return str(tmp_path / "snap")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    model, palette = from_hf("openai/imagegpt-small")
+    assert asked["repo"] == "openai/imagegpt-small" and palette.size == 16 and model.config.n_ctx == 16
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("no network")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=offline))
+    with pytest.raises(IgptError, match="cannot fetch openai/imagegpt-small"):
+        from_hf("openai/imagegpt-small")
+
+
+def test_pytorch_model_bin_folders_import_too(tmp_path):
+    theirs = hf_model(48, 3, 2, 5, 33, True, seed=7)
+    theirs.config.save_pretrained(tmp_path)
+    torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
+    ours, palette = from_hf(tmp_path)
+    assert palette is None and ours.config.bias
+    assert logit_gap(ours, theirs, torch.randint(0, 33, (2, 25))) < 1e-4
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:3000])
+    with pytest.raises(IgptError, match="damaged, truncated"):
+        from_hf(tmp_path)
+
+
+def test_released_palette_survives_preprocessor_config_exactly(tmp_path):
+    path = SHARED / "palettes" / "openai_kmeans_centers.npy"
+    if not path.is_file():
+        pytest.skip(f"the released palette is not at {path} (../shared is absent)")
+    released = Palette.load(path)
+    to_hf(ImageGPT(ImageGPTConfig(vocab_size=512, n_ctx=16, n_embd=32, n_layer=1, n_head=2)), released, tmp_path)
+    _, again = from_hf(tmp_path)
+    assert again.centers.dtype == np.float32 and again.hash == released.hash
+    np.testing.assert_array_equal(again.centers, np.load(path))
+    processor = transformers.ImageGPTImageProcessor.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(np.asarray(processor.clusters, dtype=np.float32), np.load(path))
+
+
+def test_mismatched_palettes_and_unexportable_models_are_refused(tmp_path):
+    hf_model(32, 2, 1, 4, 16, False, seed=0).save_pretrained(tmp_path / "hf")
+    random_palette(10).save_hf(tmp_path / "hf", resolution=4)
+    with pytest.raises(IgptError, match="palette has 10 colours but the model predicts 16"):
+        from_hf(tmp_path / "hf")
+    config = dict(vocab_size=16, n_embd=32, n_layer=1, n_head=2)
+    with pytest.raises(IgptError, match="autoregressive only"):
+        to_hf(ImageGPT(ImageGPTConfig(n_ctx=16, objective="bert", **config)), random_palette(16), tmp_path / "a")
+    with pytest.raises(IgptError, match="not a square image"):
+        to_hf(ImageGPT(ImageGPTConfig(n_ctx=12, **config)), random_palette(16), tmp_path / "b")
+    with pytest.raises(IgptError, match="palette has 10 colours"):
+        to_hf(ImageGPT(ImageGPTConfig(n_ctx=16, **config)), random_palette(10), tmp_path / "c")
+    assert not any((tmp_path / name).exists() for name in "abc")

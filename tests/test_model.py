@@ -182,3 +182,87 @@ def test_bad_model_folders(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "future_field": 1}))
     with pytest.raises(IgptError, match="unknown model configuration fields: future_field"):
         ImageGPT.from_pretrained(tmp_path)
+
+
+def test_every_preset_builds_on_the_meta_device_with_the_formula_count():
+    for name in PRESETS:
+        config = ImageGPTConfig.from_preset(name, vocab_size=512, n_ctx=1024)
+        with torch.device("meta"):
+            model = ImageGPT(config)
+        assert sum(p.numel() for p in model.parameters()) == num_params(config), name
+
+
+def test_configuration_fields_are_checked():
+    with pytest.raises(IgptError, match="unknown model configuration fields: depth"):
+        ImageGPTConfig.from_preset("tiny", depth=3)
+    with pytest.raises(IgptError, match="n_layer must be int, got '4'"):
+        ImageGPTConfig(n_layer="4")
+    with pytest.raises(IgptError, match="bias must be bool"):
+        ImageGPTConfig(bias=1)
+    with pytest.raises(IgptError, match="objective must be 'ar' or 'bert'"):
+        ImageGPTConfig(objective="mlm")
+    saved = ImageGPTConfig().to_dict()
+    assert ImageGPTConfig.from_dict(saved) == ImageGPTConfig()
+    del saved["n_head"]
+    with pytest.raises(IgptError, match="lacks fields: n_head"):
+        ImageGPTConfig.from_dict(saved)
+
+
+def test_bert_loss_takes_a_given_mask_and_stays_finite_when_nothing_is_masked():
+    model = small("bert")
+    tokens = torch.randint(0, 13, (2, 25))
+    mask = torch.zeros(2, 25, dtype=torch.bool)
+    mask[0, 4] = mask[1, 20] = True
+    expected = F.cross_entropy(model(tokens, mask)[mask], tokens[mask])
+    torch.testing.assert_close(model.loss(tokens, mask=mask), expected)
+    empty = model.loss(tokens, mask=torch.zeros_like(mask))
+    empty.backward()
+    assert empty.item() == 0 and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_one_token_step_costs_a_context_share_of_a_full_forward():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = small()
+    tokens = torch.randint(0, 13, (1, 25))
+    with FlopCounterMode(display=False) as full:
+        model(tokens)
+    cache = model.new_kv_cache(1)
+    model.step(tokens[:, :23], cache)
+    with FlopCounterMode(display=False) as last:
+        model.step(tokens[:, 23:24], cache)
+    assert last.get_total_flops() <= 1.1 * full.get_total_flops() / 25
+
+
+def test_cache_follows_autocast_and_cached_decoding_runs_in_bf16():
+    model = small()
+    tokens = torch.randint(0, 13, (2, 25))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_kv_cache(2)
+        first = model.step(tokens[:, :5], cache)
+        second = model.step(tokens[:, 5:6], cache)
+    assert cache.k.dtype == torch.bfloat16 and cache.pos == 7
+    full = model(tokens)
+    assert (first.float() - full[:, 5]).abs().max() < 0.1 and (second.float() - full[:, 6]).abs().max() < 0.1
+    assert model.new_kv_cache(1).k.dtype == torch.float32
+
+
+def test_the_folder_palette_must_match_the_vocabulary(tmp_path):
+    import numpy as np
+
+    from igpt.palette import Palette
+
+    model = small()
+    right = Palette(np.linspace(-1, 1, 13 * 3, dtype=np.float32).reshape(13, 3))
+    model.save_pretrained(tmp_path, palette=right)
+    assert Palette.load(tmp_path / "palette.npy") == right
+    ImageGPT.from_pretrained(tmp_path)
+    wrong = Palette(np.zeros((5, 3), dtype=np.float32))
+    with pytest.raises(IgptError, match="palette has 5 colours but the model's vocabulary is 13"):
+        ImageGPT.from_pretrained(tmp_path, palette=wrong)
+    wrong.save(tmp_path / "palette.npy")
+    with pytest.raises(IgptError, match="palette has 5 colours but the model's vocabulary is 13"):
+        ImageGPT.from_pretrained(tmp_path)
+    with pytest.raises(IgptError, match="palette has 5 colours"):
+        model.save_pretrained(tmp_path / "other", palette=wrong)
+    assert not (tmp_path / "other").exists()

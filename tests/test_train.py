@@ -183,3 +183,30 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5)
+
+
+def test_a_folder_mixing_palette_and_model_is_refused(tmp_path, capsys):
+    from igpt.cli import main
+    from igpt.palette import Palette
+
+    run = train(tmp_path, steps=2, eval_every=2)
+    Palette(np.zeros((5, 3), dtype=np.float32)).save(run / "palette.npy")
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(run), "--n", "1", "--out", str(tmp_path / "s.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "palette has 5 colours but the model's vocabulary is 17" in err[0]
+    (run / "palette.npy").unlink()
+    assert main(["eval", "--ckpt", str(run)]) == 1
+    assert "has no palette" in capsys.readouterr().err
+
+
+def test_palette_fit_command(tmp_path, capsys):
+    from igpt.cli import main
+    from igpt.palette import Palette
+
+    assert main(["palette", "fit", "--data", "digits", "--resolution", "8", "--out", str(tmp_path / "p.npy")]) == 0
+    assert "17 distinct colours" in capsys.readouterr().out
+    assert Palette.load(tmp_path / "p.npy").size == 17
+    assert main(["palette", "fit", "--data", "digits", "--resolution", "8", "--out", str(tmp_path / "p.txt")]) == 1
+    assert main(["palette", "fit", "--data", "imagenet", "--out", str(tmp_path / "q.npy")]) == 1
+    assert not (tmp_path / "q.npy").exists()

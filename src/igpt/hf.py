@@ -8,8 +8,11 @@ of a (palette + 1)-row embedding. Its `input_ids` must be [sos] + pixels[:-1].
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -35,11 +38,17 @@ def _resolve(source: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise IgptError("downloading from the hub needs huggingface_hub: pip install 'igpt[hub]'") from None
-    try:
-        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-    except Exception as err:  # network, authentication, missing repository
-        raise IgptError(f"cannot fetch {source} from the Hugging Face hub ({type(err).__name__}: {err})") from None
+        raise IgptError(f"{source} is not a folder, and fetching it from the hub needs huggingface_hub: "
+                        "pip install 'igpt[hub]'") from None
+    try:  # one copy of the weights: safetensors when the repository has them, else pytorch_model.bin
+        folder = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.bin"]))
+    except Exception as err:  # offline, authentication, no such repository: all mean the same to the user
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise IgptError(f"cannot fetch {source} from the Hugging Face hub, and it is not a local folder "
+                        f"({type(err).__name__}: {message})") from None
+    return folder
 
 
 def _read_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -62,14 +71,15 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
                 state.update(load_file(path))
             else:
                 state.update(torch.load(path, map_location="cpu", weights_only=True))
-        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
+        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
             raise IgptError(f"{path} is damaged, truncated or unsafe to load ({err})") from None
-    return {k.removeprefix("imagegpt."): v for k, v in state.items()}
+    return state
 
 
 def _config_from_hf(hf: dict, folder: Path) -> ImageGPTConfig:
-    if hf.get("model_type") != "imagegpt":
-        raise IgptError(f"{folder}/config.json is a {hf.get('model_type')!r} model, not a Hugging Face ImageGPT")
+    kind = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
+    if kind != "imagegpt":
+        raise IgptError(f"{folder}/config.json is a {kind!r} model, not a Hugging Face ImageGPT")
     d = hf.get("n_embd", 512)
     unsupported = [
         (hf.get("n_inner") not in (None, 4 * d), "n_inner other than 4 * n_embd"),
@@ -81,7 +91,7 @@ def _config_from_hf(hf: dict, folder: Path) -> ImageGPTConfig:
     for bad, what in unsupported:
         if bad:
             raise IgptError(f"{folder} uses {what}, which the released architecture (and igpt) does not have")
-    return ImageGPTConfig(vocab_size=hf["vocab_size"] - 1, n_ctx=hf.get("n_positions", 1024), n_embd=d,
+    return ImageGPTConfig(vocab_size=hf.get("vocab_size", 513) - 1, n_ctx=hf.get("n_positions", 1024), n_embd=d,
                           n_layer=hf.get("n_layer", 24), n_head=hf.get("n_head", 8),
                           eps=hf.get("layer_norm_epsilon", 1e-5))
 
@@ -132,14 +142,8 @@ def from_hf(source: str | os.PathLike) -> tuple[ImageGPT, Palette | None]:
         raise IgptError(f"{config_path} is not valid JSON ({err})") from None
     config = _config_from_hf(hf_config, folder)
     hf_state = _read_state(folder)
-    config.bias = _has_nonzero_biases(hf_state)
-    model = ImageGPT(config)
-    state = state_from_hf(hf_state, config)
-    expected = model.state_dict()
-    wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
-    if wrong:
-        raise IgptError(f"{folder}: weights do not match config.json (e.g. {wrong[0]})")
-    model.load_state_dict(state)
+    config = dataclasses.replace(config, bias=_has_nonzero_biases(hf_state))
+    model = ImageGPT.from_state_dict(config, state_from_hf(hf_state, config), source=str(folder))
     palette = Palette.load(folder / HF_CONFIG_NAME) if (folder / HF_CONFIG_NAME).is_file() else None
     if palette is not None and palette.size != config.vocab_size:
         raise IgptError(
@@ -192,10 +196,13 @@ def to_hf(model: ImageGPT, palette: Palette, out: str | os.PathLike) -> Path:
         raise IgptError("Hugging Face's ImageGPT is autoregressive only; a bert-objective model cannot be exported")
     if palette.size != model.config.vocab_size:
         raise IgptError(f"the palette has {palette.size} colours but the model predicts {model.config.vocab_size}")
+    side = math.isqrt(model.config.n_ctx)
+    if side * side != model.config.n_ctx:
+        raise IgptError(f"the context of {model.config.n_ctx} pixels is not a square image, which "
+                        "Hugging Face's image processor needs")
     out = Path(out)
     payload = save(state_to_hf(model), metadata={"format": "pt"})
     atomic_write(out / "model.safetensors", lambda f: f.write(payload))
     atomic_write_json(out / "config.json", hf_config(model.config))
-    side = int(round(model.config.n_ctx**0.5))
     palette.save_hf(out, resolution=side)
     return out

@@ -19,9 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from igpt.errors import IgptError
+from igpt.palette import PALETTE_NAME, Palette
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+BERT_MASK_RATE = 0.15
+SAVED_EXTRAS = {"model_type"}  # written beside the fields in config.json
 
 PRESETS = {
     "tiny": dict(n_layer=4, n_embd=128, n_head=4),
@@ -46,6 +49,12 @@ class ImageGPTConfig:
     n_classes: int = 0  # a classifier head on the mean-pooled final norm (fine-tuning)
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), type(field.default)
+            allowed = (int, float) if kind is float else (kind,)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and kind is not bool):
+                raise IgptError(f"invalid model configuration: {field.name} must be {kind.__name__}, got {value!r}")
+        self.eps = float(self.eps)
         checks = [
             (self.vocab_size >= 1, "vocab_size must be >= 1"),
             (self.n_ctx >= 1, "n_ctx must be >= 1"),
@@ -53,6 +62,7 @@ class ImageGPTConfig:
             (self.n_head >= 1 and self.n_embd % self.n_head == 0,
              f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"),
             (self.objective in ("ar", "bert"), f"objective must be 'ar' or 'bert', got {self.objective!r}"),
+            (self.eps > 0, "eps must be > 0"),
             (self.n_classes >= 0, "n_classes must be >= 0"),
         ]
         for ok, message in checks:
@@ -61,17 +71,26 @@ class ImageGPTConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ImageGPTConfig":
+        """A named size; context and vocabulary follow the data, so pass them (and any other field) as overrides."""
         if name not in PRESETS:
             raise IgptError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        cls._reject_unknown(overrides)
+        return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
     def from_dict(cls, values: dict) -> "ImageGPTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names - {"model_type", "igpt_version"})
+        """A saved configuration: every field must be present, so a file never silently takes a default."""
+        cls._reject_unknown(values, allowed=SAVED_EXTRAS)
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+        if missing:
+            raise IgptError(f"model configuration lacks fields: {', '.join(missing)}")
+        return cls(**{k: v for k, v in values.items() if k not in SAVED_EXTRAS})
+
+    @classmethod
+    def _reject_unknown(cls, values: dict, allowed: set[str] = frozenset()) -> None:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)} - allowed)
         if unknown:
             raise IgptError(f"unknown model configuration fields: {', '.join(unknown)}")
-        return cls(**{k: v for k, v in values.items() if k in names})
 
     def to_dict(self) -> dict:
         return {"model_type": "igpt", **dataclasses.asdict(self)}
@@ -219,20 +238,28 @@ class ImageGPT(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.hidden(tokens, mask))
 
-    def loss(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean NLL in nats/token: every position (ar), or the 15% masked positions (bert)."""
+    def loss(
+        self, tokens: torch.Tensor, generator: torch.Generator | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean NLL in nats/token: every position (ar), or the masked positions (bert).
+
+        bert draws each position's mask with probability 0.15 from `generator` unless `mask` is
+        given; a draw that masks nothing gives a zero loss (no NaN) without a data-dependent branch.
+        """
         if self.config.objective == "ar":
             logits = self(tokens)
             return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-        mask = torch.rand(tokens.shape, generator=generator, device=generator.device if generator else None)
-        mask = (mask < 0.15).to(tokens.device)
-        logits = self(tokens, mask)
-        return F.cross_entropy(logits[mask].float(), tokens[mask])
+        if mask is None:
+            device = generator.device if generator is not None else tokens.device
+            mask = (torch.rand(tokens.shape, generator=generator, device=device) < BERT_MASK_RATE).to(tokens.device)
+        nll = F.cross_entropy(self(tokens, mask).float().flatten(0, 1), tokens.flatten(), reduction="none")
+        weights = mask.flatten().to(nll.dtype)
+        return (nll * weights).sum() / weights.sum().clamp(min=1)
 
     def classify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(generative logits, class logits from the mean-pooled final norm) from one pass."""
         if self.classifier is None:
-            raise IgptError("this model has no classifier head: fine-tune it first (igpt finetune)")
+            raise IgptError("this model has no classifier head (n_classes is 0)")
         hidden = self.hidden(tokens)
         return self.head(hidden), self.classifier(hidden.mean(1))
 
@@ -260,10 +287,13 @@ class ImageGPT(nn.Module):
 
     # ---- incremental decoding --------------------------------------------------------------------
     def new_kv_cache(self, batch: int, device=None, dtype=None) -> KVCache:
+        """An empty cache for the whole context; dtype defaults to what the keys will be (autocast's or the weights')."""
         c = self.config
         shape = (c.n_layer, batch, c.n_head, c.n_ctx, c.n_embd // c.n_head)
-        device = device or self.wte.weight.device
-        dtype = dtype or self.wte.weight.dtype
+        device = torch.device(device) if device is not None else self.wte.weight.device
+        if dtype is None:
+            autocasting = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocasting else self.wte.weight.dtype
         return KVCache(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
 
     def step(self, tokens: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
@@ -280,6 +310,8 @@ class ImageGPT(nn.Module):
             parts.append(self.sos.expand(b, 1, -1).to(self.wte.weight.dtype))
         if tokens is not None and tokens.shape[1]:
             parts.append(self.wte(tokens))
+        if not parts:
+            raise IgptError("step needs tokens once decoding has started")
         h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         t = h.shape[1]
         if cache.pos + t > self.config.n_ctx:
@@ -291,22 +323,31 @@ class ImageGPT(nn.Module):
         return self.head(self.ln_f(h[:, -1]))
 
     # ---- files -----------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> Path:
-        """`config.json` + `model.safetensors`, each written atomically."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, state_dict: dict | None = None, palette: Palette | None = None
+    ) -> Path:
+        """`config.json` + `model.safetensors` (+ `palette.npy` when given), each written atomically."""
         from safetensors.torch import save
 
         from igpt.fileio import atomic_write, atomic_write_json
 
         directory = Path(directory)
+        if palette is not None:
+            _check_palette(palette, self.config, directory)
         state = state_dict if state_dict is not None else self.state_dict()
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         payload = save(tensors, metadata={"format": "pt"})
         atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(payload))
         atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
+        if palette is not None:
+            palette.save(directory / PALETTE_NAME)
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ImageGPT":
+    def from_pretrained(
+        cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu", palette: Palette | None = None
+    ) -> "ImageGPT":
+        """Load a `save_pretrained` folder; its vocabulary must match `palette` (default: the folder's palette.npy)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -327,18 +368,38 @@ class ImageGPT(nn.Module):
                 " model, not igpt; import Hugging Face models with igpt convert --from-hf"
             )
         config = ImageGPTConfig.from_dict(values)
+        if palette is None and (directory / PALETTE_NAME).is_file():
+            palette = Palette.load(directory / PALETTE_NAME)
+        if palette is not None:
+            _check_palette(palette, config, directory)
         try:
             state = load_file(weights_path, device=str(map_location))
         except (SafetensorError, OSError, ValueError) as err:
             raise IgptError(f"{weights_path} is damaged or truncated ({err}); re-save or re-download it") from None
-        model = cls(config)
-        missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
-        if missing or unexpected:
-            raise IgptError(
-                f"{weights_path} does not match {config_path}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-            )
-        shapes = [k for k, v in model.state_dict().items() if state[k].shape != v.shape]
-        if shapes:
-            raise IgptError(f"{weights_path} does not match {config_path}: wrong shape for {shapes[:3]}")
-        model.load_state_dict(state)
-        return model.to(map_location)
+        return cls.from_state_dict(config, state, source=str(weights_path))
+
+    @classmethod
+    def from_state_dict(cls, config: ImageGPTConfig, state: dict[str, torch.Tensor], source: str) -> "ImageGPT":
+        """A model holding exactly `state`, checked name by name and shape by shape against `config`.
+
+        The module is built on the meta device and takes the tensors as they are, so loading
+        a large model costs neither a throwaway random initialisation nor a second copy.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or shapes:
+            problems = [f"{what} {names[:3]}" for what, names in
+                        (("missing", missing), ("unexpected", unexpected), ("wrong shape for", shapes)) if names]
+            raise IgptError(f"{source} does not match its model configuration: {'; '.join(problems)}")
+        model.load_state_dict(state, assign=True)
+        return model
+
+
+def _check_palette(palette: Palette, config: ImageGPTConfig, directory: Path) -> None:
+    if palette.size != config.vocab_size:
+        raise IgptError(
+            f"{directory}: the palette has {palette.size} colours but the model's vocabulary is {config.vocab_size}"
+        )

@@ -26,7 +26,8 @@ PALETTE_NAME = "palette.npy"
 MAX_SIZE = 65535  # tokens are stored as uint16; 65535 marks "not yet computed" in the lookup table
 _UNSET = np.uint16(MAX_SIZE)
 _CHUNK_PIXELS = 1 << 22  # pixels encoded per step: bounds the temporary arrays to a few tens of MB
-_CHUNK_BYTES = 2 << 20  # distance-matrix bytes per step: small enough to stay in cache
+_CHUNK_BYTES = 2 << 20  # k-means distance-matrix bytes per step: small enough to stay in cache
+_EXACT_CHUNK_BYTES = 32 << 20  # exact search: big enough that per-call overhead vanishes
 
 
 def colour_codes(pixels: np.ndarray, rgb: bool) -> np.ndarray:
@@ -62,7 +63,7 @@ def nearest_exact(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
     c = torch.from_numpy(np.ascontiguousarray(centers, dtype=np.float64))
     c2 = (c * c).sum(1)
     out = torch.empty(len(x), dtype=torch.int64)
-    step = max(1, _CHUNK_BYTES // (8 * len(c)))
+    step = max(1, _EXACT_CHUNK_BYTES // (8 * len(c)))
     for start in range(0, len(x), step):
         xs = x[start : start + step]
         d = torch.addmm(c2, xs, c.T, alpha=-2.0)
