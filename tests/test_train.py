@@ -111,6 +111,9 @@ def test_gradient_accumulation_gives_the_same_steps(tmp_path):
     two = step_losses(train(tmp_path, "two", steps=4, eval_every=4, grad_accum=4))
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5)
+    resumed = Trainer(config(steps=4, eval_every=4, sample_every=4, eval_batches=2, batch_size=32),
+                      tmp_path / "two", resume=True, log=lambda *_: None, progress=False)
+    assert resumed.start == 4  # a two-process checkpoint opens in one process
 
 
 def test_bert_objective_trains(tmp_path):
@@ -165,7 +168,8 @@ def test_eval_command_writes_exact_json(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one(tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_gloo_processes_match_one(tmp_path, sharding):
     common = ["--data", "digits", "--resolution", "8", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
               "--batch-size", "32", "--steps", "4", "--eval-every", "4", "--sample-every", "4", "--eval-batches", "2",
               "--device", "cpu"]
@@ -175,7 +179,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert single.returncode == 0, single.stderr
     dual = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29581",
-         "-m", "igpt.cli", "train", *common, "--out", str(tmp_path / "two")],
+         "-m", "igpt.cli", "train", *common, *sharding, "--out", str(tmp_path / "two")],
         capture_output=True, text=True, env=env,
     )
     assert dual.returncode == 0, dual.stderr[-3000:]
@@ -183,6 +187,9 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5)
+    resumed = Trainer(config(steps=4, eval_every=4, sample_every=4, eval_batches=2, batch_size=32),
+                      tmp_path / "two", resume=True, log=lambda *_: None, progress=False)
+    assert resumed.start == 4  # a two-process checkpoint opens in one process
 
 
 def test_a_folder_mixing_palette_and_model_is_refused(tmp_path, capsys):

@@ -99,8 +99,8 @@ class RunFolder:
         run = {"train": dataclasses.asdict(config), "step": step, "best_val_loss": best_val, "palette_hash": palette.hash}
         atomic_write_json(self.path / RUN_CONFIG, run)
 
-    def save_best(self, model, palette: Palette) -> None:
-        self.save_model(self.path / "best", model, palette, None)
+    def save_best(self, model, palette: Palette, model_state: dict) -> None:
+        self.save_model(self.path / "best", model, palette, model_state)
 
     @staticmethod
     def save_model(directory: Path, model, palette: Palette, state: dict | None) -> None:

@@ -115,12 +115,13 @@ def all_sum(value: torch.Tensor, world: World) -> torch.Tensor:
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
-    """Unsharded model and optimizer state on the CPU, keyed by parameter names (every rank calls this)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    """Unsharded model (and optimizer) state on the CPU, keyed by parameter names (every rank calls this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    optimizers = [optimizer] if optimizer is not None else []
-    return get_state_dict(model, optimizers, options=options)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), None
+    return get_state_dict(model, [optimizer], options=options)
 
 
 def load_full_state(model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict | None) -> None:

@@ -299,13 +299,12 @@ class Trainer:
         if self.model_config.vocab_size != self.palette.size or self.model_config.n_ctx != cfg.resolution**2:
             raise IgptError("vocab_size and n_ctx follow the palette and --resolution; do not override them")
         self.model = ImageGPT(self.model_config).to(self.world.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.engine = wrap(self.model, self.world, cfg.fsdp)  # before the optimizer: FSDP swaps in sharded parameters
+        self.optimizer = torch.optim.AdamW(self.engine.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
         self.start, self.best_val = 0, math.inf
         if resume:
             state = self.folder.train_state()
             self.start, self.best_val = state["step"], state["best_val"]
-        self.engine = wrap(self.model, self.world, cfg.fsdp)
-        if resume:
             load_full_state(self.engine, self.optimizer, state["model"], state["optimizer"])
         self.step_fn = torch.compile(self.engine) if cfg.compile else self.engine
         self._stop = False
@@ -325,8 +324,9 @@ class Trainer:
             self.folder.log_metrics({"step": step, "val_loss": loss, "val_bits_per_pixel": loss / LN2})
         if loss < self.best_val:
             self.best_val = loss
+            model_state, _ = full_state(self.engine, None)  # a collective under FSDP
             if self.world.is_main:
-                self.folder.save_best(self.model, self.palette)
+                self.folder.save_best(self.model, self.palette, model_state)
         return loss
 
     def _sample_grid(self, step: int) -> None:
