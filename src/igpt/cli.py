@@ -74,20 +74,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    import json
     import math
 
     from igpt import data
-    from igpt.train import evaluate, load_run, unigram_nats
+    from igpt.train import evaluate, load_run, run_data, unigram_nats
 
     model, palette, run = load_run(args.ckpt, args.device)
-    train_cfg = run.get("train", {})
     resolution = math.isqrt(model.config.n_ctx)
-    data_name = args.data or train_cfg.get("data")
-    if data_name is None:
-        raise IgptError("this checkpoint does not record its data set: pass --data")
-    kwargs = dict(data_dir=args.data_dir or train_cfg.get("data_dir"), crop=args.crop or train_cfg.get("crop", False),
-                  skip_bad=args.skip_bad, seed=train_cfg.get("seed", 0))
+    data_name, kwargs = run_data(run, args.data, args.data_dir, args.crop, args.skip_bad)
     split = data.load_tokens(data_name, args.split, resolution, palette, **kwargs)
     nats, n_tokens = evaluate(model, split.tokens, objective=model.config.objective, batch_size=args.batch_size,
                               precision=args.precision)
@@ -221,6 +215,63 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: loads with transformers.ImageGPTForCausalImageModeling.from_pretrained")
 
 
+def _cmd_probe(args: argparse.Namespace) -> None:
+    import math
+
+    from igpt import plots
+    from igpt.fileio import atomic_write_json
+    from igpt.finetune import labelled_splits
+    from igpt.probe import Split, linear_probe, parse_layers, summary
+    from igpt.train import load_run, run_data
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise IgptError(f"--out {out} must name a .json file (probe.png is written beside it)")
+    model, palette, run = load_run(args.ckpt, args.device)
+    layers = parse_layers(args.layers, model.config.n_layer)  # a bad --layers fails before any data work
+    data_name, kwargs = run_data(run, args.data, args.data_dir, args.crop, args.skip_bad)
+    tokensets = labelled_splits(data_name, math.isqrt(model.config.n_ctx), palette, **kwargs)
+    splits = {name: Split.of(s, args.max_train if name == "train" else None, args.seed) for name, s in tokensets.items()}
+    classes = tokensets["train"].classes
+    report = linear_probe(model, splits, n_classes=len(classes), layers=layers, batch_size=args.batch_size,
+                          precision=args.precision, baselines=not args.no_baselines, seed=args.seed)
+    report.update(ckpt=str(args.ckpt), data=data_name, classes=list(classes), objective=model.config.objective)
+    atomic_write_json(out, report)
+    plots.probe_accuracy(report, out.with_suffix(".png"))
+    print(summary(report))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from igpt.finetune import FinetuneConfig, Finetuner
+
+    cfg = FinetuneConfig(
+        ckpt=args.ckpt, data=args.data, data_dir=args.data_dir, crop=args.crop, skip_bad=args.skip_bad,
+        gen_weight=args.gen_weight, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, patience=args.patience,
+        eval_every=args.eval_every, augment=not args.no_augment, flip=not args.no_flip, from_scratch=args.from_scratch, seed=args.seed,
+        precision=args.precision, device=args.device,
+    )
+    Finetuner(cfg, args.out).run()
+
+
+def _cmd_classify(args: argparse.Namespace) -> None:
+    import math
+
+    import numpy as np
+
+    from igpt.data.images import decode, fit_to
+    from igpt.finetune import load_classifier, predict
+
+    model, palette, classes = load_classifier(args.ckpt, args.device)
+    side = math.isqrt(model.config.n_ctx)
+    images = np.stack([fit_to(decode(Path(path), str(path)), side, args.crop) for path in args.images])
+    probs = predict(model, palette.encode(images))
+    for path, p in zip(args.images, probs):
+        k = int(p.argmax())
+        name = classes[k] if classes and k < len(classes) else str(k)
+        print(f"{path}\t{name}\t{p[k]:.3f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="igpt", description="Image GPT: generative pretraining from pixels.")
     parser.add_argument("--version", action="version", version=f"igpt {_version()}")
@@ -302,6 +353,45 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--keep-rows", type=int, default=None, help="rows kept from the top")
     keep.add_argument("--keep", type=float, default=0.5, help="fraction of rows kept (default: %(default)s)")
     complete.set_defaults(func=_cmd_complete)
+
+    probe = sub.add_parser("probe", help="linear probe of every layer, against raw-pixel and random-init baselines")
+    probe.add_argument("--ckpt", required=True, help="run folder")
+    _add_data_args(probe, default=None)
+    probe.add_argument("--layers", default="all", help="all, or comma-separated layers such as 0,4,8")
+    probe.add_argument("--max-train", type=_positive_int, default=None, help="cap the training images (seeded subset)")
+    probe.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass")
+    probe.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init probes")
+    probe.add_argument("--device", default=None)
+    probe.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--out", default="probe.json", help="report JSON; the plot goes beside it (default: %(default)s)")
+    probe.set_defaults(func=_cmd_probe)
+
+    finetune = sub.add_parser("finetune", help="fine-tune a pretrained model with a classifier head")
+    finetune.add_argument("--ckpt", required=True, help="pretrained run folder")
+    _add_data_args(finetune, default=None)
+    finetune.add_argument("--out", required=True, help="new folder for the fine-tuned model")
+    finetune.add_argument("--gen-weight", type=float, default=1.0, help="weight of L_GEN beside L_CLF (0 allowed)")
+    finetune.add_argument("--lr", type=float, default=None, help="default: the pretraining lr / 10")
+    finetune.add_argument("--epochs", type=float, default=10.0)
+    finetune.add_argument("--batch-size", type=_positive_int, default=64)
+    finetune.add_argument("--patience", type=_positive_int, default=3, help="validations without gain before stopping")
+    finetune.add_argument("--eval-every", type=_positive_int, default=None, help="steps between validations (default: an epoch)")
+    finetune.add_argument("--no-augment", action="store_true", help="no pad/crop/flip augmentation")
+    finetune.add_argument("--no-flip", action="store_true", help="pad and crop, but never mirror (digits, text)")
+    finetune.add_argument("--from-scratch", action="store_true",
+                          help="same network, random weights: the no-pretraining control")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--device", default=None)
+    finetune.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    finetune.set_defaults(func=_cmd_finetune)
+
+    classify = sub.add_parser("classify", help="predict the class of image files with a fine-tuned model")
+    classify.add_argument("--ckpt", required=True, help="fine-tuned folder (from igpt finetune)")
+    classify.add_argument("images", nargs="+", metavar="IMAGE")
+    classify.add_argument("--crop", action="store_true", help="centre-crop to square before resizing")
+    classify.add_argument("--device", default=None)
+    classify.set_defaults(func=_cmd_classify)
     return parser
 
 

@@ -256,11 +256,11 @@ class ImageGPT(nn.Module):
         weights = mask.flatten().to(nll.dtype)
         return (nll * weights).sum() / weights.sum().clamp(min=1)
 
-    def classify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def classify(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(generative logits, class logits from the mean-pooled final norm) from one pass."""
         if self.classifier is None:
             raise IgptError("this model has no classifier head (n_classes is 0)")
-        hidden = self.hidden(tokens)
+        hidden = self.hidden(tokens, mask)
         return self.head(hidden), self.classifier(hidden.mean(1))
 
     def features(self, tokens: torch.Tensor, layers) -> dict[int, torch.Tensor]:

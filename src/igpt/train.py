@@ -422,6 +422,17 @@ class Trainer:
         return bool(all_sum(flag.to(self.world.device), self.world) > 0)
 
 
+def run_data(run: dict, data_spec: str | None = None, data_dir: str | None = None, crop: bool = False,
+             skip_bad: bool = False) -> tuple[str, dict]:
+    """The data set a later command reads (default: the run's own) and the options that reproduce its splits."""
+    train_cfg = run.get("train", {})
+    spec = data_spec or run.get("data") or train_cfg.get("data")
+    if spec is None:
+        raise IgptError("this checkpoint does not record its data set: pass --data")
+    return spec, dict(data_dir=data_dir or train_cfg.get("data_dir"), crop=crop or train_cfg.get("crop", False),
+                      skip_bad=skip_bad, seed=train_cfg.get("seed", 0))
+
+
 def load_run(path: str | Path, device: str | None = None) -> tuple[ImageGPT, Palette, dict]:
     """A trained (or imported) model, its palette and its run configuration, from a run folder."""
     folder = RunFolder(path)

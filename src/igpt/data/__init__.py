@@ -19,7 +19,7 @@ from igpt.data.augment import pad_crop_flip, random_resized_crop
 from igpt.data.cache import build_entry, entry_key, read_entry
 from igpt.data.folders import FileSplit, load_path
 from igpt.data.images import decode, fit_to
-from igpt.data.sources import NAMED, Native, Split, cache_root, fetch
+from igpt.data.sources import NAMED, Native, Split, fetch
 from igpt.errors import IgptError
 
 DATASETS = tuple(NAMED)

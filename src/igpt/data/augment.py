@@ -36,13 +36,13 @@ def random_resized_crop(
     return out
 
 
-def pad_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-    """Reflect-pad by `pad`, crop back to the original size at a random offset, flip half of them."""
+def pad_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4, flip: bool = True) -> np.ndarray:
+    """Reflect-pad by `pad`, crop back to the original size at a random offset, flip half of them (with `flip`)."""
     n, h, w = images.shape[:3]
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
     dy = rng.integers(0, 2 * pad + 1, n)
     dx = rng.integers(0, 2 * pad + 1, n)
-    flip = rng.random(n) < 0.5
+    flip = (rng.random(n) < 0.5) & flip
     rows = dy[:, None] + np.arange(h)
     cols = dx[:, None] + np.arange(w)
     cols = np.where(flip[:, None], cols[:, ::-1], cols)

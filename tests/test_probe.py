@@ -1,0 +1,234 @@
+"""Linear probes, fine-tuning and classification."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from igpt.errors import IgptError
+from igpt.model import ImageGPT, ImageGPTConfig
+from igpt.probe import LogisticRegression, Split, Standardizer, extract_features, linear_probe, parse_layers
+
+
+def _digits_features(n_layer=2):
+    """Features of a random 2-layer model on scikit-learn's digits, with labels, split 3 ways."""
+    from sklearn.datasets import load_digits
+
+    from igpt.palette import Palette
+
+    digits = load_digits()
+    pixels = np.repeat((digits.images * 255 / 16).astype(np.uint8)[..., None], 3, axis=-1)
+    palette = Palette.fit(pixels, clusters=16, seed=0)
+    tokens = palette.encode(pixels)
+    torch.manual_seed(0)
+    model = ImageGPT(ImageGPTConfig(vocab_size=palette.size, n_ctx=64, n_embd=32, n_layer=n_layer, n_head=2))
+    return model, tokens, pixels, digits.target
+
+
+def test_logistic_regression_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression as SkLogisticRegression
+
+    model, tokens, _, labels = _digits_features()
+    features = extract_features(model, tokens, [1])[1]
+    x_train, y_train, x_test, y_test = features[:1200], labels[:1200], features[1200:], labels[1200:]
+    scale = Standardizer.fit(x_train)
+    for l2 in (1e-2, 1e-3):
+        ours = LogisticRegression(l2).fit(scale(x_train), torch.as_tensor(y_train), 10)
+        ref = SkLogisticRegression(C=1 / (l2 * len(x_train)), max_iter=5000, tol=1e-8)
+        ref.fit(scale(x_train).numpy(), y_train)
+        ours_acc = ours.accuracy(scale(x_test), torch.as_tensor(y_test))
+        ref_acc = ref.score(scale(x_test).numpy(), y_test)
+        assert ours_acc > 0.25  # well above chance (0.1), from a random 2-layer model
+        assert abs(ours_acc - ref_acc) <= 0.01, (l2, ours_acc, ref_acc)
+        probs = torch.softmax(ours.logits(scale(x_test)), 1).numpy()
+        assert np.abs(probs - ref.predict_proba(scale(x_test).numpy())).max() < 1e-2
+
+
+def test_extract_features_streams_the_same_numbers_as_one_pass():
+    model, tokens, _, _ = _digits_features()
+    model.eval()
+    streamed = extract_features(model, tokens[:50], [0, 1, 2], batch_size=7)
+    with torch.no_grad():
+        whole = model.features(torch.from_numpy(tokens[:50].astype(np.int64)), [0, 1, 2])
+    for layer in (0, 1, 2):
+        assert streamed[layer].dtype == np.float32 and streamed[layer].shape == (50, 32)
+        np.testing.assert_allclose(streamed[layer], whole[layer].numpy(), atol=1e-5)
+
+
+def test_bert_models_are_probed_unmasked():
+    model, tokens, _, _ = _digits_features()
+    bert = ImageGPT(dataclasses.replace(model.config, objective="bert"))
+    bert.load_state_dict(model.state_dict())
+    bert.eval()
+    first = extract_features(bert, tokens[:8], [2])[2]
+    again = extract_features(bert, tokens[:8], [2])[2]
+    np.testing.assert_array_equal(first, again)  # no random mask
+    with torch.no_grad():
+        unmasked = bert.hidden(torch.from_numpy(tokens[:8].astype(np.int64)), mask=None).mean(1)
+    np.testing.assert_allclose(first, unmasked.numpy(), atol=1e-5)
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == [0, 1, 2, 3, 4]
+    assert parse_layers(None, 2) == [0, 1, 2]
+    assert parse_layers("4,0, 2", 4) == [0, 2, 4]
+    for bad in ("5", "-1", "a,b", ""):
+        with pytest.raises(IgptError, match="--layers"):
+            parse_layers(bad, 4)
+
+
+def test_linear_probe_report_and_baselines():
+    model, tokens, pixels, labels = _digits_features()
+    parts = {"train": slice(0, 1000), "val": slice(1000, 1400), "test": slice(1400, None)}
+    splits = {name: Split(tokens[s], labels[s], pixels[s]) for name, s in parts.items()}
+    report = linear_probe(model, splits, n_classes=10, log=lambda *_: None)
+    assert [row["layer"] for row in report["layers"]] == [0, 1, 2]
+    best = max(report["layers"], key=lambda row: row["val_acc"])
+    assert report["best_layer"] == best["layer"] and report["best_test_acc"] == best["test_acc"]
+    for row in report["layers"]:
+        assert 0.1 < row["test_acc"] <= 1.0
+    baselines = report["baselines"]
+    assert baselines["raw_pixels"] > 0.85  # digits are nearly linearly separable in pixels
+    assert 0.1 < baselines["random_init"] <= 1.0 and baselines["chance"] == pytest.approx(0.1)
+    assert len(baselines["random_init_layers"]) == 3
+    with pytest.raises(IgptError, match="missing val"):
+        linear_probe(model, {"train": splits["train"], "test": splits["test"]}, n_classes=10, log=lambda *_: None)
+
+
+# ---- the commands on a tiny trained run ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    """An easy labelled set: class 0 reddish, class 1 bluish, 1 in 8 pixels noise."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 2, n)
+        base = np.where(y[:, None, None, None] == 0, [200, 40, 40], [40, 40, 200]).astype(np.int64)
+        x = base + rng.integers(-30, 31, (n, 8, 8, 3))
+        noise = rng.random((n, 8, 8)) < 0.125
+        x[noise] = rng.integers(0, 256, (int(noise.sum()), 3))
+        return x.clip(0, 255).astype(np.uint8), y
+
+    x_train, y_train = make(600)
+    x_test, y_test = make(100)
+    path = tmp_path_factory.mktemp("colours") / "colours.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, colour_data):
+    from igpt.train import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("probe") / "run"
+    cfg = TrainConfig(data=str(colour_data), resolution=8, clusters=16,
+                      overrides={"n_layer": 2, "n_embd": 32, "n_head": 2},
+                      batch_size=32, steps=20, eval_every=20, save_every=20, sample_every=20, eval_batches=1)
+    Trainer(cfg, out, log=lambda *_: None, progress=False).run()
+    return out
+
+
+def test_probe_command(run_dir, tmp_path, capsys):
+    from igpt.cli import main
+
+    out = tmp_path / "probe.json"
+    assert main(["probe", "--ckpt", str(run_dir), "--out", str(out), "--max-train", "300"]) == 0
+    report = json.loads(out.read_text())
+    assert {"layers", "best_layer", "baselines"} <= set(report)
+    assert [row["layer"] for row in report["layers"]] == [0, 1, 2]
+    assert report["n_train"] == 300
+    assert report["best_test_acc"] > 0.9  # the colour decides the class
+    assert {"raw_pixels", "random_init"} <= set(report["baselines"])
+    assert (tmp_path / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best layer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layers", "9"], "--layers must lie in 0..2"),
+        (["--out", "probe.txt"], "must name a .json"),
+        (["--data", "missing-folder/"], "missing-folder"),
+    ],
+)
+def test_probe_command_refusals(run_dir, tmp_path, capsys, monkeypatch, args, message):
+    from igpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["probe", "--ckpt", str(run_dir), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "probe.json").exists()
+
+
+def test_probe_needs_labels(run_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from igpt.cli import main
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(30):
+        Image.fromarray(np.full((8, 8, 3), i * 8, np.uint8)).save(flat / f"{i}.png")
+    assert main(["probe", "--ckpt", str(run_dir), "--data", str(flat), "--out", str(tmp_path / "p.json")]) == 1
+    assert "labels" in capsys.readouterr().err
+
+
+def test_finetune_and_classify(run_dir, colour_data, tmp_path, capsys):
+    from PIL import Image
+
+    from igpt.cli import main
+    from igpt.finetune import load_classifier
+
+    out = tmp_path / "ft"
+    assert main(["finetune", "--ckpt", str(run_dir), "--out", str(out), "--epochs", "3", "--lr", "3e-3",
+                 "--batch-size", "32"]) == 0
+    result = json.loads((out / "finetune.json").read_text())
+    assert result["test_acc"] > 0.9 and result["best_val_acc"] > 0.9
+    model, palette, classes = load_classifier(out)
+    assert model.config.n_classes == 2 and classes == ["0", "1"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_acc" in r for r in records) and all(np.isfinite(r.get("loss", 0)) for r in records)
+
+    red, blue = tmp_path / "red.png", tmp_path / "blue.jpg"
+    Image.fromarray(np.full((20, 20, 3), [210, 40, 40], np.uint8)).save(red)
+    Image.fromarray(np.full((16, 16, 3), [40, 40, 210], np.uint8)).save(blue)
+    capsys.readouterr()
+    assert main(["classify", "--ckpt", str(out), str(red), str(blue)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[1] for line in lines] == ["0", "1"]
+    assert all(0.5 < float(line.split("\t")[2]) <= 1 for line in lines)
+
+    assert main(["finetune", "--ckpt", str(run_dir), "--out", str(out)]) == 1  # never overwrite
+    assert "not empty" in capsys.readouterr().err
+    assert main(["classify", "--ckpt", str(run_dir), str(red)]) == 1  # a pretraining run has no head
+    assert "no classifier head" in capsys.readouterr().err
+    assert main(["classify", "--ckpt", str(out), str(tmp_path / "nope.png")]) == 1
+    assert "nope.png" in capsys.readouterr().err
+
+
+def test_finetune_from_scratch_starts_from_random_weights(run_dir):
+    from igpt.finetune import classifier_model
+    from igpt.train import load_run
+
+    pretrained, _, _ = load_run(run_dir)
+    tuned = classifier_model(pretrained, 3, from_scratch=False, seed=0)
+    fresh = classifier_model(pretrained, 3, from_scratch=True, seed=0)
+    assert torch.equal(tuned.wte.weight, pretrained.wte.weight)
+    assert not torch.equal(fresh.wte.weight, pretrained.wte.weight)
+    assert torch.count_nonzero(tuned.classifier.weight) == 0 and tuned.classifier.weight.shape == (3, 32)
+
+
+def test_finetune_refuses_bad_options(run_dir, tmp_path, capsys):
+    from igpt.cli import main
+
+    for args, message in ((["--gen-weight", "-1"], "--gen-weight"), (["--lr", "0"], "--lr"),
+                          (["--epochs", "0"], "--epochs"), (["--batch-size", "5000"], "exceeds")):
+        out = tmp_path / "x"
+        assert main(["finetune", "--ckpt", str(run_dir), "--out", str(out), *args]) == 1
+        assert message in capsys.readouterr().err
+        assert not out.exists()
