@@ -1,0 +1,114 @@
+"""Probe throughput: feature extraction and the logistic-regression fits, against the references.
+
+    python bench/bench_probe.py [--model mini] [--side 16] [--images 512] [--train 5000]
+
+Features: igpt.probe.extract_features (every layer from one pass) against Hugging Face's
+ImageGPTModel with output_hidden_states=True, whose hidden states then go through each
+block's ln_1 (and ln_f for the last) and a mean over positions to give the same SPEC 6
+features; the two are checked to agree. Fits: igpt's float64 L-BFGS over the validation
+grid (warm-started) against scikit-learn's LogisticRegression (lbfgs) on the same grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from common import autocast, machine
+from igpt.hf import to_hf
+from igpt.model import ImageGPT, ImageGPTConfig
+from igpt.palette import Palette
+from igpt.probe import L2_GRID, LogisticRegression, Standardizer, extract_features
+
+
+def best_of(fn, rounds: int = 3) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@torch.no_grad()
+def hf_features(hf, tokens: np.ndarray, sos: int, batch_size: int, precision: str) -> dict[int, np.ndarray]:
+    out: dict[int, list] = {}
+    n_layer = len(hf.h)
+    for start in range(0, len(tokens), batch_size):
+        x = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
+        ids = torch.cat([torch.full((len(x), 1), sos), x[:, :-1]], 1)  # Hugging Face wants the sos shift done outside
+        with autocast("cpu", precision):
+            states = hf(input_ids=ids, output_hidden_states=True).hidden_states
+            for layer in range(n_layer + 1):
+                norm = hf.h[layer].ln_1 if layer < n_layer else (lambda h: h)  # last state is ln_f's output
+                out.setdefault(layer, []).append(norm(states[layer]).mean(1).float().numpy())
+    return {layer: np.concatenate(parts) for layer, parts in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mini")
+    parser.add_argument("--side", type=int, default=16)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--train", type=int, default=5000, help="samples for the logistic-regression fits")
+    args = parser.parse_args()
+    import transformers
+    from sklearn.linear_model import LogisticRegression as SkLogisticRegression
+
+    torch.manual_seed(0)
+    model = ImageGPT(ImageGPTConfig.from_preset(args.model, vocab_size=512, n_ctx=args.side**2)).eval()
+    palette = Palette(np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32))
+    folder = tempfile.mkdtemp()
+    to_hf(model, palette, folder)
+    hf = transformers.ImageGPTModel.from_pretrained(folder).eval()
+    tokens = np.random.default_rng(0).integers(0, 512, (args.images, args.side**2)).astype(np.uint16)
+    layers = list(range(model.config.n_layer + 1))
+    print(f"machine: {machine()}")
+    print(f"features: model {args.model} ({model.config.n_layer} layers, width {model.config.n_embd}), "
+          f"{args.side}x{args.side}, {args.images} images, batch {args.batch_size}, all {len(layers)} layers")
+    ours_features = extract_features(model, tokens, layers, batch_size=args.batch_size)
+    theirs = hf_features(hf, tokens, 512, args.batch_size, "fp32")
+    worst = max(float(np.abs(ours_features[l] - theirs[l]).max()) for l in layers)
+    print(f"  features agree with Hugging Face's to {worst:.1e} (max abs difference, fp32)")
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        rows[("igpt", precision)] = best_of(lambda: extract_features(model, tokens, layers, batch_size=args.batch_size,
+                                                                       precision=precision))
+        rows[("hugging face", precision)] = best_of(lambda: hf_features(hf, tokens, 512, args.batch_size, precision))
+    for (who, precision), seconds in rows.items():
+        print(f"  {who:13s} {precision}: {args.images / seconds:8.1f} images/s")
+    best_ours = min(v for (who, _), v in rows.items() if who == "igpt")
+    best_hf = min(v for (who, _), v in rows.items() if who != "igpt")
+    print(f"  ratio best vs best: {best_hf / best_ours:.2f}x")
+
+    rng = np.random.default_rng(1)
+    classes, d = 10, model.config.n_embd
+    centres = rng.normal(0, 1, (classes, d))
+    y = rng.integers(0, classes, args.train)
+    x = (centres[y] * 0.3 + rng.normal(0, 1, (args.train, d))).astype(np.float32)
+    scale = Standardizer.fit(x)
+    xs, yt = scale(x), torch.as_tensor(y)
+    print(f"logistic regression: {args.train} samples x {d} features, {classes} classes, {len(L2_GRID)} L2 strengths")
+
+    def ours():
+        previous = None
+        for l2 in L2_GRID:
+            previous = LogisticRegression(l2).fit(xs, yt, classes, init=previous)
+
+    def sklearn():
+        for l2 in L2_GRID:
+            SkLogisticRegression(C=1 / (l2 * args.train), max_iter=500, tol=1e-7).fit(xs.numpy(), y)
+
+    t_ours, t_sk = best_of(ours, 2), best_of(sklearn, 2)
+    print(f"  igpt L-BFGS (warm-started grid): {t_ours:6.2f} s")
+    print(f"  scikit-learn LogisticRegression: {t_sk:6.2f} s")
+    print(f"  ratio: {t_sk / t_ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
