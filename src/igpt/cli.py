@@ -74,26 +74,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    import math
-
-    from igpt import data
-    from igpt.train import evaluate, load_run, run_data, unigram_nats
+    from igpt.train import evaluate_split, load_run, run_data
 
     model, palette, run = load_run(args.ckpt, args.device)
-    resolution = math.isqrt(model.config.n_ctx)
     data_name, kwargs = run_data(run, args.data, args.data_dir, args.crop, args.skip_bad)
-    split = data.load_tokens(data_name, args.split, resolution, palette, **kwargs)
-    nats, n_tokens = evaluate(model, split.tokens, objective=model.config.objective, batch_size=args.batch_size,
-                              precision=args.precision)
-    train = data.load_tokens(data_name, "train", resolution, palette, **kwargs)
-    unigram = unigram_nats(train.tokens, split.tokens, palette.size)
-    result = {
-        "nats_per_token": nats, "bits_per_pixel": nats / math.log(2), "n_images": len(split), "n_tokens": n_tokens,
-        "objective": model.config.objective, "split": args.split,
-        "baselines": {"uniform_bits_per_pixel": math.log2(palette.size), "unigram_bits_per_pixel": unigram / math.log(2)},
-    }
-    print(f"{data_name} {args.split}: {nats:.4f} nats/token = {result['bits_per_pixel']:.4f} bits/pixel over "
-          f"{len(split):,} images (uniform {math.log2(palette.size):.3f}, unigram {unigram / math.log(2):.3f} bits/pixel)")
+    result = evaluate_split(model, palette, data_name, args.split, batch_size=args.batch_size,
+                            precision=args.precision, **kwargs)
+    base = result["baselines"]
+    print(f"{data_name} {args.split}: {result['nats_per_token']:.4f} nats/token = {result['bits_per_pixel']:.4f} "
+          f"bits/pixel over {result['n_images']:,} images (uniform {base['uniform_bits_per_pixel']:.3f}, "
+          f"unigram {base['unigram_bits_per_pixel']:.3f} bits/pixel)")
     if args.json:
         from igpt.fileio import atomic_write_json
 
@@ -144,11 +134,10 @@ def _cmd_complete(args: argparse.Namespace) -> None:
     import math
 
     import numpy as np
-    import torch
 
     from igpt import data
     from igpt.fileio import atomic_write
-    from igpt.sample import complete, save_grid
+    from igpt.sample import completion_rows, save_grid
     from igpt.train import autocast
 
     options = _sampling_options(args)
@@ -160,18 +149,12 @@ def _cmd_complete(args: argparse.Namespace) -> None:
     train_cfg = run.get("train", {})
     images = data.load(args.data or train_cfg.get("data", "digits"), args.split, side,
                        data_dir=args.data_dir or train_cfg.get("data_dir"), crop=args.crop, skip_bad=args.skip_bad)
-    originals = np.asarray(images.images[: args.n])
-    tokens = torch.from_numpy(palette.encode(originals).astype(np.int64)).to(next(model.parameters()).device)
-    with autocast(tokens.device, args.precision):
-        completed = complete(model, tokens, keep_rows, args.samples, **options)
-    occluded = palette.decode(tokens.cpu().numpy())
-    occluded[:, keep_rows:] = 127
-    sampled = palette.decode(completed.flatten(0, 1).cpu().numpy()).reshape(len(originals), args.samples, side, side, 3)
-    rows = np.concatenate([occluded[:, None], sampled, originals[:, None]], axis=1)
+    with autocast(next(model.parameters()).device, args.precision):
+        rows = completion_rows(model, palette, np.asarray(images.images[: args.n]), keep_rows, args.samples, **options)
     out = Path(args.out)
     save_grid(rows.reshape(-1, side, side, 3), out, columns=args.samples + 2)
     atomic_write(out.with_suffix(".npy"), lambda f: np.save(f, rows))
-    print(f"wrote {out}: {len(originals)} images x {args.samples} completions from the top {keep_rows} of {side} rows")
+    print(f"wrote {out}: {len(rows)} images x {args.samples} completions from the top {keep_rows} of {side} rows")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -234,7 +217,8 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     splits = {name: Split.of(s, args.max_train if name == "train" else None, args.seed) for name, s in tokensets.items()}
     classes = tokensets["train"].classes
     report = linear_probe(model, splits, n_classes=len(classes), layers=layers, batch_size=args.batch_size,
-                          precision=args.precision, baselines=not args.no_baselines, seed=args.seed)
+                          precision=args.precision, baselines=not args.no_baselines, seed=args.seed,
+                          progress=True)
     report.update(ckpt=str(args.ckpt), data=data_name, classes=list(classes), objective=model.config.objective)
     atomic_write_json(out, report)
     plots.probe_accuracy(report, out.with_suffix(".png"))
@@ -272,10 +256,29 @@ def _cmd_classify(args: argparse.Namespace) -> None:
         print(f"{path}\t{name}\t{p[k]:.3f}")
 
 
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from igpt.demo import run_demo
+
+    run_demo(args.data, args.out, budget_minutes=args.budget_minutes, steps=args.steps, device=args.device,
+             seed=args.seed, data_dir=args.data_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="igpt", description="Image GPT: generative pretraining from pixels.")
     parser.add_argument("--version", action="version", version=f"igpt {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the whole pipeline on a data set in a few minutes, with a report")
+    demo.add_argument("--data", default="digits", help="digits (built in), mnist, fashion-mnist, cifar10, cifar100, "
+                      "or a folder/archive/.npz of images (default: %(default)s)")
+    demo.add_argument("--data-dir", default=None, help="folder holding existing copies of a named data set")
+    demo.add_argument("--out", default=None, help="output folder (default: a new igpt-demo-<data> folder)")
+    demo.add_argument("--budget-minutes", type=float, default=None,
+                      help="wall-time target (default: 5 for digits, 20 otherwise)")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="train exactly this many steps instead")
+    demo.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
 
     palette = sub.add_parser("palette", help="fit or inspect a colour palette")
     palette_sub = palette.add_subparsers(dest="palette_command", metavar="ACTION")

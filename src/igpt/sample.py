@@ -116,6 +116,19 @@ def complete(
     return out.view(len(tokens), samples, -1)
 
 
+def completion_rows(model, palette, originals: np.ndarray, keep_rows: int, samples: int, **options) -> np.ndarray:
+    """uint8 (N, samples + 2, R, R, 3): per image the occluded input (grey below the kept rows),
+    `samples` completions, and the original."""
+    side = math.isqrt(model.config.n_ctx)
+    device = next(model.parameters()).device
+    tokens = torch.from_numpy(palette.encode(originals).astype(np.int64)).to(device)
+    completed = complete(model, tokens, keep_rows, samples, **options)
+    occluded = palette.decode(tokens.cpu().numpy())
+    occluded[:, keep_rows:] = 127
+    sampled = palette.decode(completed.flatten(0, 1).cpu().numpy()).reshape(len(originals), samples, side, side, 3)
+    return np.concatenate([occluded[:, None], sampled, np.asarray(originals)[:, None]], axis=1)
+
+
 def image_grid(images: np.ndarray, columns: int | None = None, scale: int | None = None, pad: int = 1) -> np.ndarray:
     """Tile uint8 images (N, H, W, 3) into one image, each enlarged by nearest neighbour."""
     n, h, w = images.shape[:3]

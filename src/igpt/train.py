@@ -422,15 +422,35 @@ class Trainer:
         return bool(all_sum(flag.to(self.world.device), self.world) > 0)
 
 
+def evaluate_split(model: ImageGPT, palette: Palette, spec: str, split: str = "test", *, batch_size: int = 64,
+                   precision: str = "fp32", **data_kwargs) -> dict:
+    """Exact loss of `model` on a whole split, with the uniform and unigram (palette-frequency) baselines."""
+    resolution = math.isqrt(model.config.n_ctx)
+    tokens = data.load_tokens(spec, split, resolution, palette, **data_kwargs)
+    nats, n_tokens = evaluate(model, tokens.tokens, objective=model.config.objective, batch_size=batch_size,
+                              precision=precision)
+    train = data.load_tokens(spec, "train", resolution, palette, **data_kwargs)
+    unigram = unigram_nats(train.tokens, tokens.tokens, palette.size)
+    return {
+        "nats_per_token": nats, "bits_per_pixel": nats / LN2, "n_images": len(tokens), "n_tokens": n_tokens,
+        "objective": model.config.objective, "split": split,
+        "baselines": {"uniform_bits_per_pixel": math.log2(palette.size), "unigram_bits_per_pixel": unigram / LN2},
+    }
+
+
 def run_data(run: dict, data_spec: str | None = None, data_dir: str | None = None, crop: bool = False,
              skip_bad: bool = False) -> tuple[str, dict]:
-    """The data set a later command reads (default: the run's own) and the options that reproduce its splits."""
+    """The data set a later command reads (default: the run's own) and the options that reproduce its splits.
+
+    Held-out splits always use the data's own fixed seed, never the run's, so every command
+    (and every run) sees the same train/val/test partition.
+    """
     train_cfg = run.get("train", {})
     spec = data_spec or run.get("data") or train_cfg.get("data")
     if spec is None:
         raise IgptError("this checkpoint does not record its data set: pass --data")
     return spec, dict(data_dir=data_dir or train_cfg.get("data_dir"), crop=crop or train_cfg.get("crop", False),
-                      skip_bad=skip_bad, seed=train_cfg.get("seed", 0))
+                      skip_bad=skip_bad)
 
 
 def load_run(path: str | Path, device: str | None = None) -> tuple[ImageGPT, Palette, dict]:

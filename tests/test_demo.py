@@ -1,0 +1,57 @@
+"""`igpt demo` end to end at a reduced budget on the built-in digits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_writes_a_sane_report(tmp_path, capsys):
+    from igpt.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "80", "--seed", "0"]) == 0
+    for name in ("samples.png", "completions.png", "learning_curve.png", "probe.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+    summary = json.loads((out / "summary.json").read_text())
+    ev = summary["eval"]
+    assert math.isfinite(ev["bits_per_pixel"]) and 0 < ev["bits_per_pixel"] < ev["baselines"]["uniform_bits_per_pixel"]
+    assert ev["bits_per_pixel"] < ev["baselines"]["unigram_bits_per_pixel"]
+    assert ev["n_images"] > 100
+    probe = summary["probe"]
+    assert len(probe["layers"]) == summary["model"]["n_layer"] + 1
+    assert probe["best_test_acc"] > 2 * probe["baselines"]["chance"]
+    assert all(0 <= row["test_acc"] <= 1 for row in probe["layers"])
+    assert summary["steps"] == 80 and all(math.isfinite(v) and v >= 0 for v in summary["timings"].values())
+    markdown = (out / "report.md").read_text()
+    for section in ("## Likelihood", "## Samples", "## Completions", "## Linear probe", "## Timings"):
+        assert section in markdown
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "not produced" not in html
+    assert (out / "run" / "model.safetensors").is_file() and (out / "run" / "metrics.jsonl").is_file()
+    assert "igpt demo finished" in capsys.readouterr().out
+
+
+def test_demo_refuses_a_used_folder_and_bad_budget(tmp_path, capsys):
+    from igpt.cli import main
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    assert main(["demo", "--out", str(used)]) == 1
+    assert "not empty" in capsys.readouterr().err and (used / "keep.txt").read_text() == "mine"
+    assert main(["demo", "--out", str(tmp_path / "b"), "--budget-minutes", "0"]) == 1
+    assert "--budget-minutes" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_default_output_folder_never_reuses_one(tmp_path, monkeypatch):
+    from igpt.demo import default_out
+
+    monkeypatch.chdir(tmp_path)
+    first = default_out("digits")
+    assert first.name == "igpt-demo-digits"
+    first.mkdir()
+    assert default_out("digits").name == "igpt-demo-digits-2"
+    assert default_out("../shared/datasets/cifar10/x.tar.gz").name == "igpt-demo-x-tar-gz"
