@@ -14,7 +14,10 @@ from igpt.errors import IgptError
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -263,8 +266,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
              seed=args.seed, data_dir=args.data_dir)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag costs one line (problem and where to look), not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="igpt", description="Image GPT: generative pretraining from pixels.")
+    parser = _Parser(prog="igpt", description="Image GPT: generative pretraining from pixels.")
     parser.add_argument("--version", action="version", version=f"igpt {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -6,6 +6,7 @@ whatever kills the writer: SIGKILL, a full disk, a power cut.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -26,7 +27,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise IgptError(f"cannot write {path}: {err.strerror or err}; check the folder's permissions and free space") from None
     return path
 

@@ -457,6 +457,10 @@ def load_run(path: str | Path, device: str | None = None) -> tuple[ImageGPT, Pal
     """A trained (or imported) model, its palette and its run configuration, from a run folder."""
     folder = RunFolder(path)
     model = ImageGPT.from_pretrained(folder.path)
+    side = math.isqrt(model.config.n_ctx)
+    if side * side != model.config.n_ctx:
+        raise IgptError(f"{folder.path}: the context of {model.config.n_ctx} pixels is not a square image; "
+                        "the image commands need n_ctx = resolution squared")
     palette = folder.palette()
     if palette.size != model.config.vocab_size:
         raise IgptError(
