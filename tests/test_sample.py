@@ -31,6 +31,32 @@ def test_greedy_sampling_equals_argmax_decoding_with_full_passes():
     torch.testing.assert_close(fast, slow)
 
 
+@torch.no_grad()
+def test_static_decode_step_matches_the_full_forward_at_every_position():
+    model = small_model()
+    tokens = torch.randint(0, 11, (3, 16), generator=torch.Generator().manual_seed(1))
+    full = model(tokens)
+    for prefix in (0, 5):
+        cache = model.new_kv_cache(3)
+        logits = model.step(tokens[:, :prefix] if prefix else None, cache)
+        cache.index = torch.tensor([cache.pos])
+        torch.testing.assert_close(logits, full[:, prefix], atol=1e-4, rtol=0)
+        for i in range(prefix, 15):
+            logits = model.decode_step(tokens[:, i], cache)
+            cache.index += 1
+            torch.testing.assert_close(logits, full[:, i + 1], atol=1e-4, rtol=0)
+
+
+def test_compiled_sampling_equals_eager_sampling():
+    model = small_model()
+    prefix = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(2))
+    eager = sample(model, 2, prefix, greedy=True)
+    compiled = sample(model, 2, prefix, greedy=True, compile=True)
+    torch.testing.assert_close(compiled, eager)
+    gen = [torch.Generator().manual_seed(3) for _ in range(2)]
+    torch.testing.assert_close(sample(model, 2, generator=gen[0], compile=True), sample(model, 2, generator=gen[1]))
+
+
 def test_tiny_temperature_is_greedy():
     model = small_model()
     gen = torch.Generator().manual_seed(0)

@@ -115,6 +115,7 @@ class KVCache:
     k: torch.Tensor
     v: torch.Tensor
     pos: int = 0  # input positions already processed
+    index: torch.Tensor | None = None  # for decode_step: the next position as a tensor, so shapes never change
 
 
 class Attention(nn.Module):
@@ -138,7 +139,13 @@ class Attention(nn.Module):
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
         q, k, v = (self._heads(y) for y in F.linear(x, weight, bias).split(d, dim=-1))
         mask = None
-        if cache is not None:
+        if cache is not None and cache.index is not None:  # static decoding: write one column, attend under a mask
+            cache.k[layer].index_copy_(2, cache.index, k)
+            cache.v[layer].index_copy_(2, cache.index, v)
+            k, v = cache.k[layer], cache.v[layer]
+            mask = (torch.arange(k.shape[2], device=x.device) <= cache.index)[None]
+            causal = False
+        elif cache is not None:
             start = cache.pos
             cache.k[layer, :, :, start : start + t] = k
             cache.v[layer, :, :, start : start + t] = v
@@ -287,14 +294,14 @@ class ImageGPT(nn.Module):
 
     # ---- incremental decoding --------------------------------------------------------------------
     def new_kv_cache(self, batch: int, device=None, dtype=None) -> KVCache:
-        """An empty cache for the whole context; dtype defaults to what the keys will be (autocast's or the weights')."""
+        """A zeroed cache for the whole context; dtype defaults to what the keys will be (autocast's or the weights')."""
         c = self.config
         shape = (c.n_layer, batch, c.n_head, c.n_ctx, c.n_embd // c.n_head)
         device = torch.device(device) if device is not None else self.wte.weight.device
         if dtype is None:
             autocasting = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocasting else self.wte.weight.dtype
-        return KVCache(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     def step(self, tokens: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Feed the next tokens (B, T) (or None at the start) and return logits (B, vocab) for the next pixel.
@@ -320,6 +327,18 @@ class ImageGPT(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, True, cache, i)
         cache.pos += t
+        return self.head(self.ln_f(h[:, -1]))
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed one token per row (B,) at position `cache.index` and return logits (B, vocab) for the next.
+
+        Every call has the same shapes (attention spans the whole cache, later positions masked),
+        so `torch.compile` (and CUDA graphs) capture it once for the whole image. The caller
+        advances `cache.index`; the cache must start zeroed (masked entries are multiplied by 0).
+        """
+        h = self.wte(tokens)[:, None] + self.wpe.index_select(0, cache.index)
+        for i, block in enumerate(self.blocks):
+            h = block(h, True, cache, i)
         return self.head(self.ln_f(h[:, -1]))
 
     # ---- files -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ step whose cost grows with the context so far, never a full forward pass.
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,13 @@ def sample(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
-    """`n` token sequences of the model's full context; `prefix` (n or 1 rows of p tokens) is kept as given."""
+    """`n` token sequences of the model's full context; `prefix` (n or 1 rows of p tokens) is kept as given.
+
+    `compile` runs each pixel's step through torch.compile (CUDA graphs on GPUs): a one-off compile
+    cost that pays for itself on large batches of samples.
+    """
     if model.config.objective != "ar":
         raise IgptError("sampling needs an autoregressive (ar) model; this one was trained with the bert objective")
     if not greedy:
@@ -71,12 +77,12 @@ def sample(
     for start in range(0, n, batch_size):
         rows = min(batch_size, n - start)
         head = prefix[start : start + rows] if prefix is not None else None
-        chunks.append(_sample_batch(model, rows, head, temperature, top_k, top_p, greedy, generator, device))
+        chunks.append(_sample_batch(model, rows, head, temperature, top_k, top_p, greedy, generator, device, compile))
     model.train(was_training)
     return torch.cat(chunks)
 
 
-def _sample_batch(model, rows, prefix, temperature, top_k, top_p, greedy, generator, device) -> torch.Tensor:
+def _sample_batch(model, rows, prefix, temperature, top_k, top_p, greedy, generator, device, compile) -> torch.Tensor:
     n_ctx = model.config.n_ctx
     out = torch.empty(rows, n_ctx, dtype=torch.long, device=device)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
@@ -85,6 +91,8 @@ def _sample_batch(model, rows, prefix, temperature, top_k, top_p, greedy, genera
     if known:
         out[:, :known] = prefix
     logits = model.step(out[:, :known] if known else None, cache)  # predictions for pixel `known`
+    cache.index = torch.tensor([cache.pos], device=device)
+    decode = _compiled_decode(model) if compile else model.decode_step
     for pos in range(known, n_ctx):
         if greedy:
             nxt = logits.argmax(-1)
@@ -93,8 +101,20 @@ def _sample_batch(model, rows, prefix, temperature, top_k, top_p, greedy, genera
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         out[:, pos] = nxt
         if pos + 1 < n_ctx:
-            logits = model.step(nxt[:, None], cache)
+            logits = decode(nxt, cache)
+            cache.index += 1
     return out
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_decode(model):
+    """`model.decode_step` compiled once per model: static shapes, so one graph serves every pixel."""
+    if model not in _COMPILED:
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None  # CUDA graphs on GPUs
+        _COMPILED[model] = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[model]
 
 
 def complete(
