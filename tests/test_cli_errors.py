@@ -92,7 +92,7 @@ CASES = [
     ("palette fit --clusters 0 --out p.npy", "--clusters"),
     ("palette fit --resolution -8 --out p.npy", "--resolution"),
     ("palette fit --resolution 8 --out p.txt", ".npy or .json"),
-    ("palette fit --data {flat} --resolution 8 --clusters 4 --out {a-file}/p.npy", "cannot write"),
+    ("palette fit --data {flat} --resolution 8 --clusters 4 --out {a-file}/p.npy", "is a file, not a folder"),
     # train
     ("train --batch-size -1 --out r", "--batch-size"),
     ("train --steps 0 --out r", "--steps"),

@@ -37,7 +37,7 @@ class RunFolder:
         self._tensorboard = None
 
     # ---- before training ---------------------------------------------------------------------
-    def prepare(self, *, resume: bool, config, differences) -> None:
+    def prepare(self, *, resume: bool, config, differences, resumable: bool = True) -> None:
         """Refuse, before any work, a folder that would lose or mix up a previous run."""
         if self.path.exists() and not self.path.is_dir():
             raise IgptError(f"--out {self.path} is a file; give a folder for the run")
@@ -49,7 +49,8 @@ class RunFolder:
             if diff:
                 raise IgptError("--resume with a different configuration: " + "; ".join(diff))
         elif self.path.is_dir() and any(self.path.iterdir()):
-            raise IgptError(f"--out {self.path} exists and is not empty: choose a new folder, or pass --resume")
+            hint = ", or pass --resume" if resumable else ""
+            raise IgptError(f"--out {self.path} exists and is not empty: choose a new folder{hint}")
         self.created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)

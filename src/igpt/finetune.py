@@ -125,7 +125,7 @@ class Finetuner:
         base_lr = pretrain_cfg.get("lr", 3e-3)
         self.lr = cfg.lr if cfg.lr is not None else (base_lr if cfg.from_scratch else base_lr / 10)
         self.folder = RunFolder(out)
-        self.folder.prepare(resume=False, config=None, differences=None)
+        self.folder.prepare(resume=False, config=None, differences=None, resumable=False)
         self.model = classifier_model(pretrained, len(self.classes), cfg.from_scratch, cfg.seed).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=0.0)
         n_train = len(self.splits["train"])

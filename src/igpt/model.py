@@ -90,7 +90,8 @@ class ImageGPTConfig:
     def _reject_unknown(cls, values: dict, allowed: set[str] = frozenset()) -> None:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)} - allowed)
         if unknown:
-            raise IgptError(f"unknown model configuration fields: {', '.join(unknown)}")
+            raise IgptError(f"unknown model configuration fields: {', '.join(unknown)} (a config from another "
+                            "version of igpt, or a hand edit: upgrade igpt or remove them)")
 
     def to_dict(self) -> dict:
         return {"model_type": "igpt", **dataclasses.asdict(self)}
