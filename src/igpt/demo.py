@@ -24,7 +24,7 @@ from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.palette import Palette
 from igpt.report import Report
 
-TRAIN_SHARE = 0.55  # of the budget; the rest is palette, evaluation, sampling, probes and the report
+TRAIN_SHARE = 0.6  # of the budget; the rest is palette, evaluation, sampling, probes and the report
 
 
 @dataclass
