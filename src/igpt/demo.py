@@ -181,7 +181,8 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
     test_images = data.load(spec, "test", plan.resolution, **kwargs)
     keep = plan.resolution // 2
     with autocast(dev, precision):
-        rows = completion_rows(model, palette, np.asarray(test_images.images[:8]), keep, 4, generator=generator)
+        picks = np.sort(np.random.default_rng(seed).choice(len(test_images), min(8, len(test_images)), replace=False))
+        rows = completion_rows(model, palette, np.asarray(test_images.images[picks]), keep, 4, generator=generator)
     save_grid(rows.reshape(-1, plan.resolution, plan.resolution, 3), folder / "completions.png", columns=6)
     timings["sampling"] = time.perf_counter() - t
 
@@ -281,9 +282,13 @@ def _probe_reading(probe: dict) -> str:
 
     text = (f"The best layer is {points(best - b['raw_pixels'])} raw pixels and "
             f"{points(best - b['random_init'])} the randomly initialised network.")
-    if probe["best_layer"] < last["layer"]:
-        text += (f" As in the paper, the peak comes before the last layer, which is "
-                 f"{100 * (best - last['test_acc']):.1f} points lower.")
+    gap = best - last["test_acc"]
+    if probe["best_layer"] < last["layer"] and gap >= 0.005:
+        text += f" As in the paper, the peak comes before the last layer, which is {100 * gap:.1f} points lower."
+    elif probe["best_layer"] < last["layer"]:
+        text += (f" Validation accuracy peaks at layer {probe['best_layer']}, but on the test split the last layer "
+                 f"is as good ({100 * abs(gap):.1f} points apart): at this scale the paper's mid-depth peak is "
+                 "within noise.")
     else:
         text += " Here the last layer is the best one."
     if best < b["raw_pixels"]:

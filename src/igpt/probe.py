@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from igpt.errors import IgptError
 from igpt.model import ImageGPT
 
-L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)  # strongest first: each fit warm-starts the next
+L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6)  # strongest first, each fit warm-starting the next
 
 
 # ---- features ---------------------------------------------------------------------------------
