@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from common import autocast, machine
+from common import autocast, machine, precisions
 from igpt.hf import to_hf
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.palette import Palette
@@ -76,7 +76,7 @@ def main() -> None:
     worst = max(float(np.abs(ours_features[l] - theirs[l]).max()) for l in layers)
     print(f"  features agree with Hugging Face's to {worst:.1e} (max abs difference, fp32)")
     rows = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions():
         rows[("igpt", precision)] = best_of(lambda: extract_features(model, tokens, layers, batch_size=args.batch_size,
                                                                        precision=precision))
         rows[("hugging face", precision)] = best_of(lambda: hf_features(hf, tokens, 512, args.batch_size, precision))

@@ -9,7 +9,7 @@ from PIL import Image
 
 from igpt import IgptError
 from igpt.model import ImageGPT, ImageGPTConfig
-from igpt.sample import complete, filter_logits, sample
+from igpt.sample import complete, draw, filter_logits, sample
 
 
 def small_model(objective="ar") -> ImageGPT:
@@ -97,8 +97,18 @@ def test_top_k_and_top_p_never_emit_outside_their_set(logits, top_k, top_p, seed
         probs = x[0].softmax(-1)
         kept_mass = probs[allowed].sum()
         assert kept_mass >= min(top_p, 1.0) - 1e-5 or top_k is not None
-    draws = torch.multinomial(filtered.softmax(-1), 50, replacement=True, generator=torch.Generator().manual_seed(seed))
-    assert allowed[draws[0]].all()
+    draws = draw(filtered.softmax(-1).expand(200, -1), torch.Generator().manual_seed(seed))
+    assert allowed[draws].all()
+
+
+def test_draw_follows_the_distribution():
+    """draw() inverts the cumulative sum: frequencies match the probabilities, zero-mass entries never appear."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0]])
+    draws = draw(probs.expand(100_000, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).double() / len(draws)
+    assert torch.allclose(freq, probs[0].double(), atol=0.006) and freq[[0, 2, 5]].sum() == 0
+    again = draw(probs.expand(100_000, -1), torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
 
 
 @pytest.mark.parametrize("kwargs, match", [({"temperature": 0}, "temperature"), ({"top_p": 1.5}, "top-p"),

@@ -214,3 +214,22 @@ def test_palette_fit_command(tmp_path, capsys):
     assert main(["palette", "fit", "--data", "digits", "--resolution", "8", "--out", str(tmp_path / "p.txt")]) == 1
     assert main(["palette", "fit", "--data", "imagenet", "--out", str(tmp_path / "q.npy")]) == 1
     assert not (tmp_path / "q.npy").exists()
+
+
+def test_emulated_bf16_is_called_out(tmp_path, capsys, monkeypatch):
+    """bf16 without hardware support runs hundreds of times slower than fp32: say so, do not refuse."""
+    import igpt.train
+    from igpt.cli import main
+    from igpt.train import precision_warning
+
+    assert precision_warning(torch.device("cpu"), "fp32") is None
+    monkeypatch.setattr(igpt.train, "bf16_native", lambda device: False)
+    warning = precision_warning(torch.device("cpu"), "bf16")
+    assert "no native bf16" in warning and "--precision fp32" in warning
+    assert main(["eval", "--ckpt", str(tmp_path / "missing"), "--precision", "bf16"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "no native bf16" in err[0] and "missing" in err[1]
+    assert main(["eval", "--ckpt", str(tmp_path / "missing")]) == 1
+    assert "bf16" not in capsys.readouterr().err
+    monkeypatch.setattr(igpt.train, "bf16_native", lambda device: True)
+    assert precision_warning(torch.device("cpu"), "bf16") is None

@@ -414,6 +414,16 @@ def _version() -> str:
     return __version__
 
 
+def _warn_emulated_bf16(args: argparse.Namespace) -> None:
+    from igpt.distributed import resolve_device
+    from igpt.train import precision_warning
+
+    if getattr(args, "precision", None) == "bf16":
+        warning = precision_warning(resolve_device(getattr(args, "device", None)), "bf16")
+        if warning:
+            print(f"igpt: {warning}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -421,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help() if args.command is None else parser.parse_args([args.command, "--help"])
         return 2
     try:
+        _warn_emulated_bf16(args)
         args.func(args)
     except IgptError as err:
         print(f"igpt: error: {err}", file=sys.stderr)

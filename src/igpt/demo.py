@@ -110,7 +110,7 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
     from igpt.probe import Split, linear_probe, summary
     from igpt.finetune import labelled_splits
     from igpt.sample import completion_rows, sample, save_grid
-    from igpt.train import LN2, TrainConfig, Trainer, autocast, evaluate_split
+    from igpt.train import LN2, TrainConfig, Trainer, autocast, bf16_native, evaluate_split
 
     plan = plan_for(spec, budget_minutes)
     if steps is not None and steps <= 0:
@@ -143,11 +143,13 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
     overrides = dict(plan.overrides)
     model_config = ImageGPTConfig.from_preset(plan.model, vocab_size=palette.size, n_ctx=plan.resolution**2,
                                               **overrides)
-    timed = {p: time_step(model_config, plan.batch_size, dev, p) for p in ("fp32", "bf16")}
+    candidates = ("fp32", "bf16") if bf16_native(dev) else ("fp32",)  # emulated bf16 is not worth timing
+    timed = {p: time_step(model_config, plan.batch_size, dev, p) for p in candidates}
     precision = min(timed, key=timed.get)
     train_seconds = plan.budget_minutes * 60 * TRAIN_SHARE
     n_steps = steps or max(20, int(train_seconds / (timed[precision] * 1.15)))  # 15% for data, validation, saving
-    log(f"  {timed[precision]:.3f} s/step in {precision} (fp32 {timed['fp32']:.3f}, bf16 {timed['bf16']:.3f}): "
+    measured = ", ".join(f"{p} {s:.3f}" for p, s in timed.items()) + ("" if "bf16" in timed else ", bf16 not native")
+    log(f"  {timed[precision]:.3f} s/step in {precision} ({measured}): "
         f"{n_steps} steps of batch {plan.batch_size} fit {train_seconds / 60:.1f} minutes")
     cfg = TrainConfig(data=spec, data_dir=data_dir, resolution=plan.resolution, crop=plan.crop,
                       palette=str(palette_path), clusters=plan.clusters, model=plan.model, overrides=overrides,

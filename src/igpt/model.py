@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -117,6 +117,7 @@ class KVCache:
     v: torch.Tensor
     pos: int = 0  # input positions already processed
     index: torch.Tensor | None = None  # for decode_step: the next position as a tensor, so shapes never change
+    qkv: dict = field(default_factory=dict)  # layer -> its stacked q/k/v weight, built once per decode, not per pixel
 
 
 class Attention(nn.Module):
@@ -129,6 +130,10 @@ class Attention(nn.Module):
         self.v = nn.Linear(d, d, bias=config.bias)
         self.proj = nn.Linear(d, d, bias=config.bias)
 
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
+        return torch.cat([self.q.weight, self.k.weight, self.v.weight]), bias
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         return x.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
@@ -136,8 +141,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, t, d = x.shape
         # One matrix product for q, k and v: three separate weights, one larger (faster) matmul.
-        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias]) if self.q.bias is not None else None
+        if cache is None:
+            weight, bias = self._stacked()
+        else:  # decoding: stack once per cache, not once per pixel
+            if layer not in cache.qkv:
+                cache.qkv[layer] = self._stacked()
+            weight, bias = cache.qkv[layer]
         q, k, v = (self._heads(y) for y in F.linear(x, weight, bias).split(d, dim=-1))
         mask = None
         if cache is not None and cache.index is not None:  # static decoding: write one column, attend under a mask
