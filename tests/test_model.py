@@ -241,10 +241,10 @@ def test_cache_follows_autocast_and_cached_decoding_runs_in_bf16():
         cache = model.new_kv_cache(2)
         first = model.step(tokens[:, :5], cache)
         second = model.step(tokens[:, 5:6], cache)
-    assert cache.k.dtype == torch.bfloat16 and cache.pos == 7
+    assert cache.k[0].dtype == torch.bfloat16 and cache.pos == 7
     full = model(tokens)
     assert (first.float() - full[:, 5]).abs().max() < 0.1 and (second.float() - full[:, 6]).abs().max() < 0.1
-    assert model.new_kv_cache(1).k.dtype == torch.float32
+    assert model.new_kv_cache(1).k[0].dtype == torch.float32
 
 
 def test_the_folder_palette_must_match_the_vocabulary(tmp_path):

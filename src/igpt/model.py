@@ -111,10 +111,14 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values of every layer: (n_layer, batch, heads, n_ctx, head_dim)."""
+    """Preallocated keys and values, one (batch, heads, n_ctx, head_dim) tensor per layer.
 
-    k: torch.Tensor
-    v: torch.Tensor
+    Separate tensors, not one stacked tensor: a compiled step then writes its column in place
+    instead of copying the whole cache through a view.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
     pos: int = 0  # input positions already processed
     index: torch.Tensor | None = None  # for decode_step: the next position as a tensor, so shapes never change
     qkv: dict = field(default_factory=dict)  # layer -> its stacked q/k/v weight, built once per decode, not per pixel
@@ -157,9 +161,9 @@ class Attention(nn.Module):
             causal = False
         elif cache is not None:
             start = cache.pos
-            cache.k[layer, :, :, start : start + t] = k
-            cache.v[layer, :, :, start : start + t] = v
-            k, v = cache.k[layer, :, :, : start + t], cache.v[layer, :, :, : start + t]
+            cache.k[layer][:, :, start : start + t] = k
+            cache.v[layer][:, :, start : start + t] = v
+            k, v = cache.k[layer][:, :, : start + t], cache.v[layer][:, :, : start + t]
             if t > 1 and start > 0:  # a chunk after earlier context: causal within the chunk
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
             causal = causal and t > 1 and start == 0
@@ -306,12 +310,12 @@ class ImageGPT(nn.Module):
     def new_kv_cache(self, batch: int, device=None, dtype=None) -> KVCache:
         """A zeroed cache for the whole context; dtype defaults to what the keys will be (autocast's or the weights')."""
         c = self.config
-        shape = (c.n_layer, batch, c.n_head, c.n_ctx, c.n_embd // c.n_head)
+        shape = (batch, c.n_head, c.n_ctx, c.n_embd // c.n_head)
         device = torch.device(device) if device is not None else self.wte.weight.device
         if dtype is None:
             autocasting = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocasting else self.wte.weight.dtype
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return KVCache(*([torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)] for _ in "kv"))
 
     def step(self, tokens: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Feed the next tokens (B, T) (or None at the start) and return logits (B, vocab) for the next pixel.
@@ -323,7 +327,7 @@ class ImageGPT(nn.Module):
             raise IgptError("incremental decoding needs an autoregressive (ar) model")
         parts = []
         if cache.pos == 0:
-            b = cache.k.shape[1]
+            b = cache.k[0].shape[0]
             parts.append(self.sos.expand(b, 1, -1).to(self.wte.weight.dtype))
         if tokens is not None and tokens.shape[1]:
             parts.append(self.wte(tokens))
