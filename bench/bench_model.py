@@ -6,7 +6,8 @@ Each implementation runs in fp32, under bf16 autocast, and bf16 + torch.compile 
 dropout 0: its fastest training setting); where bf16 is emulated, in fp32 and fp32 + compile. The
 modes are timed in interleaved rounds of one step and each keeps its fastest, so another process
 that is busy now and then costs nothing. The ratio compares best against best. Also reports the
-matmul peak (bf16 where native) and the fraction of it igpt's step reaches (model FLOPs: 6 N + 12 L T d per token).
+matmul peak (bf16 where native) and the fraction of it igpt's step reaches (model FLOPs: 6 N +
+12 L T d per token).
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import autocast, machine, matmul_peak, peak_dtype, precisions, seconds_per_call, train_flops_per_token
+from common import autocast, machine, matmul_peak, peak_name, precisions, seconds_per_call, train_flops_per_token
 from igpt.model import ImageGPT, ImageGPTConfig
-
 
 
 def modes() -> list[tuple[str, bool]]:
@@ -98,7 +98,8 @@ def main() -> None:
           f"/ best eager Hugging Face: {ours / theirs_eager:.2f}x")
     peak = max(matmul_peak() for _ in range(3))  # the best of three, like the steps
     flops = train_flops_per_token(args.layers, args.width, config.n_ctx, 12 * args.layers * args.width**2)
-    print(f"  {str(peak_dtype()).removeprefix('torch.')} matmul peak: {peak / 1e12:.2f} TFLOP/s; igpt's best step: {ours * flops / 1e12:.2f} TFLOP/s "
+    print(f"  {peak_name()} matmul peak: {peak / 1e12:.2f} TFLOP/s; "
+          f"igpt's best step: {ours * flops / 1e12:.2f} TFLOP/s "
           f"= {ours * flops / peak:.0%} of peak ({flops / 1e6:.1f} MFLOP/token)")
     print(f"  3x Hugging Face would be {3 * theirs:,.0f} tokens/s = {3 * theirs * flops / peak:.0%} of peak; "
           f"load average {os.getloadavg()[0]:.2f} at the end")

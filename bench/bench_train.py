@@ -4,7 +4,8 @@
 
 igpt runs its real Trainer (prefetching batches from the tokenised cache, AdamW, clipping,
 logging) and the rate is read from its metrics.jsonl; Hugging Face's ImageGPT runs the same
-loop on the same batches. In fp32, and bf16 autocast where bf16 is native; the ratio compares best with best.
+loop on the same batches. In fp32, and bf16 autocast where bf16 is native; the ratio compares
+best with best.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import autocast, machine, matmul_peak, peak_dtype, precisions, train_flops_per_token
+from common import autocast, machine, matmul_peak, peak_name, precisions, train_flops_per_token
 from igpt import Palette, data
 from igpt.checkpoint import RunFolder
 from igpt.train import Batches, TrainConfig, Trainer
@@ -88,7 +89,7 @@ def main() -> None:
     c = trainer.model_config
     flops = train_flops_per_token(c.n_layer, c.n_embd, c.n_ctx, 12 * c.n_layer * c.n_embd**2)
     peak = matmul_peak()
-    print(f"  {str(peak_dtype()).removeprefix('torch.')} matmul peak {peak / 1e12:.2f} TFLOP/s; igpt's best training "
+    print(f"  {peak_name()} matmul peak {peak / 1e12:.2f} TFLOP/s; igpt's best training "
           f"step reaches {ours * flops / peak:.0%} of it")
 
 

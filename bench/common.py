@@ -37,24 +37,26 @@ def autocast(device: str, precision: str):
 
 
 def peak_dtype(device: str = "cpu") -> torch.dtype:
+    """bf16 where the hardware has it, else fp32: the fastest precision, whose matmul peak steps are measured against."""
     from igpt.train import bf16_native
 
     return torch.bfloat16 if bf16_native(torch.device(device)) else torch.float32
 
 
+def peak_name(device: str = "cpu") -> str:
+    return "bf16" if peak_dtype(device) == torch.bfloat16 else "fp32"
+
+
 def precisions(device: str = "cpu") -> tuple[str, ...]:
     """The precisions worth timing here: bf16 only where the hardware has it (emulated bf16 is ~400x slower)."""
-    if peak_dtype(device) == torch.bfloat16:
+    if peak_name(device) == "bf16":
         return ("fp32", "bf16")
     print(f"  (bf16 skipped: this {device.upper()} has no native bf16, so only fp32 is timed)")
     return ("fp32",)
 
 
 def matmul_peak(dtype=None, n: int = 2048, device: str = "cpu") -> float:
-    """FLOP/s of a large square matrix product: the practical peak a training step can approach.
-
-    In bf16 where the hardware has it, otherwise fp32 (the best precision either way).
-    """
+    """FLOP/s of a large square matrix product (in `peak_dtype` unless told): the practical peak a step can approach."""
     if dtype is None:
         dtype = peak_dtype(device)
     a = torch.randn(n, n, dtype=dtype, device=device)

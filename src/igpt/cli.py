@@ -419,7 +419,7 @@ def _warn_emulated_bf16(args: argparse.Namespace) -> None:
     from igpt.train import precision_warning
 
     if getattr(args, "precision", None) == "bf16":
-        warning = precision_warning(resolve_device(getattr(args, "device", None)), "bf16")
+        warning = precision_warning(resolve_device(getattr(args, "device", None)), args.precision)
         if warning:
             print(f"igpt: {warning}", file=sys.stderr)
 

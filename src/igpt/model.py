@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -121,7 +121,7 @@ class KVCache:
     v: list[torch.Tensor]
     pos: int = 0  # input positions already processed
     index: torch.Tensor | None = None  # for decode_step: the next position as a tensor, so shapes never change
-    qkv: dict = field(default_factory=dict)  # layer -> its stacked q/k/v weight, built once per decode, not per pixel
+    qkv: dict = dataclasses.field(default_factory=dict)  # layer -> its stacked q/k/v weight, built once per decode, not per pixel
 
 
 class Attention(nn.Module):
@@ -315,7 +315,10 @@ class ImageGPT(nn.Module):
         if dtype is None:
             autocasting = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocasting else self.wte.weight.dtype
-        return KVCache(*([torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)] for _ in "kv"))
+        def per_layer():
+            return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+
+        return KVCache(per_layer(), per_layer())
 
     def step(self, tokens: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Feed the next tokens (B, T) (or None at the start) and return logits (B, vocab) for the next pixel.

@@ -194,7 +194,8 @@ def precision_warning(device: torch.device, precision: str) -> str | None:
     """One line for users who ask for bf16 where it is emulated, or None."""
     if precision != "bf16" or bf16_native(device):
         return None
-    return (f"warning: this {device.type.upper()} has no native bf16 (no AVX-512 BF16 or AMX), so bf16 runs emulated "
+    missing = "AVX-512 BF16 or AMX" if device.type == "cpu" else "compute capability 8.0"
+    return (f"warning: this {device.type.upper()} has no native bf16 (no {missing}), so bf16 runs emulated "
             "and far slower than fp32; use --precision fp32")
 
 
