@@ -32,6 +32,21 @@ def seconds_per_call(fn, warmup: int = 2, min_time: float = 3.0, min_calls: int 
     return (time.perf_counter() - start) / calls
 
 
+def best_of(contenders: dict, repeat: int = 3) -> dict[str, float]:
+    """Seconds per call of each contender: the fastest of `repeat` runs, taken in turns.
+
+    Shared VMs drift by tens of percent over a minute; taking turns exposes every contender
+    to the same drift and the minimum discards the slow spells.
+    """
+    best = {name: float("inf") for name in contenders}
+    for _ in range(repeat):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def autocast(device: str, precision: str):
     return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 

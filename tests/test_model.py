@@ -103,8 +103,9 @@ def test_bert_zeroes_masked_embeddings_and_scores_only_them():
     torch.testing.assert_close(loss, expected)
 
 
-def test_cached_decoding_equals_the_full_forward_at_every_position():
-    model = small()
+@pytest.mark.parametrize("bias", [False, True])
+def test_cached_decoding_equals_the_full_forward_at_every_position(bias):
+    model = small(bias=bias)
     tokens = torch.randint(0, 13, (3, 25))
     full = model(tokens)
     for prefix in (0, 1, 7):

@@ -12,9 +12,10 @@ from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.sample import complete, draw, filter_logits, sample
 
 
-def small_model(objective="ar") -> ImageGPT:
+def small_model(objective="ar", bias=False) -> ImageGPT:
     torch.manual_seed(0)
-    model = ImageGPT(ImageGPTConfig(vocab_size=11, n_ctx=16, n_embd=32, n_layer=2, n_head=2, objective=objective))
+    model = ImageGPT(ImageGPTConfig(vocab_size=11, n_ctx=16, n_embd=32, n_layer=2, n_head=2, objective=objective,
+                                    bias=bias))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -32,8 +33,9 @@ def test_greedy_sampling_equals_argmax_decoding_with_full_passes():
 
 
 @torch.no_grad()
-def test_static_decode_step_matches_the_full_forward_at_every_position():
-    model = small_model()
+@pytest.mark.parametrize("bias", [False, True])
+def test_static_decode_step_matches_the_full_forward_at_every_position(bias):
+    model = small_model(bias=bias)
     tokens = torch.randint(0, 11, (3, 16), generator=torch.Generator().manual_seed(1))
     full = model(tokens)
     for prefix in (0, 5):

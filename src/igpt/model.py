@@ -105,8 +105,51 @@ def num_params(config: ImageGPTConfig) -> int:
     return config.n_layer * per_block + (2 * v + config.n_ctx + 2) * d + classifier
 
 
+QUICK_GELU = 1.702
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU * x)
+
+
+@dataclass
+class DecodeWeights:
+    """The block weights laid out for one-pixel decoding steps, built once per cache.
+
+    A step at a small batch is a chain of tiny operations whose number, not their arithmetic,
+    sets the pace. So each RMS-norm gain is folded into the matrix that reads the normalised
+    vector, quick GELU's 1.702 into the MLP's matrices (it becomes one silu), q/k/v are one
+    matrix, and all are stored (in, out) for torch.mm. Costs one copy of the block weights
+    (in the autocast dtype when autocasting) while the cache lives.
+    """
+
+    blocks: list[tuple[tuple[torch.Tensor, torch.Tensor | None], ...]]  # per block: (qkv, proj, fc, mlp_proj) as (w, b)
+    head: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: "ImageGPT", dtype: torch.dtype) -> "DecodeWeights":
+        def pair(weight, bias=None, scale=1.0, gain=None):  # (scale * weight * gain, as (in, out)), scale * bias
+            w = weight.float() * scale * (gain.float() if gain is not None else 1.0)
+            b = bias.float() * scale if bias is not None else None
+            return w.t().contiguous().to(dtype), (b.to(dtype) if b is not None else None)
+
+        blocks = []
+        for block in model.blocks:
+            attn, mlp = block.attn, block.mlp
+            qkv, qkv_bias = attn._stacked()
+            blocks.append((
+                pair(qkv, qkv_bias, gain=block.ln_1.weight),
+                pair(attn.proj.weight, attn.proj.bias),
+                pair(mlp.fc.weight, mlp.fc.bias, scale=QUICK_GELU, gain=block.ln_2.weight),
+                pair(mlp.proj.weight / QUICK_GELU, mlp.proj.bias),
+            ))
+        return cls(blocks, pair(model.head.weight, gain=model.ln_f.weight)[0])
+
+
+def _affine(x: torch.Tensor, weight_bias: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    weight, bias = weight_bias
+    return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
 
 
 @dataclass
@@ -119,9 +162,9 @@ class KVCache:
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    weights: DecodeWeights
     pos: int = 0  # input positions already processed
     index: torch.Tensor | None = None  # for decode_step: the next position as a tensor, so shapes never change
-    qkv: dict = dataclasses.field(default_factory=dict)  # layer -> its stacked q/k/v weight, built once per decode, not per pixel
 
 
 class Attention(nn.Module):
@@ -145,21 +188,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, t, d = x.shape
         # One matrix product for q, k and v: three separate weights, one larger (faster) matmul.
-        if cache is None:
-            weight, bias = self._stacked()
-        else:  # decoding: stack once per cache, not once per pixel
-            if layer not in cache.qkv:
-                cache.qkv[layer] = self._stacked()
-            weight, bias = cache.qkv[layer]
-        q, k, v = (self._heads(y) for y in F.linear(x, weight, bias).split(d, dim=-1))
+        q, k, v = (self._heads(y) for y in F.linear(x, *self._stacked()).split(d, dim=-1))
         mask = None
-        if cache is not None and cache.index is not None:  # static decoding: write one column, attend under a mask
-            cache.k[layer].index_copy_(2, cache.index, k)
-            cache.v[layer].index_copy_(2, cache.index, v)
-            k, v = cache.k[layer], cache.v[layer]
-            mask = (torch.arange(k.shape[2], device=x.device) <= cache.index)[None]
-            causal = False
-        elif cache is not None:
+        if cache is not None:
             start = cache.pos
             cache.k[layer][:, :, start : start + t] = k
             cache.v[layer][:, :, start : start + t] = v
@@ -312,13 +343,12 @@ class ImageGPT(nn.Module):
         c = self.config
         shape = (batch, c.n_head, c.n_ctx, c.n_embd // c.n_head)
         device = torch.device(device) if device is not None else self.wte.weight.device
-        if dtype is None:
-            autocasting = torch.is_autocast_enabled(device.type)
-            dtype = torch.get_autocast_dtype(device.type) if autocasting else self.wte.weight.dtype
+        autocasting = torch.is_autocast_enabled(device.type)
+        compute = torch.get_autocast_dtype(device.type) if autocasting else self.wte.weight.dtype
         def per_layer():
-            return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+            return [torch.zeros(shape, device=device, dtype=dtype or compute) for _ in range(c.n_layer)]
 
-        return KVCache(per_layer(), per_layer())
+        return KVCache(per_layer(), per_layer(), DecodeWeights.of(self, compute))
 
     def step(self, tokens: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Feed the next tokens (B, T) (or None at the start) and return logits (B, vocab) for the next pixel.
@@ -341,10 +371,14 @@ class ImageGPT(nn.Module):
         if cache.pos + t > self.config.n_ctx:
             raise IgptError(f"decoding past the context of {self.config.n_ctx} pixels")
         h = h + self.wpe[cache.pos : cache.pos + t]
-        for i, block in enumerate(self.blocks):
-            h = block(h, True, cache, i)
+        if t == 1:
+            logits = self._decode(h[:, 0], cache, index=None)
+        else:
+            for i, block in enumerate(self.blocks):
+                h = block(h, True, cache, i)
+            logits = self.head(self.ln_f(h[:, -1]))
         cache.pos += t
-        return self.head(self.ln_f(h[:, -1]))
+        return logits
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed one token per row (B,) at position `cache.index` and return logits (B, vocab) for the next.
@@ -353,10 +387,32 @@ class ImageGPT(nn.Module):
         so `torch.compile` (and CUDA graphs) capture it once for the whole image. The caller
         advances `cache.index`; the cache must start zeroed (masked entries are multiplied by 0).
         """
-        h = self.wte(tokens)[:, None] + self.wpe.index_select(0, cache.index)
-        for i, block in enumerate(self.blocks):
-            h = block(h, True, cache, i)
-        return self.head(self.ln_f(h[:, -1]))
+        return self._decode(self.wte(tokens) + self.wpe.index_select(0, cache.index), cache, cache.index)
+
+    def _decode(self, h: torch.Tensor, cache: KVCache, index: torch.Tensor | None) -> torch.Tensor:
+        """The blocks for one new position per row, h (B, d), through `cache.weights`.
+
+        index None: the position is cache.pos and attention spans the pixels so far; otherwise
+        the position is the tensor `index` and attention spans the whole cache under a mask.
+        """
+        b, d = h.shape
+        heads, eps = self.config.n_head, self.config.eps
+        if index is not None:
+            mask = (torch.arange(self.config.n_ctx, device=h.device) <= index)[None]
+        for i, (qkv, proj, fc, mlp_proj) in enumerate(cache.weights.blocks):
+            q, k, v = _affine(F.rms_norm(h, (d,), eps=eps), qkv).view(b, 3, heads, 1, d // heads).unbind(1)
+            if index is None:
+                end = cache.pos + 1
+                cache.k[i][:, :, cache.pos : end] = k
+                cache.v[i][:, :, cache.pos : end] = v
+                y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :end], cache.v[i][:, :, :end])
+            else:
+                cache.k[i].index_copy_(2, index, k)
+                cache.v[i].index_copy_(2, index, v)
+                y = F.scaled_dot_product_attention(q, cache.k[i], cache.v[i], attn_mask=mask)
+            h = h + _affine(y.view(b, d), proj)
+            h = h + _affine(F.silu(_affine(F.rms_norm(h, (d,), eps=eps), fc)), mlp_proj)
+        return torch.mm(F.rms_norm(h, (d,), eps=eps), cache.weights.head)
 
     # ---- files -----------------------------------------------------------------------------------
     def save_pretrained(

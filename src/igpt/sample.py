@@ -65,8 +65,8 @@ def sample(
     """`n` token sequences of the model's full context; `prefix` (n or 1 rows of p tokens) is kept as given.
 
     `compile` runs each pixel's step through torch.compile with static shapes (CUDA graphs on
-    GPUs), the route to launch-free decoding there. On CPUs leave it off: the eager step, which
-    attends over the pixels so far only, is about 2x faster (32x32, 2-core EPYC, bench/bench_sample.py).
+    GPUs), the route to launch-free decoding there. On CPUs leave it off: the eager step attends
+    over the pixels so far only and is faster (32x32, 2-core EPYC, bench/bench_sample.py).
     """
     if model.config.objective != "ar":
         raise IgptError("sampling needs an autoregressive (ar) model; this one was trained with the bert objective")
