@@ -127,7 +127,8 @@ class Finetuner:
         self.folder = RunFolder(out)
         self.folder.prepare(resume=False, config=None, differences=None, resumable=False)
         self.model = classifier_model(pretrained, len(self.classes), cfg.from_scratch, cfg.seed).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                                           fused=True)
         n_train = len(self.splits["train"])
         if n_train < cfg.batch_size:
             self.folder.discard_if_empty()
