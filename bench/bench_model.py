@@ -1,6 +1,7 @@
 """Forward + backward throughput: igpt against Hugging Face's ImageGPT, same configuration.
 
     python bench/bench_model.py [--layers 8] [--width 256] [--heads 8] [--side 32] [--batch 8] [--rounds 6]
+                                [--device cpu|cuda]
 
 Each implementation runs in fp32, under bf16 autocast, and bf16 + torch.compile (Hugging Face with
 dropout 0: its fastest training setting); where bf16 is emulated, in fp32 and fp32 + compile. The
@@ -18,23 +19,24 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import autocast, machine, matmul_peak, peak_name, precisions, seconds_per_call, train_flops_per_token
+from common import (autocast, machine, matmul_peak, peak_name, precisions, seconds_per_call, synchronize,
+                    train_flops_per_token)
 from igpt.model import ImageGPT, ImageGPTConfig
 
 
-def modes() -> list[tuple[str, bool]]:
+def modes(device: str) -> list[tuple[str, bool]]:
     """fp32, then bf16 and bf16 + compile where bf16 is native; fp32 + compile where it is not."""
-    if "bf16" in precisions():
+    if "bf16" in precisions(device):
         return [("fp32", False), ("bf16", False), ("bf16", True)]
     return [("fp32", False), ("fp32", True)]
 
 
-def igpt_forward(config: ImageGPTConfig, compiled: bool):
-    model = ImageGPT(config)
+def igpt_forward(config: ImageGPTConfig, compiled: bool, device: str):
+    model = ImageGPT(config).to(device)
     return torch.compile(model) if compiled else model
 
 
-def hf_forward(config: ImageGPTConfig, compiled: bool):
+def hf_forward(config: ImageGPTConfig, compiled: bool, device: str):
     """Hugging Face's model behind igpt's interface: it needs [sos] + pixels[:-1] as input_ids."""
     import transformers
 
@@ -42,11 +44,11 @@ def hf_forward(config: ImageGPTConfig, compiled: bool):
         vocab_size=config.vocab_size + 1, n_positions=config.n_ctx, n_embd=config.n_embd, n_layer=config.n_layer,
         n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
-    model = transformers.ImageGPTForCausalImageModeling(hf_config).train()
+    model = transformers.ImageGPTForCausalImageModeling(hf_config).to(device).train()
     model = torch.compile(model) if compiled else model
 
     def forward(tokens: torch.Tensor) -> torch.Tensor:
-        sos = torch.full((len(tokens), 1), config.vocab_size)
+        sos = torch.full((len(tokens), 1), config.vocab_size, device=tokens.device)
         return model(input_ids=torch.cat([sos, tokens[:, :-1]], 1)).logits
 
     return forward
@@ -54,9 +56,10 @@ def hf_forward(config: ImageGPTConfig, compiled: bool):
 
 def training_step(forward, tokens: torch.Tensor, precision: str):
     def step():
-        with autocast("cpu", precision):
+        with autocast(tokens.device.type, precision):
             loss = F.cross_entropy(forward(tokens).float().flatten(0, 1), tokens.flatten())
         loss.backward()
+        synchronize(tokens.device)
 
     return step
 
@@ -70,17 +73,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds (each mode keeps its best)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (on a GPU the peak is the measured bf16 one)")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = ImageGPTConfig(vocab_size=args.vocab, n_ctx=args.side**2, n_embd=args.width, n_layer=args.layers,
                             n_head=args.heads)
-    tokens = torch.randint(0, config.vocab_size, (args.batch, config.n_ctx))
-    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at the start")
+    tokens = torch.randint(0, config.vocab_size, (args.batch, config.n_ctx), device=args.device)
+    print(f"machine: {machine(args.device)}; load average {os.getloadavg()[0]:.2f} at the start")
     print(f"config: {args.layers} layers, width {args.width}, {args.heads} heads, {args.side}x{args.side}, batch {args.batch}")
-    steps, timed_modes = {}, modes()
+    steps, timed_modes = {}, modes(args.device)
     for name, make in (("igpt", igpt_forward), ("hugging face", hf_forward)):
         for precision, compiled in timed_modes:
-            step = training_step(make(config, compiled), tokens, precision)
+            step = training_step(make(config, compiled, args.device), tokens, precision)
             for _ in range(2):  # compiles and warms up; fails here rather than mid-measurement
                 step()
             steps[name, precision + (" + compile" if compiled else "")] = step
@@ -96,9 +100,9 @@ def main() -> None:
     theirs_eager = max(v for (n, m), v in rates.items() if n == "hugging face" and "compile" not in m)
     print(f"  best igpt / best Hugging Face: {ours / theirs:.2f}x (goal >= 3x); "
           f"/ best eager Hugging Face: {ours / theirs_eager:.2f}x")
-    peak = max(matmul_peak() for _ in range(3))  # the best of three, like the steps
+    peak = max(matmul_peak(device=args.device) for _ in range(3))  # the best of three, like the steps
     flops = train_flops_per_token(args.layers, args.width, config.n_ctx, 12 * args.layers * args.width**2)
-    print(f"  {peak_name()} matmul peak: {peak / 1e12:.2f} TFLOP/s; "
+    print(f"  {peak_name(args.device)} matmul peak: {peak / 1e12:.2f} TFLOP/s; "
           f"igpt's best step: {ours * flops / 1e12:.2f} TFLOP/s "
           f"= {ours * flops / peak:.0%} of peak ({flops / 1e6:.1f} MFLOP/token)")
     print(f"  3x Hugging Face would be {3 * theirs:,.0f} tokens/s = {3 * theirs * flops / peak:.0%} of peak; "

@@ -9,7 +9,9 @@ from contextlib import nullcontext
 import torch
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -19,6 +21,12 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued GPU work, so a timer that stops now has seen all of it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def seconds_per_call(fn, warmup: int = 2, min_time: float = 3.0, min_calls: int = 3) -> float:
@@ -66,21 +74,24 @@ def precisions(device: str = "cpu") -> tuple[str, ...]:
     """The precisions worth timing here: bf16 only where the hardware has it (emulated bf16 is ~400x slower)."""
     if peak_name(device) == "bf16":
         return ("fp32", "bf16")
-    print(f"  (bf16 skipped: this {device.upper()} has no native bf16, so only fp32 is timed)")
+    print(f"  (bf16 skipped: this {torch.device(device).type.upper()} has no native bf16, so only fp32 is timed)")
     return ("fp32",)
 
 
-def matmul_peak(dtype=None, n: int = 2048, device: str = "cpu") -> float:
-    """FLOP/s of a large square matrix product (in `peak_dtype` unless told): the practical peak a step can approach."""
+def matmul_peak(dtype=None, n: int | None = None, device: str = "cpu") -> float:
+    """FLOP/s of a large square matrix product (in `peak_dtype` unless told): the practical peak a step can approach.
+
+    2048^2 saturates a CPU; a GPU needs 8192^2.
+    """
     if dtype is None:
         dtype = peak_dtype(device)
+    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
 
     def run():
         torch.mm(a, b)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
 
     return 2 * n**3 / seconds_per_call(run, min_time=2.0)
 
