@@ -106,6 +106,7 @@ def _sample_batch(model, rows, prefix, temperature, top_k, top_p, greedy, genera
     logits = model.step(out[:, :known] if known else None, cache)  # predictions for pixel `known`
     if compile:  # static shapes: attention over the whole cache under a mask, one graph for every pixel
         cache.index = torch.tensor([cache.pos], device=device)
+        _mark_static(cache)
         compiled = _compiled_decode(model)
 
         def decode(tokens):
@@ -128,6 +129,15 @@ def _sample_batch(model, rows, prefix, temperature, top_k, top_p, greedy, genera
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _mark_static(cache) -> None:
+    """The cache and its decode weights keep their addresses for the whole image: CUDA graphs may then
+    write the cache in place and read the weights where they lie instead of copying them in every step
+    (a new cache re-records the graph once; nothing recompiles)."""
+    weights = [w for block in cache.weights.blocks for pair in block for w in pair if w is not None]
+    for tensor in (*cache.k, *cache.v, cache.index, cache.weights.head, *weights):
+        torch._dynamo.mark_static_address(tensor)
 
 
 def _compiled_decode(model):
