@@ -102,7 +102,7 @@ def _sampling_options(args: argparse.Namespace) -> dict:
     filter_logits(torch.zeros(1, 2), args.temperature, args.top_k, args.top_p)  # bad options fail first
     generator = torch.Generator(device=resolve_device(args.device)).manual_seed(args.seed)
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, compile=args.compile)
 
 
 def _load_for_sampling(args: argparse.Namespace):
@@ -169,6 +169,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images sampled at once")
     p.add_argument("--device", default=None)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (CUDA graphs on GPUs; on CPUs the eager step is faster)")
     p.add_argument("--out", required=True, help="output PNG (an .npy of the images is written beside it)")
 
 
