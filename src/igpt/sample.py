@@ -110,6 +110,8 @@ def _sample_batch(model, rows, prefix, temperature, top_k, top_p, greedy, genera
         compiled = _compiled_decode(model)
 
         def decode(tokens):
+            if device.type == "cuda":  # a new CUDA-graph step: the last step's logits have been consumed
+                torch.compiler.cudagraph_mark_step_begin()
             logits = compiled(tokens, cache)
             cache.index += 1
             return logits
