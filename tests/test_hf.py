@@ -188,3 +188,22 @@ def test_mismatched_palettes_and_unexportable_models_are_refused(tmp_path):
     with pytest.raises(IgptError, match="palette has 10 colours"):
         to_hf(ImageGPT(ImageGPTConfig(n_ctx=16, **config)), random_palette(10), tmp_path / "c")
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+@pytest.mark.parametrize("d, heads, layers, side, vocab, biased", CONFIGS[:2])
+def test_greedy_sampling_of_an_import_equals_hugging_face_generate(tmp_path, d, heads, layers, side, vocab, biased):
+    """The decode path (one-pixel steps through folded weights) against HF's own cached generation."""
+    from igpt.sample import sample
+
+    theirs = hf_model(d, heads, layers, side, vocab, biased, seed=7)
+    theirs.save_pretrained(tmp_path)
+    random_palette(vocab).save_hf(tmp_path, resolution=side)
+    ours, _ = from_hf(tmp_path)
+    prefix = torch.randint(0, vocab, (3, side), generator=torch.Generator().manual_seed(5))  # a top row per image
+    for rows in (prefix[:, :0], prefix):
+        start = torch.cat([torch.full((3, 1), vocab), rows], dim=1)
+        with torch.no_grad():
+            expected = theirs.generate(input_ids=start, attention_mask=torch.ones_like(start),  # colour 0 is no pad
+                                       max_length=side * side + 1, do_sample=False, use_cache=True,
+                                       pad_token_id=0)[:, 1:]
+        torch.testing.assert_close(sample(ours, 3, rows if rows.shape[1] else None, greedy=True), expected)
