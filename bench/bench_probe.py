@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import numpy as np
 import torch
 
-from common import autocast, machine, precisions
+from common import autocast, best_of, machine, precisions
 from igpt.hf import to_hf
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.palette import Palette
 from igpt.probe import L2_GRID, LogisticRegression, Standardizer, extract_features
-
-
-def best_of(fn, rounds: int = 3) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 @torch.no_grad()
@@ -77,9 +67,11 @@ def main() -> None:
     print(f"  features agree with Hugging Face's to {worst:.1e} (max abs difference, fp32)")
     rows = {}
     for precision in precisions():
-        rows[("igpt", precision)] = best_of(lambda: extract_features(model, tokens, layers, batch_size=args.batch_size,
-                                                                       precision=precision))
-        rows[("hugging face", precision)] = best_of(lambda: hf_features(hf, tokens, 512, args.batch_size, precision))
+        seconds = best_of({
+            "igpt": lambda: extract_features(model, tokens, layers, batch_size=args.batch_size, precision=precision),
+            "hugging face": lambda: hf_features(hf, tokens, 512, args.batch_size, precision),
+        })
+        rows.update({(who, precision): s for who, s in seconds.items()})
     for (who, precision), seconds in rows.items():
         print(f"  {who:13s} {precision}: {args.images / seconds:8.1f} images/s")
     best_ours = min(v for (who, _), v in rows.items() if who == "igpt")
@@ -104,7 +96,8 @@ def main() -> None:
         for l2 in L2_GRID:
             SkLogisticRegression(C=1 / (l2 * args.train), max_iter=500, tol=1e-7).fit(xs.numpy(), y)
 
-    t_ours, t_sk = best_of(ours, 2), best_of(sklearn, 2)
+    seconds = best_of({"ours": ours, "sklearn": sklearn}, 2)
+    t_ours, t_sk = seconds["ours"], seconds["sklearn"]
     print(f"  igpt L-BFGS (warm-started grid): {t_ours:6.2f} s")
     print(f"  scikit-learn LogisticRegression: {t_sk:6.2f} s")
     print(f"  ratio: {t_sk / t_ours:.2f}x")

@@ -146,6 +146,9 @@ class DecodeWeights:
             ))
         return cls(blocks, pair(model.head.weight, gain=model.ln_f.weight)[0])
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [w for block in self.blocks for pair in block for w in pair if w is not None] + [self.head]
+
 
 def _affine(x: torch.Tensor, weight_bias: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     weight, bias = weight_bias
@@ -165,6 +168,10 @@ class KVCache:
     weights: DecodeWeights
     pos: int = 0  # input positions already processed
     index: torch.Tensor | None = None  # for decode_step: the next position as a tensor, so shapes never change
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a decoding step reads or writes."""
+        return [*self.k, *self.v, *([self.index] if self.index is not None else []), *self.weights.tensors()]
 
 
 class Attention(nn.Module):
@@ -338,8 +345,11 @@ class ImageGPT(nn.Module):
         return {l: out[l] for l in wanted}
 
     # ---- incremental decoding --------------------------------------------------------------------
-    def new_kv_cache(self, batch: int, device=None, dtype=None) -> KVCache:
-        """A zeroed cache for the whole context; dtype defaults to what the keys will be (autocast's or the weights')."""
+    def new_kv_cache(self, batch: int, device=None, dtype=None, weights: DecodeWeights | None = None) -> KVCache:
+        """A zeroed cache for the whole context; dtype defaults to what the keys will be (autocast's or the weights').
+
+        `weights`: another cache's decode weights, for further batches of the same sampling run.
+        """
         c = self.config
         shape = (batch, c.n_head, c.n_ctx, c.n_embd // c.n_head)
         device = torch.device(device) if device is not None else self.wte.weight.device
@@ -348,7 +358,7 @@ class ImageGPT(nn.Module):
         def per_layer():
             return [torch.zeros(shape, device=device, dtype=dtype or compute) for _ in range(c.n_layer)]
 
-        return KVCache(per_layer(), per_layer(), DecodeWeights.of(self, compute))
+        return KVCache(per_layer(), per_layer(), weights or DecodeWeights.of(self, compute))
 
     def step(self, tokens: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Feed the next tokens (B, T) (or None at the start) and return logits (B, vocab) for the next pixel.

@@ -86,20 +86,20 @@ def sample(
     batch_size = batch_size or n
     was_training = model.training
     model.eval()
-    chunks = []
+    chunks, weights = [], None
     for start in range(0, n, batch_size):
         rows = min(batch_size, n - start)
         head = prefix[start : start + rows] if prefix is not None else None
-        chunks.append(_sample_batch(model, rows, head, temperature, top_k, top_p, greedy, generator, device, compile))
+        cache = model.new_kv_cache(rows, device=device, weights=weights)  # decode weights laid out once per call
+        weights = cache.weights
+        chunks.append(_sample_batch(model, cache, head, temperature, top_k, top_p, greedy, generator, device, compile))
     model.train(was_training)
     return torch.cat(chunks)
 
 
-def _sample_batch(model, rows, prefix, temperature, top_k, top_p, greedy, generator, device, compile) -> torch.Tensor:
+def _sample_batch(model, cache, prefix, temperature, top_k, top_p, greedy, generator, device, compile) -> torch.Tensor:
     n_ctx = model.config.n_ctx
-    out = torch.empty(rows, n_ctx, dtype=torch.long, device=device)
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    cache = model.new_kv_cache(rows, device=device, dtype=dtype)
+    out = torch.empty(cache.k[0].shape[0], n_ctx, dtype=torch.long, device=device)
     known = 0 if prefix is None else prefix.shape[1]
     if known:
         out[:, :known] = prefix
@@ -137,8 +137,7 @@ def _mark_static(cache) -> None:
     """The cache and its decode weights keep their addresses for the whole image: CUDA graphs may then
     write the cache in place and read the weights where they lie instead of copying them in every step
     (a new cache re-records the graph once; nothing recompiles)."""
-    weights = [w for block in cache.weights.blocks for pair in block for w in pair if w is not None]
-    for tensor in (*cache.k, *cache.v, cache.index, cache.weights.head, *weights):
+    for tensor in cache.tensors():
         torch._dynamo.mark_static_address(tensor)
 
 
