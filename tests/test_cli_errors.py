@@ -18,13 +18,10 @@ from igpt.cli import main
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from igpt.train import TrainConfig, Trainer
+    from conftest import train
 
-    out = tmp_path_factory.mktemp("audit") / "run"
-    cfg = TrainConfig(data="digits", resolution=8, clusters=16, overrides={"n_layer": 1, "n_embd": 16, "n_head": 2},
-                      batch_size=16, steps=2, eval_every=2, save_every=2, sample_every=2, eval_batches=1)
-    Trainer(cfg, out, log=lambda *_: None, progress=False).run()
-    return out
+    return train(tmp_path_factory.mktemp("audit") / "run", clusters=16, n_layer=1, n_embd=16, batch_size=16,
+                 steps=2, eval_every=2, save_every=2, sample_every=2, eval_batches=1)
 
 
 def _damaged(run_dir: Path, root: Path) -> dict[str, Path]:
@@ -175,12 +172,13 @@ def test_user_errors_end_in_one_clear_line(line, words, files, tmp_path, monkeyp
 @pytest.mark.parametrize("name, words", [("empty-png", "empty.png"), ("text-png", "text.png"),
                                          ("truncated-png", "truncated.png")])
 def test_classify_names_the_bad_image(name, words, files, tmp_path, capsys):
-    from igpt.finetune import FinetuneConfig, Finetuner
+    from igpt.finetune import FinetuneConfig, Finetuning
+    from igpt.train import Trainer
 
     tuned = tmp_path / "tuned"
     if not tuned.exists():
-        Finetuner(FinetuneConfig(ckpt=str(files["run"]), epochs=0.05, batch_size=16), tuned, log=lambda *_: None,
-                  progress=False).run()
+        Trainer(Finetuning(files["run"], FinetuneConfig(epochs=0.05, batch_size=16)), tuned, log=lambda *_: None,
+                progress=False).run()
     capsys.readouterr()
     assert main(["classify", "--ckpt", str(tuned), str(files["good-png"]), str(files[name])]) == 1
     err = capsys.readouterr().err.strip()

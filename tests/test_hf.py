@@ -105,6 +105,21 @@ def test_convert_command_both_ways(tmp_path):
     assert main(["convert", "--to-hf", str(tmp_path / "igpt"), "--out", str(tmp_path / "back")]) == 1
 
 
+def test_convert_with_the_released_palette_needs_no_network(tmp_path, monkeypatch):
+    import socket
+
+    from igpt.cli import main
+
+    def offline(*args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    hf_model(32, 2, 1, 4, 512, False, seed=0).save_pretrained(tmp_path / "hf")
+    args = ["convert", "--from-hf", str(tmp_path / "hf"), "--palette", "openai", "--out", str(tmp_path / "igpt")]
+    assert main(args) == 0
+    assert Palette.load(tmp_path / "igpt") == Palette.openai()
+
+
 def test_bad_inputs_give_one_clear_error(tmp_path, capsys):
     from igpt.cli import main
 
@@ -178,7 +193,7 @@ def test_released_palette_survives_preprocessor_config_exactly(tmp_path):
 def test_mismatched_palettes_and_unexportable_models_are_refused(tmp_path):
     hf_model(32, 2, 1, 4, 16, False, seed=0).save_pretrained(tmp_path / "hf")
     random_palette(10).save_hf(tmp_path / "hf", resolution=4)
-    with pytest.raises(IgptError, match="palette has 10 colours but the model predicts 16"):
+    with pytest.raises(IgptError, match="palette has 10 colours but the model's vocabulary is 16"):
         from_hf(tmp_path / "hf")
     config = dict(vocab_size=16, n_embd=32, n_layer=1, n_head=2)
     with pytest.raises(IgptError, match="autoregressive only"):

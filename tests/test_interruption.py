@@ -22,15 +22,11 @@ from PIL import Image
 from igpt import IgptError
 from igpt.checkpoint import TRAIN_STATE, RunFolder
 from igpt.palette import Palette
-from igpt.train import TrainConfig, Trainer
+from igpt.train import Trainer
+from conftest import pretraining
 
 TRAIN_ARGS = ["train", "--data", "digits", "--resolution", "8", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
               "--batch-size", "16", "--eval-every", "1000", "--sample-every", "1000", "--eval-batches", "1"]
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("IGPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def _start(args, out):
@@ -63,8 +59,9 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "interrupted: checkpoint saved" in stdout + stderr
     step = RunFolder(out).saved_step()
     assert step >= 3
-    resumed = Trainer(TrainConfig(**{**RunFolder(out).run_config()["train"], "steps": 100000}), out, resume=True,
-                      log=lambda *_: None, progress=False)
+    saved = RunFolder(out).run_config()
+    task = pretraining(**{**saved["config"], **saved["data"], "steps": 100000})
+    resumed = Trainer(task, out, resume=True, log=lambda *_: None, progress=False)
     assert resumed.start == step
 
 
@@ -82,7 +79,7 @@ def test_sigkill_at_random_moments_never_leaves_an_unreadable_checkpoint(tmp_pat
             continue  # killed before the first checkpoint completed: nothing to resume, nothing damaged
         step = folder.saved_step()  # loads train_state.pt: never half-written
         assert step % 2 == 0 and step >= 2
-        from igpt.train import load_run
+        from igpt.checkpoint import load_run
 
         load_run(out)  # the inference files are complete too
         resumed = subprocess.run([sys.executable, "-m", "igpt.cli", *TRAIN_ARGS, "--steps", "40", "--save-every", "2",
@@ -97,9 +94,9 @@ def test_a_failing_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import igpt.fileio as fileio
 
     out = tmp_path / "run"
-    cfg = TrainConfig(data="digits", resolution=8, clusters=16, overrides={"n_layer": 1, "n_embd": 16, "n_head": 2},
-                      batch_size=16, steps=4, eval_every=1000, save_every=2, sample_every=1000, eval_batches=1)
-    trainer = Trainer(cfg, out, log=lambda *_: None, progress=False)
+    settings = dict(clusters=16, n_layer=1, n_embd=16, batch_size=16, steps=4, eval_every=1000, save_every=2,
+                    sample_every=1000, eval_batches=1)
+    trainer = Trainer(pretraining(**settings), out, log=lambda *_: None, progress=False)
     real_open = open
     saves = {"n": 0}
 
@@ -119,7 +116,7 @@ def test_a_failing_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert RunFolder(out).saved_step() == 2  # the step-2 checkpoint is intact
     assert not [p for p in out.iterdir() if ".tmp" in p.name]  # no temporary file left behind
-    resumed = Trainer(cfg, out, resume=True, log=lambda *_: None, progress=False)
+    resumed = Trainer(pretraining(**settings), out, resume=True, log=lambda *_: None, progress=False)
     assert resumed.start == 2
     resumed.run()
     assert RunFolder(out).saved_step() == 4
@@ -134,9 +131,8 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path, capsys):
     from igpt.cli import main
 
     out = tmp_path / "run"
-    cfg = TrainConfig(data="digits", resolution=8, clusters=16, overrides={"n_layer": 1, "n_embd": 16, "n_head": 2},
-                      batch_size=16, steps=2, eval_every=1000, save_every=2, sample_every=1000, eval_batches=1)
-    Trainer(cfg, out, log=lambda *_: None, progress=False).run()
+    Trainer(pretraining(clusters=16, n_layer=1, n_embd=16, batch_size=16, steps=2, eval_every=1000, save_every=2,
+                        sample_every=1000, eval_batches=1), out, log=lambda *_: None, progress=False).run()
     _Payload.marker = tmp_path / "pwned"
     buffer = io.BytesIO()
     torch.save({"step": 2, "best_val": 1.0, "model": {}, "optimizer": {}, "evil": _Payload()}, buffer)

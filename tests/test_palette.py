@@ -1,5 +1,7 @@
 """The colour palette: exact nearest-centre encoding, decoding, k-means fitting, file formats."""
 
+import hashlib
+import io
 import json
 import math
 
@@ -16,7 +18,7 @@ CIFAR = SHARED / "datasets" / "cifar10" / "cifar10-jpeg.tar.gz"
 
 
 def brute_force(images: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """The SPEC 2 definition term by term in float64: argmin of squared distance, first index on ties."""
+    """The definition of docs/reference.md §2 term by term in float64: argmin of squared distance, first index on ties."""
     x = images.reshape(len(images), -1, images.shape[-1] if images.ndim == 4 else 1).astype(np.float64)
     x = np.broadcast_to(x, x.shape[:2] + (3,)) / 127.5 - 1.0
     d = ((x[:, :, None, :] - centers.astype(np.float64)[None, None]) ** 2).sum(-1)
@@ -229,3 +231,24 @@ def test_released_and_fitted_palettes_reconstruct_cifar10(tmp_path, monkeypatch)
     print(f"CIFAR-10 test PSNR: released {released_psnr:.2f} dB, fitted {fitted_psnr:.2f} dB")
     assert released_psnr > 28
     assert fitted_psnr >= released_psnr
+
+
+RELEASED_SHA256 = "c614a3d27f02fd6cf02fbbaf9f02e2431fa202726f3e44750658a85eb226bebd"
+
+
+def test_the_released_palette_ships_inside_the_package():
+    """np.save of the packaged centres reproduces the released .npy byte for byte."""
+    centers = Palette.openai().centers
+    assert centers.dtype == np.float32 and centers.shape == (512, 3)
+    buffer = io.BytesIO()
+    np.save(buffer, centers)
+    assert hashlib.sha256(buffer.getvalue()).hexdigest() == RELEASED_SHA256
+
+
+def test_the_name_openai_loads_the_packaged_palette(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Palette.load("openai") == Palette.openai()
+    (tmp_path / "openai").mkdir()
+    Palette(np.zeros((2, 3), dtype=np.float32)).save(tmp_path / "openai" / "palette.npy")
+    assert Palette.load("openai").size == 512  # the name wins over a folder of that name
+    assert Palette.load("./openai").size == 2

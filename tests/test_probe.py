@@ -122,14 +122,10 @@ def colour_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, colour_data):
-    from igpt.train import TrainConfig, Trainer
+    from conftest import train
 
-    out = tmp_path_factory.mktemp("probe") / "run"
-    cfg = TrainConfig(data=str(colour_data), resolution=8, clusters=16,
-                      overrides={"n_layer": 2, "n_embd": 32, "n_head": 2},
-                      batch_size=32, steps=20, eval_every=20, save_every=20, sample_every=20, eval_batches=1)
-    Trainer(cfg, out, log=lambda *_: None, progress=False).run()
-    return out
+    return train(tmp_path_factory.mktemp("probe") / "run", data=str(colour_data), clusters=16, steps=20,
+                 eval_every=20, save_every=20, sample_every=20, eval_batches=1)
 
 
 def test_probe_command(run_dir, tmp_path, capsys):
@@ -212,8 +208,8 @@ def test_finetune_and_classify(run_dir, colour_data, tmp_path, capsys):
 
 
 def test_finetune_from_scratch_starts_from_random_weights(run_dir):
+    from igpt.checkpoint import load_run
     from igpt.finetune import classifier_model
-    from igpt.train import load_run
 
     pretrained, _, _ = load_run(run_dir)
     tuned = classifier_model(pretrained, 3, from_scratch=False, seed=0)

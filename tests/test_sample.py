@@ -32,23 +32,6 @@ def test_greedy_sampling_equals_argmax_decoding_with_full_passes():
     torch.testing.assert_close(fast, slow)
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("bias", [False, True])
-def test_static_decode_step_matches_the_full_forward_at_every_position(bias):
-    model = small_model(bias=bias)
-    tokens = torch.randint(0, 11, (3, 16), generator=torch.Generator().manual_seed(1))
-    full = model(tokens)
-    for prefix in (0, 5):
-        cache = model.new_kv_cache(3)
-        logits = model.step(tokens[:, :prefix] if prefix else None, cache)
-        cache.index = torch.tensor([cache.pos])
-        torch.testing.assert_close(logits, full[:, prefix], atol=1e-4, rtol=0)
-        for i in range(prefix, 15):
-            logits = model.decode_step(tokens[:, i], cache)
-            cache.index += 1
-            torch.testing.assert_close(logits, full[:, i + 1], atol=1e-4, rtol=0)
-
-
 def test_compiled_sampling_equals_eager_sampling():
     model = small_model()
     prefix = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(2))
@@ -125,18 +108,8 @@ def test_bert_models_cannot_sample():
         sample(small_model("bert"), 1)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from igpt.train import TrainConfig, Trainer
-
-    out = tmp_path_factory.mktemp("sample") / "run"
-    cfg = TrainConfig(data="digits", resolution=8, overrides={"n_layer": 2, "n_embd": 32, "n_head": 2},
-                      batch_size=32, steps=3, eval_every=3, save_every=3, sample_every=3, eval_batches=1)
-    Trainer(cfg, out, log=lambda *_: None, progress=False).run()
-    return out
-
-
-def test_sample_and_complete_commands(run_dir, tmp_path, capsys):
+def test_sample_and_complete_commands(tiny_run, tmp_path, capsys):
+    run_dir = tiny_run
     from igpt.cli import main
 
     assert main(["sample", "--ckpt", str(run_dir), "--n", "6", "--out", str(tmp_path / "s.png"), "--seed", "3"]) == 0

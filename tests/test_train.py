@@ -10,30 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import pretraining
+from conftest import train as train_into
 from igpt import IgptError
-from igpt.checkpoint import RunFolder
-from igpt.tensorboard import read_scalars
-from igpt.train import Batches, TrainConfig, Trainer, learning_rate, load_run
-
-TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2}
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("IGPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def config(**changes) -> TrainConfig:
-    base = dict(data="digits", resolution=8, model="tiny", overrides=TINY, batch_size=32, steps=12, lr=3e-3,
-                eval_every=6, save_every=4, sample_every=12, eval_batches=2)
-    return TrainConfig(**{**base, **changes})
+from igpt.batches import Batches
+from igpt.checkpoint import RunFolder, load_run
+from igpt.pretrain import PretrainConfig
+from igpt.train import Trainer, learning_rate
 
 
 def train(tmp_path, name="run", resume=False, **changes):
-    trainer = Trainer(config(**changes), tmp_path / name, resume=resume, log=lambda *_: None, progress=False)
-    trainer.run()
-    return tmp_path / name
+    return train_into(tmp_path / name, resume=resume, **changes)
 
 
 def step_losses(run: Path) -> dict[int, float]:
@@ -52,14 +41,14 @@ def test_batches_depend_only_on_seed_and_step():
     tokens = np.arange(100 * 4, dtype=np.uint16).reshape(100, 4)
     a, b = Batches(8, 0, tokens=tokens), Batches(8, 0, tokens=tokens)
     for step in (30, 3, 12, 3):
-        torch.testing.assert_close(a(step), b(step))
+        torch.testing.assert_close(a(step).tokens, b(step).tokens)
     epoch = np.concatenate([a.indices(s) for s in range(a.per_epoch)])
     assert len(np.unique(epoch)) == len(epoch) == 96  # an epoch visits distinct images
     assert not np.array_equal(a.indices(0), Batches(8, 1, tokens=tokens).indices(0))
 
 
-def test_a_run_folder_is_self_contained(tmp_path):
-    run = train(tmp_path)
+def test_a_run_folder_is_self_contained(tiny_run):
+    run = tiny_run
     for name in ("config.json", "model.safetensors", "palette.npy", "run.json", "train_state.pt", "metrics.jsonl"):
         assert (run / name).is_file(), name
     assert (run / "best" / "model.safetensors").is_file()
@@ -72,14 +61,16 @@ def test_a_run_folder_is_self_contained(tmp_path):
     assert [r["step"] for r in vals] == [6, 12]
     assert vals[0]["val_bits_per_pixel"] == pytest.approx(vals[0]["val_loss"] / math.log(2))
     assert steps[-1]["loss"] < steps[0]["loss"]
-    tags = {tag for _, tag, _ in read_scalars(next(run.glob("events.out.tfevents.*")))}
-    assert {"loss", "lr", "val_loss"} <= tags
+    events = EventAccumulator(str(run)).Reload()
+    assert {"loss", "lr", "val_loss"} <= set(events.Tags()["scalars"])
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == [(r["step"], r["loss"]) for r in steps]
     model, palette, info = load_run(run)
-    assert model.config.vocab_size == palette.size == 17 and info["step"] == 12
+    assert model.config.vocab_size == palette.size == 17 and info.step == 12
+    assert info.kind == "pretrain" and info.data.name == "digits" and info.data.resolution == 8
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
-    full = step_losses(train(tmp_path, "full"))
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_run, tmp_path):
+    full = step_losses(tiny_run)
     script = (
         "import os, signal, sys\n"
         "from igpt.checkpoint import RunFolder\n"
@@ -97,7 +88,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     killed = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, env=os.environ)
     assert killed.returncode == -9
     assert RunFolder(tmp_path / "cut").saved_step() == 8
-    trainer = Trainer(config(), tmp_path / "cut", resume=True, log=lambda *_: None, progress=False)
+    trainer = Trainer(pretraining(), tmp_path / "cut", resume=True, log=lambda *_: None, progress=False)
     assert trainer.start == 8
     trainer.run()
     resumed = step_losses(tmp_path / "cut")
@@ -120,42 +111,43 @@ def test_bert_objective_trains(tmp_path):
     assert model.config.objective == "bert"
 
 
-def test_refusals_come_before_any_training(tmp_path):
-    train(tmp_path, steps=2, eval_every=2)
+def test_refusals_come_before_any_training(tiny_run, tmp_path):
     with pytest.raises(IgptError, match="not empty"):
-        Trainer(config(steps=2), tmp_path / "run", log=lambda *_: None)
+        Trainer(pretraining(), tiny_run, log=lambda *_: None)
     with pytest.raises(IgptError, match=r"lr 0\.003 \(run\) vs 0\.01 \(now\)"):
-        Trainer(config(steps=2, lr=0.01), tmp_path / "run", resume=True, log=lambda *_: None)
+        Trainer(pretraining(lr=0.01), tiny_run, resume=True, log=lambda *_: None)
+    with pytest.raises(IgptError, match=r"resolution 8 \(run\) vs 6 \(now\)"):
+        Trainer(pretraining(resolution=6), tiny_run, resume=True, log=lambda *_: None)
     (tmp_path / "file").write_text("x")
     with pytest.raises(IgptError, match="is a file"):
-        Trainer(config(), tmp_path / "file", log=lambda *_: None)
+        Trainer(pretraining(), tmp_path / "file", log=lambda *_: None)
     with pytest.raises(IgptError, match="nothing to resume"):
-        Trainer(config(), tmp_path / "empty", resume=True, log=lambda *_: None)
+        Trainer(pretraining(), tmp_path / "empty", resume=True, log=lambda *_: None)
     with pytest.raises(IgptError, match="--batch-size must be positive"):
-        config(batch_size=0)
+        PretrainConfig(batch_size=0)
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     import igpt.train as train_module
 
-    real = train_module.nll_sum
+    real = train_module.nll
     calls = {"n": 0}
 
     def poisoned(*args):
         calls["n"] += 1
-        value = real(*args)
-        return value * float("nan") if calls["n"] > 5 else value
+        total, count = real(*args)
+        return (total * float("nan"), count) if calls["n"] > 5 else (total, count)
 
-    monkeypatch.setattr(train_module, "nll_sum", poisoned)
+    monkeypatch.setattr(train_module, "nll", poisoned)
     with pytest.raises(IgptError, match="non-finite at step 6.*step 4"):
         train(tmp_path, eval_every=100)
     assert RunFolder(tmp_path / "run").saved_step() == 4
 
 
-def test_eval_command_writes_exact_json(tmp_path):
+def test_eval_command_writes_exact_json(tiny_run, tmp_path):
     from igpt.cli import main
 
-    run = train(tmp_path, steps=4, eval_every=4)
+    run = tiny_run
     out = tmp_path / "eval.json"
     assert main(["eval", "--ckpt", str(run), "--split", "test", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -184,16 +176,16 @@ def test_two_gloo_processes_match_one(tmp_path, sharding):
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5)
-    resumed = Trainer(config(steps=4, eval_every=4, sample_every=4, eval_batches=2, batch_size=32),
-                      tmp_path / "two", resume=True, log=lambda *_: None, progress=False)
+    resumed = Trainer(pretraining(steps=4, eval_every=4, sample_every=4), tmp_path / "two", resume=True,
+                      log=lambda *_: None, progress=False)
     assert resumed.start == 4  # a two-process checkpoint opens in one process
 
 
-def test_a_folder_mixing_palette_and_model_is_refused(tmp_path, capsys):
+def test_a_folder_mixing_palette_and_model_is_refused(tiny_copy, tmp_path, capsys):
     from igpt.cli import main
     from igpt.palette import Palette
 
-    run = train(tmp_path, steps=2, eval_every=2)
+    run = tiny_copy
     Palette(np.zeros((5, 3), dtype=np.float32)).save(run / "palette.npy")
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(run), "--n", "1", "--out", str(tmp_path / "s.png")]) == 1
@@ -218,12 +210,12 @@ def test_palette_fit_command(tmp_path, capsys):
 
 def test_emulated_bf16_is_called_out(tmp_path, capsys, monkeypatch):
     """bf16 without hardware support runs hundreds of times slower than fp32: say so, do not refuse."""
-    import igpt.train
+    import igpt.precision
     from igpt.cli import main
-    from igpt.train import precision_warning
+    from igpt.precision import precision_warning
 
     assert precision_warning(torch.device("cpu"), "fp32") is None
-    monkeypatch.setattr(igpt.train, "bf16_native", lambda device: False)
+    monkeypatch.setattr(igpt.precision, "bf16_native", lambda device: False)
     warning = precision_warning(torch.device("cpu"), "bf16")
     assert "no native bf16" in warning and "--precision fp32" in warning
     assert main(["eval", "--ckpt", str(tmp_path / "missing"), "--precision", "bf16"]) == 1
@@ -231,5 +223,5 @@ def test_emulated_bf16_is_called_out(tmp_path, capsys, monkeypatch):
     assert len(err) == 2 and "no native bf16" in err[0] and "missing" in err[1]
     assert main(["eval", "--ckpt", str(tmp_path / "missing")]) == 1
     assert "no native bf16" not in capsys.readouterr().err
-    monkeypatch.setattr(igpt.train, "bf16_native", lambda device: True)
+    monkeypatch.setattr(igpt.precision, "bf16_native", lambda device: True)
     assert precision_warning(torch.device("cpu"), "bf16") is None

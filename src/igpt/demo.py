@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from igpt import data, plots
+from igpt import plots
+from igpt.checkpoint import BEST
+from igpt.data import DataConfig
 from igpt.distributed import resolve_device
 from igpt.errors import IgptError
+from igpt.evaluate import LN2, evaluate_split
 from igpt.fileio import atomic_write_json
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.palette import Palette
+from igpt.precision import autocast, bf16_native
+from igpt.pretrain import PretrainConfig, Pretraining
 from igpt.report import Report
 
 TRAIN_SHARE = 0.6  # of the budget; the rest is palette, evaluation, sampling, probes and the report
@@ -31,41 +36,37 @@ TRAIN_SHARE = 0.6  # of the budget; the rest is palette, evaluation, sampling, p
 class Plan:
     """What the demo runs on a data set: chosen for a few CPU minutes, scaled by the budget."""
 
-    data: str
-    resolution: int
-    clusters: int
-    model: str = "tiny"
-    overrides: dict = field(default_factory=dict)
-    batch_size: int = 64
-    lr: float = 3e-3
-    budget_minutes: float = 5.0
+    data: DataConfig
+    pretrain: PretrainConfig
+    budget_minutes: float
     probe_images: int = 10_000  # per split, at most
-    crop: bool = False
 
     def describe(self) -> str:
-        shape = ImageGPTConfig.from_preset(self.model, **self.overrides)
-        return (f"{self.data} at {self.resolution}x{self.resolution}, {self.clusters}-colour palette, "
-                f"{self.model} model ({shape.n_layer} layers, width {shape.n_embd}), batch {self.batch_size}, "
+        shape = self.pretrain.model_config(self.pretrain.clusters, self.data.resolution)
+        r = self.data.resolution
+        return (f"{self.data.name} at {r}x{r}, {self.pretrain.clusters}-colour palette, {self.pretrain.model} model "
+                f"({shape.n_layer} layers, width {shape.n_embd}), batch {self.pretrain.batch_size}, "
                 f"{self.budget_minutes:g}-minute budget")
 
 
-PLANS = {
-    "digits": dict(resolution=8, clusters=16, budget_minutes=5.0),
-    "mnist": dict(resolution=16, clusters=16, budget_minutes=20.0),
-    "fashion-mnist": dict(resolution=16, clusters=32, budget_minutes=20.0),
-    "cifar10": dict(resolution=16, clusters=256, budget_minutes=20.0),
-    "cifar100": dict(resolution=16, clusters=256, budget_minutes=20.0),
+PLANS = {  # data name: resolution, palette size, budget in minutes
+    "digits": (8, 16, 5.0),
+    "mnist": (16, 16, 20.0),
+    "fashion-mnist": (16, 32, 20.0),
+    "cifar10": (16, 256, 20.0),
+    "cifar100": (16, 256, 20.0),
 }
-OTHER = dict(resolution=16, clusters=256, budget_minutes=20.0, crop=True)  # folders and archives of any images
+OTHER = (16, 256, 20.0)  # folders and archives of any images, centre-cropped to square
 
 
-def plan_for(spec: str, budget_minutes: float | None = None) -> Plan:
-    plan = Plan(data=spec, **PLANS.get(spec, OTHER))
+def plan_for(spec: str, budget_minutes: float | None = None, data_dir: str | None = None) -> Plan:
+    resolution, clusters, budget = PLANS.get(spec, OTHER)
     if budget_minutes is not None:
         if not budget_minutes > 0:
             raise IgptError(f"--budget-minutes must be positive, got {budget_minutes}")
-        plan.budget_minutes = budget_minutes
-    return plan
+        budget = budget_minutes
+    data = DataConfig(name=spec, data_dir=data_dir, resolution=resolution, crop=spec not in PLANS)
+    return Plan(data, PretrainConfig(clusters=clusters), budget)
 
 
 def default_out(spec: str) -> Path:
@@ -78,28 +79,27 @@ def default_out(spec: str) -> Path:
 
 
 def time_step(config: ImageGPTConfig, batch_size: int, device: torch.device, precision: str, steps: int = 3) -> float:
-    """Seconds per optimizer step of this model on random tokens (after one warm-up step)."""
+    """Seconds per optimizer step of this model on random tokens (after one warm-up step), through the loop's own step."""
+    from igpt.batches import Batch
+    from igpt.distributed import World, synchronize
+    from igpt.train import make_optimizer, train_step
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = ImageGPT(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    tokens = torch.randint(0, config.vocab_size, (batch_size, config.n_ctx), device=device)
+        batch = Batch(torch.randint(0, config.vocab_size, (batch_size, config.n_ctx)))
+    optimizer = make_optimizer(model.parameters(), lr=1e-4)
+    world = World(device=device)
 
     def one():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model.loss(tokens)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, batch, world=world, precision=precision)
 
     one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -107,19 +107,19 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
              steps: int | None = None, device: str | None = None, seed: int = 0, data_dir: str | None = None,
              log=print, progress: bool = True) -> dict:
     """Run every stage into `out` and return the summary (also written as `summary.json`)."""
-    from igpt.probe import Split, linear_probe, summary
     from igpt.finetune import labelled_splits
+    from igpt.probe import Split, linear_probe, summary
     from igpt.sample import completion_rows, sample, save_grid
-    from igpt.train import LN2, TrainConfig, Trainer, autocast, bf16_native, evaluate_split
+    from igpt.train import Trainer
 
-    plan = plan_for(spec, budget_minutes)
+    plan = plan_for(spec, budget_minutes, data_dir)
     if steps is not None and steps <= 0:
         raise IgptError(f"--steps must be positive, got {steps}")
     dev = resolve_device(device)
     folder = Path(out) if out is not None else default_out(spec)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise IgptError(f"--out {folder} exists and is not empty: choose a new folder")
-    kwargs = dict(data_dir=data_dir, crop=plan.crop)
+    data = plan.data
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     stages = 6
@@ -130,9 +130,9 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
 
     # 1. data and palette ---------------------------------------------------------------------
     t = stage(1, f"data and palette: {plan.describe()}")
-    train_images = data.load(spec, "train", plan.resolution, require_labels=False, **kwargs)
+    train_images = data.images("train")
     log(f"  {train_images.describe()}")
-    palette = Palette.fit(train_images.images, clusters=plan.clusters, seed=seed, device=str(dev), log=log)
+    palette = Palette.fit(train_images.images, clusters=plan.pretrain.clusters, seed=seed, device=str(dev), log=log)
     folder.mkdir(parents=True, exist_ok=True)
     palette_path = folder / "palette.npy"
     palette.save(palette_path)
@@ -140,31 +140,28 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
 
     # 2. pretraining --------------------------------------------------------------------------
     t = stage(2, "pretraining")
-    overrides = dict(plan.overrides)
-    model_config = ImageGPTConfig.from_preset(plan.model, vocab_size=palette.size, n_ctx=plan.resolution**2,
-                                              **overrides)
+    batch_size = plan.pretrain.batch_size
+    model_config = plan.pretrain.model_config(palette.size, data.resolution)
     candidates = ("fp32", "bf16") if bf16_native(dev) else ("fp32",)  # emulated bf16 is not worth timing
-    timed = {p: time_step(model_config, plan.batch_size, dev, p) for p in candidates}
+    timed = {p: time_step(model_config, batch_size, dev, p) for p in candidates}
     precision = min(timed, key=timed.get)
     train_seconds = plan.budget_minutes * 60 * TRAIN_SHARE
     n_steps = steps or max(20, int(train_seconds / (timed[precision] * 1.15)))  # 15% for data, validation, saving
     measured = ", ".join(f"{p} {s:.3f}" for p, s in timed.items()) + ("" if "bf16" in timed else ", bf16 not native")
     log(f"  {timed[precision]:.3f} s/step in {precision} ({measured}): "
-        f"{n_steps} steps of batch {plan.batch_size} fit {train_seconds / 60:.1f} minutes")
-    cfg = TrainConfig(data=spec, data_dir=data_dir, resolution=plan.resolution, crop=plan.crop,
-                      palette=str(palette_path), clusters=plan.clusters, model=plan.model, overrides=overrides,
-                      batch_size=plan.batch_size, lr=plan.lr, steps=n_steps, seed=seed, precision=precision,
-                      device=str(dev), eval_every=max(1, n_steps // 10), save_every=n_steps, sample_every=n_steps,
-                      eval_batches=16)
+        f"{n_steps} steps of batch {batch_size} fit {train_seconds / 60:.1f} minutes")
+    cfg = dataclasses.replace(plan.pretrain, palette=str(palette_path), steps=n_steps, seed=seed, precision=precision,
+                              device=str(dev), eval_every=max(1, n_steps // 10), save_every=n_steps,
+                              sample_every=n_steps, eval_batches=16)
     run_dir = folder / "run"
-    trainer = Trainer(cfg, run_dir, log=log, progress=progress)
+    trainer = Trainer(Pretraining(data, cfg), run_dir, log=log, progress=progress)
     trainer.run()
-    model = ImageGPT.from_pretrained(run_dir / "best").to(dev)
+    model = ImageGPT.from_pretrained(run_dir / BEST).to(dev)
     timings["pretraining"] = time.perf_counter() - t
 
     # 3. bits per pixel -----------------------------------------------------------------------
     t = stage(3, "test bits per pixel")
-    evaluation = evaluate_split(model, palette, spec, "test", precision=precision, **kwargs)
+    evaluation = evaluate_split(model, palette, data, "test", precision=precision)
     atomic_write_json(folder / "eval.json", evaluation)
     base = evaluation["baselines"]
     log(f"  {evaluation['bits_per_pixel']:.3f} bits/pixel (uniform {base['uniform_bits_per_pixel']:.3f}, "
@@ -180,19 +177,19 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
     with autocast(dev, precision):
         tokens = sample(model, 32, generator=generator)
     save_grid(palette.decode(tokens.cpu().numpy()), folder / "samples.png", columns=8)
-    test_images = data.load(spec, "test", plan.resolution, **kwargs)
-    keep = plan.resolution // 2
+    test_images = data.images("test")
+    keep = data.resolution // 2
     with autocast(dev, precision):
         picks = np.sort(np.random.default_rng(seed).choice(len(test_images), min(8, len(test_images)), replace=False))
         rows = completion_rows(model, palette, np.asarray(test_images.images[picks]), keep, 4, generator=generator)
-    save_grid(rows.reshape(-1, plan.resolution, plan.resolution, 3), folder / "completions.png", columns=6)
+    save_grid(rows.reshape(-1, data.resolution, data.resolution, 3), folder / "completions.png", columns=6)
     timings["sampling"] = time.perf_counter() - t
 
     # 5. linear probes ------------------------------------------------------------------------
     t = stage(5, "linear probe of every layer, with raw-pixel and random-init baselines")
     probe = None
     if train_images.labels is not None and train_images.classes and len(train_images.classes) > 1:
-        tokensets = labelled_splits(spec, plan.resolution, palette, **kwargs)
+        tokensets = labelled_splits(data, palette)
         splits = {name: Split.of(s, plan.probe_images, seed) for name, s in tokensets.items()}
         probe = linear_probe(model, splits, n_classes=len(train_images.classes), precision=precision, seed=seed,
                              log=log, progress=progress)
@@ -212,7 +209,7 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
         "plan": dataclasses.asdict(plan), "steps": n_steps, "precision": precision, "device": str(dev),
         "seconds_per_step": timed[precision], "model": dataclasses.asdict(model.config),
         "n_params": sum(p.numel() for p in model.parameters()), "eval": evaluation,
-        "best_val_bits_per_pixel": trainer.best_val / LN2, "probe": probe, "timings": timings,
+        "best_val_bits_per_pixel": trainer.best / LN2, "probe": probe, "timings": timings,
     }
     _write_report(folder, result, records)
     timings["report"] = time.perf_counter() - t
@@ -224,13 +221,14 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
 
 def _write_report(folder: Path, result: dict, records: list[dict]) -> None:
     plan, ev, probe = result["plan"], result["eval"], result["probe"]
+    data, r = plan["data"]["name"], plan["data"]["resolution"]
     base = ev["baselines"]
-    report = Report(f"Image GPT demo: {plan['data']}")
+    report = Report(f"Image GPT demo: {data}")
     report.paragraph(
         f"A {result['model']['n_layer']}-layer, width-{result['model']['n_embd']} Image GPT "
-        f"({result['n_params']:,} parameters) pretrained with the autoregressive objective on {plan['data']} at "
-        f"{plan['resolution']}x{plan['resolution']} with a {result['model']['vocab_size']}-colour palette, for "
-        f"{result['steps']} steps of batch {plan['batch_size']} ({result['precision']}, {result['device']})."
+        f"({result['n_params']:,} parameters) pretrained with the autoregressive objective on {data} at "
+        f"{r}x{r} with a {result['model']['vocab_size']}-colour palette, for "
+        f"{result['steps']} steps of batch {plan['pretrain']['batch_size']} ({result['precision']}, {result['device']})."
     )
     report.heading("Likelihood")
     report.table(["", "bits per pixel"], [

@@ -43,6 +43,12 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer that stops now has seen all of it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def init_world(device: str | None = None) -> World:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), if any."""
     size = int(os.environ.get("WORLD_SIZE", "1"))

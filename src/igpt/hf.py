@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pickle
 from pathlib import Path
@@ -145,10 +144,8 @@ def from_hf(source: str | os.PathLike) -> tuple[ImageGPT, Palette | None]:
     config = dataclasses.replace(config, bias=_has_nonzero_biases(hf_state))
     model = ImageGPT.from_state_dict(config, state_from_hf(hf_state, config), source=str(folder))
     palette = Palette.load(folder / HF_CONFIG_NAME) if (folder / HF_CONFIG_NAME).is_file() else None
-    if palette is not None and palette.size != config.vocab_size:
-        raise IgptError(
-            f"{folder}: the palette has {palette.size} colours but the model predicts {config.vocab_size}"
-        )
+    if palette is not None:
+        config.check_palette(palette, folder)
     return model, palette
 
 
@@ -194,12 +191,8 @@ def to_hf(model: ImageGPT, palette: Palette, out: str | os.PathLike) -> Path:
 
     if model.config.objective != "ar":
         raise IgptError("Hugging Face's ImageGPT is autoregressive only; a bert-objective model cannot be exported")
-    if palette.size != model.config.vocab_size:
-        raise IgptError(f"the palette has {palette.size} colours but the model predicts {model.config.vocab_size}")
-    side = math.isqrt(model.config.n_ctx)
-    if side * side != model.config.n_ctx:
-        raise IgptError(f"the context of {model.config.n_ctx} pixels is not a square image, which "
-                        "Hugging Face's image processor needs")
+    model.config.check_palette(palette, out)
+    side = model.config.side  # Hugging Face's image processor needs square images
     out = Path(out)
     payload = save(state_to_hf(model), metadata={"format": "pt"})
     atomic_write(out / "model.safetensors", lambda f: f.write(payload))

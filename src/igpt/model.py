@@ -1,4 +1,4 @@
-"""The Image GPT network (SPEC 3-4), exact to the released weights.
+"""The Image GPT network (docs/reference.md §3-4), exact to the released weights.
 
 A GPT-2-style decoder over colour tokens: gain-only RMS norm, quick GELU, no biases, learned
 positions, a learned start-of-sequence vector, an untied zero-initialised head. One set of
@@ -24,6 +24,7 @@ from igpt.palette import PALETTE_NAME, Palette
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 BERT_MASK_RATE = 0.15
+OBJECTIVES = ("ar", "bert")
 SAVED_EXTRAS = {"model_type"}  # written beside the fields in config.json
 
 PRESETS = {
@@ -61,7 +62,7 @@ class ImageGPTConfig:
             (self.n_layer >= 1, "n_layer must be >= 1"),
             (self.n_head >= 1 and self.n_embd % self.n_head == 0,
              f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"),
-            (self.objective in ("ar", "bert"), f"objective must be 'ar' or 'bert', got {self.objective!r}"),
+            (self.objective in OBJECTIVES, f"objective must be 'ar' or 'bert', got {self.objective!r}"),
             (self.eps > 0, "eps must be > 0"),
             (self.n_classes >= 0, "n_classes must be >= 0"),
         ]
@@ -96,6 +97,21 @@ class ImageGPTConfig:
     def to_dict(self) -> dict:
         return {"model_type": "igpt", **dataclasses.asdict(self)}
 
+    @property
+    def side(self) -> int:
+        """The image side: the context is side x side pixels in raster order."""
+        side = math.isqrt(self.n_ctx)
+        if side * side != self.n_ctx:
+            raise IgptError(f"the context of {self.n_ctx} pixels is not a square image; the image commands need "
+                            "n_ctx = resolution squared")
+        return side
+
+    def check_palette(self, palette: Palette, where: str | os.PathLike) -> None:
+        """The one check that a palette and this model's vocabulary belong together."""
+        if palette.size != self.vocab_size:
+            raise IgptError(f"{where}: the palette has {palette.size} colours but the model's vocabulary is "
+                            f"{self.vocab_size}; use the palette the model was trained with")
+
 
 def num_params(config: ImageGPTConfig) -> int:
     """Parameter count from the configuration alone (no allocation): sizes the big presets."""
@@ -105,73 +121,32 @@ def num_params(config: ImageGPTConfig) -> int:
     return config.n_layer * per_block + (2 * v + config.n_ctx + 2) * d + classifier
 
 
+def bert_mask(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The BERT objective's mask: each position independently with probability 0.15 (docs/reference.md §4)."""
+    device = generator.device if generator is not None else None
+    return torch.rand(shape, generator=generator, device=device) < BERT_MASK_RATE
+
+
+def nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generative loss: summed NLL in nats over the predicted pixels, and their number.
+
+    logits[:, i] predicts tokens[:, i] (the sos shift is inside the model); `mask` (bert)
+    restricts both to the masked positions. Training, evaluation, fine-tuning and the demo's
+    step timing all use this one function; sums (not means) let gradient accumulation and
+    several processes add up to exactly the single-batch mean.
+    """
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none")
+    if mask is None:
+        return per_token.sum(), torch.tensor(per_token.numel(), device=per_token.device)
+    weights = mask.flatten().to(per_token.dtype)
+    return (per_token * weights).sum(), weights.sum()
+
+
 QUICK_GELU = 1.702
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(QUICK_GELU * x)
-
-
-@dataclass
-class DecodeWeights:
-    """The block weights laid out for one-pixel decoding steps, built once per cache.
-
-    A step at a small batch is a chain of tiny operations whose number, not their arithmetic,
-    sets the pace. So each RMS-norm gain is folded into the matrix that reads the normalised
-    vector, quick GELU's 1.702 into the MLP's matrices (it becomes one silu), q/k/v are one
-    matrix, and all are stored (in, out) for torch.mm. Costs one copy of the block weights
-    (in the autocast dtype when autocasting) while the cache lives.
-    """
-
-    blocks: list[tuple[tuple[torch.Tensor, torch.Tensor | None], ...]]  # per block: (qkv, proj, fc, mlp_proj) as (w, b)
-    head: torch.Tensor
-
-    @classmethod
-    @torch.no_grad()
-    def of(cls, model: "ImageGPT", dtype: torch.dtype) -> "DecodeWeights":
-        def pair(weight, bias=None, scale=1.0, gain=None):  # (scale * weight * gain, as (in, out)), scale * bias
-            w = weight.float() * scale * (gain.float() if gain is not None else 1.0)
-            b = bias.float() * scale if bias is not None else None
-            return w.t().contiguous().to(dtype), (b.to(dtype) if b is not None else None)
-
-        blocks = []
-        for block in model.blocks:
-            attn, mlp = block.attn, block.mlp
-            qkv, qkv_bias = attn._stacked()
-            blocks.append((
-                pair(qkv, qkv_bias, gain=block.ln_1.weight),
-                pair(attn.proj.weight, attn.proj.bias),
-                pair(mlp.fc.weight, mlp.fc.bias, scale=QUICK_GELU, gain=block.ln_2.weight),
-                pair(mlp.proj.weight / QUICK_GELU, mlp.proj.bias),
-            ))
-        return cls(blocks, pair(model.head.weight, gain=model.ln_f.weight)[0])
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [w for block in self.blocks for pair in block for w in pair if w is not None] + [self.head]
-
-
-def _affine(x: torch.Tensor, weight_bias: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    weight, bias = weight_bias
-    return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
-
-
-@dataclass
-class KVCache:
-    """Preallocated keys and values, one (batch, heads, n_ctx, head_dim) tensor per layer.
-
-    Separate tensors, not one stacked tensor: a compiled step then writes its column in place
-    instead of copying the whole cache through a view.
-    """
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    weights: DecodeWeights
-    pos: int = 0  # input positions already processed
-    index: torch.Tensor | None = None  # for decode_step: the next position as a tensor, so shapes never change
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every tensor a decoding step reads or writes."""
-        return [*self.k, *self.v, *([self.index] if self.index is not None else []), *self.weights.tensors()]
 
 
 class Attention(nn.Module):
@@ -192,20 +167,11 @@ class Attention(nn.Module):
         b, t, d = x.shape
         return x.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         b, t, d = x.shape
         # One matrix product for q, k and v: three separate weights, one larger (faster) matmul.
         q, k, v = (self._heads(y) for y in F.linear(x, *self._stacked()).split(d, dim=-1))
-        mask = None
-        if cache is not None:
-            start = cache.pos
-            cache.k[layer][:, :, start : start + t] = k
-            cache.v[layer][:, :, start : start + t] = v
-            k, v = cache.k[layer][:, :, : start + t], cache.v[layer][:, :, : start + t]
-            if t > 1 and start > 0:  # a chunk after earlier context: causal within the chunk
-                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
-            causal = causal and t > 1 and start == 0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -227,8 +193,8 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd, eps=config.eps)
         self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        h = h + self.attn(self.ln_1(h), causal, cache, layer)
+    def forward(self, h: torch.Tensor, causal: bool) -> torch.Tensor:
+        h = h + self.attn(self.ln_1(h), causal)
         return h + self.mlp(self.ln_2(h))
 
 
@@ -250,7 +216,7 @@ class ImageGPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The released initialisation (SPEC 3)."""
+        """The released initialisation (docs/reference.md §3.2)."""
         d, n_layer = self.config.n_embd, self.config.n_layer
         nn.init.normal_(self.wte.weight, std=0.02)
         nn.init.normal_(self.wpe, std=0.01)
@@ -294,36 +260,36 @@ class ImageGPT(nn.Module):
             h = block(h, causal)
         return self.ln_f(h)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.hidden(tokens, mask))
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, classes: bool = False):
+        """Logits (B, n, vocab); with `classes`, also the classifier's logits (B, n_classes) from the same pass.
 
-    def loss(
-        self, tokens: torch.Tensor, generator: torch.Generator | None = None, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        One entry point for both, so DDP and FSDP (which hook `forward`) serve fine-tuning too.
+        """
+        hidden = self.hidden(tokens, mask)
+        if not classes:
+            return self.head(hidden)
+        if self.classifier is None:
+            raise IgptError("this model has no classifier head (n_classes is 0)")
+        return self.head(hidden), self.classifier(hidden.mean(1))
+
+    def loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean NLL in nats/token: every position (ar), or the masked positions (bert).
 
         bert draws each position's mask with probability 0.15 from `generator` unless `mask` is
         given; a draw that masks nothing gives a zero loss (no NaN) without a data-dependent branch.
         """
-        if self.config.objective == "ar":
-            logits = self(tokens)
-            return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-        if mask is None:
-            device = generator.device if generator is not None else tokens.device
-            mask = (torch.rand(tokens.shape, generator=generator, device=device) < BERT_MASK_RATE).to(tokens.device)
-        nll = F.cross_entropy(self(tokens, mask).float().flatten(0, 1), tokens.flatten(), reduction="none")
-        weights = mask.flatten().to(nll.dtype)
-        return (nll * weights).sum() / weights.sum().clamp(min=1)
+        if self.config.objective == "bert" and mask is None:
+            mask = bert_mask(tokens.shape, generator).to(tokens.device)
+        total, count = nll(self(tokens, mask), tokens, mask)
+        return total / count.clamp(min=1)
 
     def classify(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(generative logits, class logits from the mean-pooled final norm) from one pass."""
-        if self.classifier is None:
-            raise IgptError("this model has no classifier head (n_classes is 0)")
-        hidden = self.hidden(tokens, mask)
-        return self.head(hidden), self.classifier(hidden.mean(1))
+        return self(tokens, mask, classes=True)
 
     def features(self, tokens: torch.Tensor, layers) -> dict[int, torch.Tensor]:
-        """SPEC 6 probe features from one pass: f_l = mean over positions of norm(h_l).
+        """The probe features of docs/reference.md §6.1 from one pass: f_l = mean over positions of norm(h_l).
 
         h_l is the residual stream after l blocks, normalised by block l+1's first norm
         (what its attention sees); for l = n_layer it is ln_f's output. l runs 0..n_layer.
@@ -344,86 +310,6 @@ class ImageGPT(nn.Module):
             out[self.config.n_layer] = self.ln_f(h).mean(1).float()
         return {l: out[l] for l in wanted}
 
-    # ---- incremental decoding --------------------------------------------------------------------
-    def new_kv_cache(self, batch: int, device=None, dtype=None, weights: DecodeWeights | None = None) -> KVCache:
-        """A zeroed cache for the whole context; dtype defaults to what the keys will be (autocast's or the weights').
-
-        `weights`: another cache's decode weights, for further batches of the same sampling run.
-        """
-        c = self.config
-        shape = (batch, c.n_head, c.n_ctx, c.n_embd // c.n_head)
-        device = torch.device(device) if device is not None else self.wte.weight.device
-        autocasting = torch.is_autocast_enabled(device.type)
-        compute = torch.get_autocast_dtype(device.type) if autocasting else self.wte.weight.dtype
-        def per_layer():
-            return [torch.zeros(shape, device=device, dtype=dtype or compute) for _ in range(c.n_layer)]
-
-        return KVCache(per_layer(), per_layer(), weights or DecodeWeights.of(self, compute))
-
-    def step(self, tokens: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """Feed the next tokens (B, T) (or None at the start) and return logits (B, vocab) for the next pixel.
-
-        The first call also feeds sos, so a prefix of p pixels costs one pass and yields the
-        prediction for pixel p; later calls take the pixels just sampled.
-        """
-        if self.config.objective != "ar":
-            raise IgptError("incremental decoding needs an autoregressive (ar) model")
-        parts = []
-        if cache.pos == 0:
-            b = cache.k[0].shape[0]
-            parts.append(self.sos.expand(b, 1, -1).to(self.wte.weight.dtype))
-        if tokens is not None and tokens.shape[1]:
-            parts.append(self.wte(tokens))
-        if not parts:
-            raise IgptError("step needs tokens once decoding has started")
-        h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        t = h.shape[1]
-        if cache.pos + t > self.config.n_ctx:
-            raise IgptError(f"decoding past the context of {self.config.n_ctx} pixels")
-        h = h + self.wpe[cache.pos : cache.pos + t]
-        if t == 1:
-            logits = self._decode(h[:, 0], cache, index=None)
-        else:
-            for i, block in enumerate(self.blocks):
-                h = block(h, True, cache, i)
-            logits = self.head(self.ln_f(h[:, -1]))
-        cache.pos += t
-        return logits
-
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed one token per row (B,) at position `cache.index` and return logits (B, vocab) for the next.
-
-        Every call has the same shapes (attention spans the whole cache, later positions masked),
-        so `torch.compile` (and CUDA graphs) capture it once for the whole image. The caller
-        advances `cache.index`; the cache must start zeroed (masked entries are multiplied by 0).
-        """
-        return self._decode(self.wte(tokens) + self.wpe.index_select(0, cache.index), cache, cache.index)
-
-    def _decode(self, h: torch.Tensor, cache: KVCache, index: torch.Tensor | None) -> torch.Tensor:
-        """The blocks for one new position per row, h (B, d), through `cache.weights`.
-
-        index None: the position is cache.pos and attention spans the pixels so far; otherwise
-        the position is the tensor `index` and attention spans the whole cache under a mask.
-        """
-        b, d = h.shape
-        heads, eps = self.config.n_head, self.config.eps
-        if index is not None:
-            mask = (torch.arange(self.config.n_ctx, device=h.device) <= index)[None]
-        for i, (qkv, proj, fc, mlp_proj) in enumerate(cache.weights.blocks):
-            q, k, v = _affine(F.rms_norm(h, (d,), eps=eps), qkv).view(b, 3, heads, 1, d // heads).unbind(1)
-            if index is None:
-                end = cache.pos + 1
-                cache.k[i][:, :, cache.pos : end] = k
-                cache.v[i][:, :, cache.pos : end] = v
-                y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :end], cache.v[i][:, :, :end])
-            else:
-                cache.k[i].index_copy_(2, index, k)
-                cache.v[i].index_copy_(2, index, v)
-                y = F.scaled_dot_product_attention(q, cache.k[i], cache.v[i], attn_mask=mask)
-            h = h + _affine(y.view(b, d), proj)
-            h = h + _affine(F.silu(_affine(F.rms_norm(h, (d,), eps=eps), fc)), mlp_proj)
-        return torch.mm(F.rms_norm(h, (d,), eps=eps), cache.weights.head)
-
     # ---- files -----------------------------------------------------------------------------------
     def save_pretrained(
         self, directory: str | os.PathLike, state_dict: dict | None = None, palette: Palette | None = None
@@ -435,7 +321,7 @@ class ImageGPT(nn.Module):
 
         directory = Path(directory)
         if palette is not None:
-            _check_palette(palette, self.config, directory)
+            self.config.check_palette(palette, directory)
         state = state_dict if state_dict is not None else self.state_dict()
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         payload = save(tensors, metadata={"format": "pt"})
@@ -473,7 +359,7 @@ class ImageGPT(nn.Module):
         if palette is None and (directory / PALETTE_NAME).is_file():
             palette = Palette.load(directory / PALETTE_NAME)
         if palette is not None:
-            _check_palette(palette, config, directory)
+            config.check_palette(palette, directory)
         try:
             state = load_file(weights_path, device=str(map_location))
         except (SafetensorError, OSError, ValueError) as err:
@@ -499,9 +385,3 @@ class ImageGPT(nn.Module):
         model.load_state_dict(state, assign=True)
         return model
 
-
-def _check_palette(palette: Palette, config: ImageGPTConfig, directory: Path) -> None:
-    if palette.size != config.vocab_size:
-        raise IgptError(
-            f"{directory}: the palette has {palette.size} colours but the model's vocabulary is {config.vocab_size}"
-        )

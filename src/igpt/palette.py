@@ -1,4 +1,4 @@
-"""The colour palette: pixels <-> tokens (SPEC 2).
+"""The colour palette: pixels <-> tokens (docs/reference.md §2).
 
 A palette is K colour centres in [-1, 1]^3. A pixel's token is the index of its nearest
 centre in squared Euclidean distance, ties going to the lower index. Encoding goes
@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,7 @@ from igpt.fileio import atomic_write, atomic_write_json
 
 HF_CONFIG_NAME = "preprocessor_config.json"
 PALETTE_NAME = "palette.npy"
+OPENAI = "openai"  # the name that stands for the released palette, shipped in igpt/palettes/
 MAX_SIZE = 65535  # tokens are stored as uint16; 65535 marks "not yet computed" in the lookup table
 _UNSET = np.uint16(MAX_SIZE)
 _CHUNK_PIXELS = 1 << 22  # pixels encoded per step: bounds the temporary arrays to a few tens of MB
@@ -117,7 +119,7 @@ class Palette:
 
     @property
     def colors(self) -> np.ndarray:
-        """The centres as uint8 RGB: rint(127.5 * (c + 1)) clipped, as SPEC 2 decodes."""
+        """The centres as uint8 RGB: rint(127.5 * (c + 1)) clipped, as docs/reference.md §2 decodes."""
         return np.clip(np.rint(127.5 * (self.centers.astype(np.float64) + 1.0)), 0, 255).astype(np.uint8)
 
     # ---- pixels <-> tokens ------------------------------------------------------------
@@ -186,6 +188,8 @@ class Palette:
         With no more distinct colours than `clusters`, the palette is those colours.
         """
         log = log or (lambda _msg: None)
+        if clusters < 1 or max_pixels < 1:
+            raise IgptError(f"--clusters and --max-pixels must be positive, got {clusters} and {max_pixels}")
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise IgptError(f"a palette is fitted on uint8 pixels, got {images.dtype}")
@@ -213,7 +217,10 @@ class Palette:
     # ---- files ------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Palette":
-        """From a `.npy`, a Hugging Face `preprocessor_config.json`, or a folder holding either."""
+        """From a `.npy`, a Hugging Face `preprocessor_config.json`, a folder holding either, or the
+        string "openai" for the released palette (a local file of that name is reached as ./openai)."""
+        if isinstance(path, str) and path == OPENAI:
+            return cls.openai()
         path = Path(path)
         if path.is_dir():
             for name in (PALETTE_NAME, HF_CONFIG_NAME):
@@ -264,17 +271,9 @@ class Palette:
 
     @classmethod
     def openai(cls) -> "Palette":
-        """The released 512-colour ImageNet palette (downloaded once, checksum verified)."""
-        from igpt.data import fetch
-
-        return cls.load(fetch(OPENAI_PALETTE))
-
-
-OPENAI_PALETTE = {
-    "url": "https://openaipublic.blob.core.windows.net/image-gpt/color-clusters/kmeans_centers.npy",
-    "filename": "openai_kmeans_centers.npy",
-    "sha256": "c614a3d27f02fd6cf02fbbaf9f02e2431fa202726f3e44750658a85eb226bebd",
-}
+        """The released 512-colour ImageNet palette, shipped inside the package so it needs no network."""
+        with resources.files("igpt").joinpath(f"palettes/{OPENAI}.npz").open("rb") as f, np.load(f) as stored:
+            return cls(stored["centers"])
 
 
 # ---- k-means ------------------------------------------------------------------------------

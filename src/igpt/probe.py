@@ -1,4 +1,4 @@
-"""Linear probes (SPEC 6): how much each layer of a pretrained model knows about the labels.
+"""Linear probes (docs/reference.md §6.1): how much each layer of a pretrained model knows about the labels.
 
 Features of every requested layer come from one forward pass per batch and are written into
 preallocated (N, d) matrices, so memory is bounded by the features, never the activations.
@@ -47,7 +47,7 @@ def extract_features(
     precision: str = "fp32",
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[int, np.ndarray]:
-    """{layer: float32 (N, n_embd)} of SPEC 6 features for every row of `tokens`, one pass per batch.
+    """{layer: float32 (N, n_embd)} of the probe features (docs/reference.md §6.1) for every row of `tokens`, one pass per batch.
 
     BERT-objective models see their input unmasked, as the paper probes them.
     """

@@ -1,4 +1,4 @@
-"""Sampling (SPEC 7): raster-order ancestral sampling with a static key/value cache.
+"""Sampling (docs/reference.md §7): raster-order ancestral sampling through the key/value cache of decoding.py.
 
 The prefix (if any) goes through the model in one pass; each further pixel is one cached
 step whose cost grows with the context so far, never a full forward pass.
@@ -6,13 +6,12 @@ step whose cost grows with the context so far, never a full forward pass.
 
 from __future__ import annotations
 
-import math
-import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from igpt.decoding import Decoder
 from igpt.errors import IgptError
 
 
@@ -89,36 +88,21 @@ def sample(
     chunks, weights = [], None
     for start in range(0, n, batch_size):
         rows = min(batch_size, n - start)
+        decoder = Decoder(model, rows, weights=weights, compile=compile)
+        weights = decoder.weights  # laid out once per call
         head = prefix[start : start + rows] if prefix is not None else None
-        cache = model.new_kv_cache(rows, device=device, weights=weights)  # decode weights laid out once per call
-        weights = cache.weights
-        chunks.append(_sample_batch(model, cache, head, temperature, top_k, top_p, greedy, generator, device, compile))
+        chunks.append(_sample_batch(decoder, head, temperature, top_k, top_p, greedy, generator))
     model.train(was_training)
     return torch.cat(chunks)
 
 
-def _sample_batch(model, cache, prefix, temperature, top_k, top_p, greedy, generator, device, compile) -> torch.Tensor:
-    n_ctx = model.config.n_ctx
-    out = torch.empty(cache.k[0].shape[0], n_ctx, dtype=torch.long, device=device)
+def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, generator) -> torch.Tensor:
+    n_ctx = decoder.model.config.n_ctx
+    out = torch.empty(decoder.cache.batch, n_ctx, dtype=torch.long, device=decoder.cache.k[0].device)
     known = 0 if prefix is None else prefix.shape[1]
     if known:
         out[:, :known] = prefix
-    logits = model.step(out[:, :known] if known else None, cache)  # predictions for pixel `known`
-    if compile:  # static shapes: attention over the whole cache under a mask, one graph for every pixel
-        cache.index = torch.tensor([cache.pos], device=device)
-        _mark_static(cache)
-        compiled = _compiled_decode(model)
-
-        def decode(tokens):
-            if device.type == "cuda":  # a new CUDA-graph step: the last step's logits have been consumed
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = compiled(tokens, cache)
-            cache.index += 1
-            return logits
-    else:  # eager: attention over the pixels so far only, half the work on average
-        def decode(tokens):
-            return model.step(tokens[:, None], cache)
-
+    logits = decoder.feed(out[:, :known] if known else None)  # predictions for pixel `known`
     for pos in range(known, n_ctx):
         if greedy:
             nxt = logits.argmax(-1)
@@ -126,27 +110,8 @@ def _sample_batch(model, cache, prefix, temperature, top_k, top_p, greedy, gener
             nxt = draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1), generator)
         out[:, pos] = nxt
         if pos + 1 < n_ctx:
-            logits = decode(nxt)
+            logits = decoder.feed(nxt[:, None])
     return out
-
-
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _mark_static(cache) -> None:
-    """The cache and its decode weights keep their addresses for the whole image: CUDA graphs may then
-    write the cache in place and read the weights where they lie instead of copying them in every step
-    (a new cache re-records the graph once; nothing recompiles)."""
-    for tensor in cache.tensors():
-        torch._dynamo.mark_static_address(tensor)
-
-
-def _compiled_decode(model):
-    """`model.decode_step` compiled once per model: static shapes, so one graph serves every pixel."""
-    if model not in _COMPILED:
-        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None  # CUDA graphs on GPUs
-        _COMPILED[model] = torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode=mode)
-    return _COMPILED[model]
 
 
 def complete(
@@ -160,7 +125,7 @@ def complete(
 
     Returns tokens (N, samples, n_ctx); the kept rows equal the input's.
     """
-    side = math.isqrt(model.config.n_ctx)
+    side = model.config.side
     if not 0 <= keep_rows <= side:
         raise IgptError(f"--keep-rows must lie in [0, {side}] for {side}x{side} images, got {keep_rows}")
     prefix = tokens[:, : keep_rows * side].repeat_interleave(samples, dim=0)
@@ -171,7 +136,7 @@ def complete(
 def completion_rows(model, palette, originals: np.ndarray, keep_rows: int, samples: int, **options) -> np.ndarray:
     """uint8 (N, samples + 2, R, R, 3): per image the occluded input (grey below the kept rows),
     `samples` completions, and the original."""
-    side = math.isqrt(model.config.n_ctx)
+    side = model.config.side
     device = next(model.parameters()).device
     tokens = torch.from_numpy(palette.encode(originals).astype(np.int64)).to(device)
     completed = complete(model, tokens, keep_rows, samples, **options)

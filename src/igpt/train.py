@@ -1,498 +1,352 @@
-"""Pretraining (SPEC 4-5): the loop around an untouched model.
+"""The training loop: one loop for pretraining and fine-tuning, around an untouched model.
 
-Every random choice of step s (which images, their crops, the BERT mask) is derived from
-(seed, s), never from a stream that must be carried along. So a resumed run, a run with
-gradient accumulation and a run on N processes all see exactly the same global batches,
-and the run folder needs no RNG state to continue bit for bit.
+What differs between the two is a `Task` (pretrain.py, finetune.py): where batches come from,
+how the model is built, what a validation measures and what happens at the end. The loop
+owns the rest: gradient accumulation, clipping, the learning-rate schedule, logging, the
+validation schedule with best-model saving and early stopping, checkpoints (also on Ctrl-C),
+the non-finite stop and DDP/FSDP under torchrun. `train_step` is the one place that steps
+the network's optimizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from igpt import data
+from igpt.batches import Batch, Batches, Prefetcher, Stream, bert_mask, seed_of
 from igpt.checkpoint import RunFolder
-from igpt.distributed import World, all_sum, full_state, init_world, load_full_state, no_sync, on_main, wrap
+from igpt.config import check, differences, option
+from igpt.data import DataConfig
+from igpt.distributed import World, all_sum, close_world, full_state, init_world, load_full_state, no_sync, on_main, wrap
 from igpt.errors import IgptError
-from igpt.model import ImageGPT, ImageGPTConfig
+from igpt.model import ImageGPT, nll
 from igpt.palette import Palette
+from igpt.precision import PRECISIONS, autocast
 
-LN2 = math.log(2.0)
-BERT_MASK_RATE = 0.15
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
 class TrainConfig:
-    """What defines a run. Fields in RUNTIME_FIELDS may change on --resume; the rest may not."""
+    """The loop's settings, shared by pretraining and fine-tuning (whose configs change some defaults).
 
-    data: str = "digits"
-    data_dir: str | None = None
-    resolution: int = 8
-    crop: bool = False
-    augment: bool = False
-    palette: str = "fit"
-    clusters: int = 512
-    model: str = "tiny"
-    overrides: dict = field(default_factory=dict)
-    objective: str = "ar"
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 3e-3
-    warmup: int | None = None
-    steps: int | None = None
-    epochs: float | None = None
-    grad_clip: float = 1.0
-    seed: int = 0
-    precision: str = "fp32"
-    device: str | None = None
-    compile: bool = False
-    fsdp: bool = False
-    skip_bad: bool = False
-    eval_every: int = 100
-    save_every: int = 200
-    sample_every: int = 500
-    eval_batches: int | None = None
+    Fields in RUNTIME_FIELDS may change on --resume; the others define the run.
+    """
+
+    batch_size: int = option(64, "global batch per optimizer step")
+    grad_accum: int = option(1, "micro-batches per step (same result, less memory)")
+    lr: float | None = option(3e-3, "peak learning rate")
+    schedule: str = option("cosine", "learning rate after the warm-up", choices=SCHEDULES)
+    warmup: int | None = option(None, "warm-up steps (default: about one epoch, at most a fifth of the run)")
+    steps: int | None = option(None, "optimizer steps (overrides --epochs)")
+    epochs: float | None = option(None, "passes over the training images when --steps is not given (1 if neither is)")
+    grad_clip: float = option(1.0, "clip the gradient norm to this")
+    seed: int = option(0, "seed of every random stream (batches, crops, masks, initialisation)")
+    precision: str = option("fp32", "fp32 | bf16 (autocast)", choices=PRECISIONS)
+    device: str | None = option(None, "cpu | cuda (default: cuda when available)")
+    compile: bool = option(False, "torch.compile the model")
+    fsdp: bool = option(False, "shard with FSDP2 under torchrun (default: DDP)")
+    eval_every: int | None = option(100, "steps between validations")
+    eval_batches: int | None = option(None, "cap the validation batches")
+    save_every: int | None = option(200, "steps between checkpoints")
+    patience: int | None = option(None, "stop after this many validations without improvement")
 
     def __post_init__(self):
-        checks = [
-            (self.resolution > 0, "--resolution must be positive"),
-            (self.batch_size > 0, "--batch-size must be positive"),
-            (self.grad_accum > 0, "--grad-accum must be positive"),
-            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
-            (self.steps is None or self.steps > 0, "--steps must be positive"),
-            (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
-            (self.steps is None or self.epochs is None, "give --steps or --epochs, not both"),
+        positive = ("batch_size", "grad_accum", "steps", "epochs", "eval_every", "eval_batches", "save_every",
+                    "patience")
+        check([(getattr(self, name) is None or getattr(self, name) > 0,
+                f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}") for name in positive] + [
+            (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "--lr must be a positive number"),
             (self.warmup is None or self.warmup >= 0, "--warmup must be >= 0"),
-            (self.objective in ("ar", "bert"), f"--objective must be ar or bert, got {self.objective!r}"),
-            (self.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.grad_clip > 0, "--grad-clip must be positive"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.precision in PRECISIONS, f"--precision must be fp32 or bf16, got {self.precision!r}"),
             (self.batch_size % self.grad_accum == 0, "--batch-size must be divisible by --grad-accum"),
-            (min(self.eval_every, self.save_every, self.sample_every) > 0, "intervals must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise IgptError(message)
+        ])
 
 
-RUNTIME_FIELDS = {"device", "compile", "fsdp", "eval_every", "save_every", "sample_every", "eval_batches", "skip_bad"}
+def inherited(cls: type, name: str, default, help: str | None = None):
+    """Field `name` of `cls` with another default (and help): a subclass's own default, written once."""
+    metadata = dict(cls.__dataclass_fields__[name].metadata)
+    if help is not None:
+        metadata["help"] = help
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def config_differences(saved: dict, now: TrainConfig) -> list[str]:
-    current = dataclasses.asdict(now)
-    return [
-        f"{name} {saved.get(name)!r} (run) vs {current[name]!r} (now)"
-        for name in current
-        if name not in RUNTIME_FIELDS and saved.get(name) != current[name]
-    ]
+RUNTIME_FIELDS = {"device", "compile", "fsdp", "eval_every", "eval_batches", "save_every", "sample_every",
+                  "skip_bad"}
 
 
-# ---- learning rate --------------------------------------------------------------------------
-def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
-    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 at `total` (SPEC 5)."""
+def learning_rate(step: int, base: float, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warm-up from 0 over `warmup` steps, then constant or cosine decay to 0 at `total` (docs/reference.md §5)."""
     if step < warmup:
         return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ---- batches ---------------------------------------------------------------------------------
-def step_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+def make_optimizer(parameters, lr: float, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW with the paper's betas and no weight decay (docs/reference.md §5).
 
-
-class Batches:
-    """The global batch of any step, as tokens, from the tokenised cache or augmented pixels."""
-
-    def __init__(self, size: int, seed: int, tokens=None, pixels=None, palette=None, resolution=None):
-        self.source = tokens if tokens is not None else pixels
-        self.tokens, self.pixels, self.palette, self.resolution = tokens, pixels, palette, resolution
-        self.size, self.seed = size, seed
-        if len(self.source) < size:
-            raise IgptError(f"--batch-size {size} exceeds the {len(self.source)} training images; lower it")
-        self.per_epoch = len(self.source) // size
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def indices(self, step: int) -> np.ndarray:
-        epoch, i = divmod(step, self.per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng(step_seed(self.seed, epoch)).permutation(len(self.source)))
-        return np.sort(self._order[1][i * self.size : (i + 1) * self.size])
-
-    def __call__(self, step: int) -> torch.Tensor:
-        idx = self.indices(step)
-        if self.tokens is not None:
-            return torch.from_numpy(self.tokens[idx].astype(np.int64))
-        rng = np.random.default_rng(step_seed(self.seed, step, 1))
-        crops = data.random_resized_crop(self.pixels[idx], self.resolution, rng)
-        return torch.from_numpy(self.palette.encode(crops).astype(np.int64))
-
-
-class Prefetcher:
-    """Builds the next steps' batches in a background thread so the model never waits for data."""
-
-    def __init__(self, batches: Batches, start: int, stop: int, depth: int = 3):
-        self.queue: Queue = Queue(maxsize=depth)
-        self.thread = threading.Thread(target=self._run, args=(batches, start, stop), daemon=True)
-        self.thread.start()
-
-    def _run(self, batches, start, stop):
-        try:
-            for step in range(start, stop):
-                self.queue.put((step, batches(step)))
-        except BaseException as err:  # surfaced in the training thread
-            self.queue.put((None, err))
-
-    def get(self) -> tuple[int, torch.Tensor]:
-        step, item = self.queue.get()
-        if step is None:
-            raise item
-        return step, item
-
-
-# ---- loss ---------------------------------------------------------------------------------
-def bert_mask(shape: tuple[int, int], seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=gen) < BERT_MASK_RATE
-
-
-def nll_sum(model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Summed next-pixel (AR) or masked-pixel (BERT) negative log-likelihood, in nats."""
-    logits = model(tokens, mask=mask) if mask is not None else model(tokens)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none")
-    return nll.sum() if mask is None else (nll * mask.flatten()).sum()
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether bf16 matrix products run in hardware here; elsewhere PyTorch emulates them, far slower than fp32.
-
-    CPUs need AVX-512 BF16 or AMX (an AVX2-only EPYC measured 0.3 GFLOP/s in bf16 against
-    124 in fp32); CUDA devices need compute capability 8.0 or later.
+    Fused: one kernel for all parameters, several times faster than the per-tensor loop on
+    CPUs. FSDP's sharded parameters keep the default implementation.
     """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return True
+    return torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
 
 
-def precision_warning(device: torch.device, precision: str) -> str | None:
-    """One line for users who ask for bf16 where it is emulated, or None."""
-    if precision != "bf16" or bf16_native(device):
-        return None
-    missing = "AVX-512 BF16 or AMX" if device.type == "cpu" else "compute capability 8.0"
-    return (f"warning: this {device.type.upper()} has no native bf16 (no {missing}), so bf16 runs emulated "
-            "and far slower than fp32; use --precision fp32")
+class NonFiniteLoss(Exception):
+    pass
 
 
-@torch.no_grad()
-def evaluate(
-    model: ImageGPT,
-    tokens: np.ndarray,
-    *,
-    objective: str,
-    batch_size: int = 64,
-    precision: str = "fp32",
-    world: World | None = None,
-    max_batches: int | None = None,
-    seed: int = 0,
-) -> tuple[float, int]:
-    """Mean NLL in nats per token over every image of `tokens` (or the first `max_batches` batches).
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, *, world: World,
+               grad_accum: int = 1, precision: str = "fp32", grad_clip: float = 1.0, gen_weight: float = 1.0,
+               mask: torch.Tensor | None = None) -> dict[str, float]:
+    """One optimizer step over a global batch: the loss is gen_weight * L_GEN (+ L_CLF with labels).
 
-    BERT masks are drawn from a fixed seed per batch, so the number is reproducible.
+    Each process takes its share of each of `grad_accum` micro-batches. The losses are sums
+    divided by the global batch's counts, so accumulation and processes add up to exactly the
+    single-batch mean. `mask` (bert) covers the global batch. Raises NonFiniteLoss before
+    the optimizer sees a non-finite gradient.
     """
-    world = world or World(device=next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    n = len(tokens) if max_batches is None else min(len(tokens), max_batches * batch_size)
-    total = torch.zeros(2, dtype=torch.float64)
-    for b, start in enumerate(range(world.rank * batch_size, n, batch_size * world.size)):
-        batch = torch.from_numpy(tokens[start : min(start + batch_size, n)].astype(np.int64)).to(world.device)
-        mask = bert_mask(tuple(batch.shape), step_seed(seed, b, world.rank)).to(world.device) if objective == "bert" else None
-        with autocast(world.device, precision):
-            loss = nll_sum(model, batch, mask)
-        total += torch.tensor([float(loss), float(batch.numel() if mask is None else mask.sum())], dtype=torch.float64)
-    total = all_sum(total.to(world.device), world).cpu()
-    model.train(was_training)
-    return float(total[0] / total[1].clamp(min=1)), int(total[1])
+    size, n_ctx = batch.tokens.shape
+    counts = (float(mask.sum()) if mask is not None else float(size * n_ctx), float(size))
+    micro = size // grad_accum
+    share = micro // world.size
+    sums = torch.zeros(2, dtype=torch.float64)
+    for j in range(grad_accum):
+        rows = slice(j * micro + world.rank * share, j * micro + (world.rank + 1) * share)
+        part = batch.rows(rows).to(world.device)
+        part_mask = mask[rows].to(world.device) if mask is not None else None
+        with no_sync(model, j < grad_accum - 1), autocast(world.device, precision):
+            if part.labels is None:
+                logits, clf = model(part.tokens, part_mask), torch.zeros((), device=world.device)
+            else:
+                logits, class_logits = model(part.tokens, part_mask, classes=True)
+                clf = F.cross_entropy(class_logits.float(), part.labels, reduction="sum")
+            gen = nll(logits, part.tokens, part_mask)[0] if gen_weight else torch.zeros((), device=world.device)
+            loss = gen_weight * gen / max(1.0, counts[0]) + clf / counts[1]
+            (loss * world.size).backward()  # DDP averages gradients over processes; the counts are global
+        sums += torch.stack([gen.detach().double().cpu(), clf.detach().double().cpu()])
+    gen_loss, clf_loss = (all_sum(sums.to(world.device), world).cpu() / torch.tensor(counts).clamp(min=1)).tolist()
+    loss = gen_weight * gen_loss + clf_loss
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    terms = {"loss": loss}
+    if batch.labels is not None:
+        terms["clf_loss"] = clf_loss
+        if gen_weight:
+            terms["gen_loss"] = gen_loss
+    return terms
 
 
-def unigram_nats(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab: int) -> float:
-    """Cross-entropy of the palette-frequency (unigram) model of the training split, add-one smoothed."""
-    counts = np.ones(vocab, dtype=np.float64)
-    for start in range(0, len(train_tokens), 4096):
-        counts += np.bincount(train_tokens[start : start + 4096].ravel(), minlength=vocab)[:vocab]
-    logp = np.log(counts / counts.sum())
-    seen = np.zeros(vocab, dtype=np.float64)
-    for start in range(0, len(eval_tokens), 4096):
-        seen += np.bincount(eval_tokens[start : start + 4096].ravel(), minlength=vocab)[:vocab]
-    return float(-(seen * logp).sum() / max(1.0, seen.sum()))
+class Task:
+    """What a kind of training plugs into the loop (see Pretraining and Finetuning).
 
+    `prepare` runs once the run folder is locked and sets `palette`, `model` (on the CPU,
+    unwrapped) and `batches`; the rest are hooks.
+    """
 
-# ---- the run ---------------------------------------------------------------------------------
-def resolve_palette(cfg: TrainConfig, log) -> Palette:
-    if cfg.palette == "openai":
-        return Palette.openai()
-    if cfg.palette == "fit":
-        pixels = data.load(cfg.data, "train", cfg.resolution, **_data_kwargs(cfg)).images
-        return Palette.fit(pixels, clusters=cfg.clusters, seed=cfg.seed, log=log)
-    return Palette.load(cfg.palette)
+    kind: str
+    cfg: TrainConfig
+    data: DataConfig
+    palette: Palette
+    model: ImageGPT
+    batches: Batches
+    score_name = "val_loss"  # what `validate` returns as its score
+    higher_is_better = False
+    gen_weight = 1.0
 
+    def prepare(self, folder: RunFolder, resume: bool, world: World, log) -> None:
+        raise NotImplementedError
 
-def _data_kwargs(cfg: TrainConfig) -> dict:
-    return dict(data_dir=cfg.data_dir, crop=cfg.crop, skip_bad=cfg.skip_bad)
+    def record(self) -> dict:
+        """What run.json says about the run besides its progress: kind, data, settings."""
+        return {"kind": self.kind, "data": dataclasses.asdict(self.data), "config": dataclasses.asdict(self.cfg)}
 
+    def differences(self, saved: dict) -> list[str]:
+        """How this command differs from the saved run in what defines a run (empty: it may resume)."""
+        now = self.record()
+        return [*differences(saved.get("data") or {}, now["data"], RUNTIME_FIELDS),
+                *differences(saved.get("config") or {}, now["config"], RUNTIME_FIELDS),
+                *differences(saved, {k: v for k, v in now.items() if k not in ("data", "config")})]
 
-def _augment_source(cfg: TrainConfig) -> np.ndarray:
-    """Pixels to crop from: the native size when uniform, else twice the input resolution."""
-    try:
-        native = data.load(cfg.data, "train", None, **_data_kwargs(cfg))
-        if native.resolution >= cfg.resolution:
-            return native.images
-    except IgptError:
-        pass
-    return data.load(cfg.data, "train", 2 * cfg.resolution, **_data_kwargs(cfg)).images
+    def validate(self, model: torch.nn.Module, world: World) -> dict[str, float]:
+        """Metrics to log; the one named `score_name` decides the best model and early stopping."""
+        raise NotImplementedError
+
+    def after_step(self, trainer: "Trainer", step: int, last: bool) -> None:
+        """Anything else to do after step `step` (sample grids, say)."""
+
+    def finish(self, trainer: "Trainer", summary: dict) -> dict:
+        """The run's result, once the loop has ended (not on an interruption)."""
+        return summary
 
 
 class Trainer:
-    """One pretraining run writing into a run folder; `run()` trains to the end."""
+    """One run of `task` in the run folder `out`; `run()` trains to the end (or to early stopping)."""
 
-    def __init__(self, cfg: TrainConfig, out: str | Path, resume: bool = False, log=print, progress: bool = True):
-        self.cfg, self.log, self.progress = cfg, log, progress
+    def __init__(self, task: Task, out: str | Path, *, resume: bool = False, log=print, progress: bool = True):
+        self.task, self.cfg, self.log, self.progress = task, task.cfg, log, progress
+        cfg = self.cfg
         self.world = init_world(cfg.device)
-        ImageGPTConfig.from_preset(cfg.model, **cfg.overrides)  # a bad preset or override fails before any file
         self.folder = RunFolder(out)
-        on_main(self.world, lambda: self.folder.prepare(resume=resume, config=cfg, differences=config_differences))
+        on_main(self.world, lambda: self.folder.prepare(resume=resume, config=task, differences=_differences))
         try:
-            self._setup(cfg, resume, log)
+            task.prepare(self.folder, resume, self.world, log)
+            self.total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(task.batches.tokens) / cfg.batch_size))
+            per_epoch = task.batches.per_epoch
+            self.warmup = cfg.warmup if cfg.warmup is not None else min(per_epoch, self.total // 5)
+            self.eval_every = cfg.eval_every or per_epoch
+            self.save_every = cfg.save_every or self.eval_every
+            micro = cfg.batch_size // cfg.grad_accum
+            if micro % self.world.size:
+                raise IgptError(f"the micro-batch ({micro} = batch {cfg.batch_size} / accum {cfg.grad_accum}) must "
+                                f"split evenly over {self.world.size} processes")
+            self.micro = micro
+            self.model = task.model.to(self.world.device)
+            self.engine = wrap(self.model, self.world, cfg.fsdp)  # before the optimizer: FSDP swaps in sharded parameters
+            self.optimizer = make_optimizer(self.engine.parameters(), cfg.lr, fused=not cfg.fsdp)
+            self.start, self.best, self.stale, self.finished = 0, None, 0, False
+            if resume:
+                state = self.folder.train_state()
+                self.start, self.best = state["step"], state.get("best", state.get("best_val"))
+                self.stale, self.finished = state.get("stale", 0), state.get("finished", False)
+                load_full_state(self.engine, self.optimizer, state["model"], state["optimizer"])
+            self.step_fn = torch.compile(self.engine) if cfg.compile else self.engine
         except BaseException:
             if self.world.is_main:
                 self.folder.discard_if_empty()
+            self.close()
             raise
-
-    def _setup(self, cfg: TrainConfig, resume: bool, log) -> None:
-        torch.manual_seed(cfg.seed)
-        kwargs = _data_kwargs(cfg)
-
-        def first_palette_and_caches() -> Palette:
-            palette = self.folder.palette() if resume else resolve_palette(cfg, log)
-            for split in ("train", "val"):
-                data.load_tokens(cfg.data, split, cfg.resolution, palette, **kwargs)
-            return palette
-
-        self.palette = on_main(self.world, first_palette_and_caches)
-        train = data.load_tokens(cfg.data, "train", cfg.resolution, self.palette, **kwargs)
-        self.val = data.load_tokens(cfg.data, "val", cfg.resolution, self.palette, **kwargs)
-        self.train_tokens = train.tokens
-        if cfg.augment:
-            self.batches = Batches(cfg.batch_size, cfg.seed, pixels=_augment_source(cfg), palette=self.palette,
-                                   resolution=cfg.resolution)
-        else:
-            self.batches = Batches(cfg.batch_size, cfg.seed, tokens=train.tokens)
-        if cfg.steps is not None:
-            self.total = cfg.steps
-        else:
-            self.total = max(1, math.ceil((cfg.epochs or 1.0) * len(train) / cfg.batch_size))
-        self.warmup = cfg.warmup if cfg.warmup is not None else min(self.batches.per_epoch, self.total // 5)
-        self.micro = cfg.batch_size // cfg.grad_accum
-        if self.micro % self.world.size:
-            raise IgptError(
-                f"the micro-batch ({self.micro} = batch {cfg.batch_size} / accum {cfg.grad_accum}) must split "
-                f"evenly over {self.world.size} processes"
-            )
-        self.model_config = ImageGPTConfig.from_preset(
-            cfg.model,
-            **{"vocab_size": self.palette.size, "n_ctx": cfg.resolution**2, "objective": cfg.objective, **cfg.overrides},
-        )
-        if self.model_config.vocab_size != self.palette.size or self.model_config.n_ctx != cfg.resolution**2:
-            raise IgptError("vocab_size and n_ctx follow the palette and --resolution; do not override them")
-        self.model = ImageGPT(self.model_config).to(self.world.device)
-        self.engine = wrap(self.model, self.world, cfg.fsdp)  # before the optimizer: FSDP swaps in sharded parameters
-        # Fused AdamW: one kernel for all parameters, ~7x faster than the per-tensor loop on CPUs
-        # (a 2% share of a bf16 step). FSDP's sharded parameters keep the default implementation.
-        self.optimizer = torch.optim.AdamW(self.engine.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0,
-                                           fused=not cfg.fsdp)
-        self.start, self.best_val = 0, math.inf
-        if resume:
-            state = self.folder.train_state()
-            self.start, self.best_val = state["step"], state["best_val"]
-            load_full_state(self.engine, self.optimizer, state["model"], state["optimizer"])
-        self.step_fn = torch.compile(self.engine) if cfg.compile else self.engine
         self._stop = False
 
-    # -- helpers
+    def close(self) -> None:
+        """Release the run folder (its lock and writers) and the process group."""
+        if self.world.is_main:
+            self.folder.close()
+        close_world(self.world)
+
+    # -- pieces of the loop
+    def _improved(self, score: float) -> bool:
+        if self.best is None:
+            return True
+        return score > self.best if self.task.higher_is_better else score < self.best
+
     def _save(self, step: int) -> None:
         model_state, optimizer_state = full_state(self.engine, self.optimizer)
         if self.world.is_main:
-            self.folder.save(self.model, self.palette, self.cfg, model_state, optimizer_state, step, self.best_val)
+            state = {"step": step, "best": self.best, "stale": self.stale, "finished": self.finished,
+                     "model": model_state, "optimizer": optimizer_state}
+            run = {**self.task.record(), "step": step, f"best_{self.task.score_name}": self.best}
+            self.folder.save(self.model, self.task.palette, run, state)
 
-    def _validate(self, step: int) -> float:
-        loss, _ = evaluate(
-            self.engine, self.val.tokens, objective=self.cfg.objective, batch_size=self.micro,
-            precision=self.cfg.precision, world=self.world, max_batches=self.cfg.eval_batches,
-        )
+    def _validate(self, step: int) -> str:
+        metrics = self.task.validate(self.engine, self.world)
+        score = metrics[self.task.score_name]
         if self.world.is_main:
-            self.folder.log_metrics({"step": step, "val_loss": loss, "val_bits_per_pixel": loss / LN2})
-        if loss < self.best_val:
-            self.best_val = loss
+            self.folder.log_metrics({"step": step, **metrics})
+        if self._improved(score):
+            self.best, self.stale = score, 0
             model_state, _ = full_state(self.engine, None)  # a collective under FSDP
             if self.world.is_main:
-                self.folder.save_best(self.model, self.palette, model_state)
-        return loss
-
-    def _sample_grid(self, step: int) -> None:
-        if not self.world.is_main or self.cfg.objective != "ar" or (self.cfg.fsdp and self.world.distributed):
-            return
-        from igpt.sample import sample, save_grid
-
-        gen = torch.Generator(device=self.world.device).manual_seed(self.cfg.seed)
-        with autocast(self.world.device, self.cfg.precision):
-            tokens = sample(self.model, 16, generator=gen)
-        images = self.palette.decode(tokens.cpu().numpy())
-        save_grid(images, self.folder.path / "samples" / f"step_{step:07d}.png")
+                self.folder.save_best(self.model, self.task.palette, model_state)
+        else:
+            self.stale += 1
+        return f"step {step}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
     def _on_sigint(self, *_):
         self._stop = True
 
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor(float(self._stop))
+        return bool(all_sum(flag.to(self.world.device), self.world) > 0)
+
     # -- the loop
     def run(self) -> dict:
-        cfg, world = self.cfg, self.world
+        """Train from the last checkpoint to the end; returns the task's result. Releases the folder."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
+        cfg, world, task = self.cfg, self.world, self.task
         self.folder.trim_metrics(self.start)
-        if self.start >= self.total:
+        if self.finished or self.start >= self.total:
             self.log(f"run already complete at step {self.start}")
-            return {"step": self.start, "best_val_loss": self.best_val}
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if threading.current_thread() is threading.main_thread() else None
-        prefetch = Prefetcher(self.batches, self.start, self.total)
+            return {"step": self.start, f"best_{task.score_name}": self.best}
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
+        prefetch = Prefetcher(task.batches, self.start, self.total)
+        bert = self.model.config.objective == "bert" and task.gen_weight > 0
         bar = None
         if world.is_main and self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.total, initial=self.start, desc="train", unit="step", dynamic_ncols=True)
-        n_ctx = self.model_config.n_ctx
-        loss_value = math.nan
+            bar = tqdm(total=self.total, initial=self.start, desc=task.kind, unit="step", dynamic_ncols=True)
+        say = bar.write if bar is not None else self.log
+        terms, done, interrupted = {}, self.start, False
         try:
             for step in range(self.start, self.total):
                 t0 = time.perf_counter()
                 _, batch = prefetch.get()
-                lr = learning_rate(step, cfg.lr, self.warmup, self.total)
+                lr = learning_rate(step, cfg.lr, self.warmup, self.total, cfg.schedule)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                masks = [None] * cfg.grad_accum
-                if cfg.objective == "bert":
-                    masks = [bert_mask((self.micro, n_ctx), step_seed(cfg.seed, step, j, 2)) for j in range(cfg.grad_accum)]
-                count = sum(self.micro * n_ctx if m is None else max(1, int(m.sum())) for m in masks)
-                total = torch.zeros((), dtype=torch.float64)
-                share = self.micro // world.size
-                rows = slice(world.rank * share, (world.rank + 1) * share)
-                for j in range(cfg.grad_accum):
-                    x = batch[j * self.micro : (j + 1) * self.micro][rows].to(world.device, non_blocking=True)
-                    mask = masks[j][rows].to(world.device) if masks[j] is not None else None
-                    with no_sync(self.engine, j < cfg.grad_accum - 1), autocast(world.device, cfg.precision):
-                        summed = nll_sum(self.step_fn, x, mask)
-                        (summed * (world.size / count)).backward()
-                    total += summed.detach().double().cpu()
-                loss_value = float(all_sum(total.to(world.device), world)) / count
-                if not math.isfinite(loss_value):
+                mask = bert_mask(tuple(batch.tokens.shape), seed_of(cfg.seed, Stream.BERT_MASK, step)) if bert else None
+                try:
+                    terms = train_step(self.step_fn, self.optimizer, batch, world=world, grad_accum=cfg.grad_accum,
+                                       precision=cfg.precision, grad_clip=cfg.grad_clip, gen_weight=task.gen_weight,
+                                       mask=mask)
+                except NonFiniteLoss:
                     raise IgptError(
                         f"the loss became non-finite at step {step + 1}; the last good checkpoint "
-                        f"(step {self.folder.saved_step()}) is kept: lower --lr or use --precision fp32"
-                    )
-                torch.nn.utils.clip_grad_norm_(self.engine.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                        f"(step {self.folder.saved_step()}) is kept: lower --lr or use --precision fp32") from None
                 done = step + 1
-                elapsed = time.perf_counter() - t0
-                tokens_per_s = cfg.batch_size * n_ctx / elapsed
+                tokens_per_s = batch.tokens.numel() / (time.perf_counter() - t0)
                 if world.is_main:
-                    self.folder.log_metrics({"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s})
+                    self.folder.log_metrics({"step": done, **terms, "lr": lr, "tokens_per_s": tokens_per_s})
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                    bar.set_postfix(loss=f"{terms['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 last = done == self.total
-                if done % cfg.eval_every == 0 or last:
-                    val = self._validate(done)
-                    if bar is not None:
-                        bar.write(f"step {done}: val {val:.4f} nats/token, {val / LN2:.3f} bits/pixel")
-                if done % cfg.sample_every == 0 or last:
-                    self._sample_grid(done)
-                stop = self._stop_requested()
-                if done % cfg.save_every == 0 or last or stop:
+                if done % self.eval_every == 0 or last:
+                    say(self._validate(done))
+                    if cfg.patience is not None and self.stale >= cfg.patience and not last:
+                        say(f"early stop: no better {task.score_name} for {self.stale} validations")
+                        last = True
+                task.after_step(self, done, last)
+                interrupted = self._stop_requested()
+                self.finished = last
+                if done % self.save_every == 0 or last or interrupted:
                     self._save(done)
-                if stop:
+                if interrupted:
                     self.log(f"interrupted: checkpoint saved at step {done}; continue with --resume")
+                    break
+                if last:
                     break
         finally:
             if bar is not None:
                 bar.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        return {"step": done, "loss": loss_value, "best_val_loss": self.best_val}
-
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor(float(self._stop))
-        return bool(all_sum(flag.to(self.world.device), self.world) > 0)
+        summary = {"step": done, "loss": terms.get("loss", math.nan), f"best_{task.score_name}": self.best}
+        return summary if interrupted else task.finish(self, summary)
 
 
-def evaluate_split(model: ImageGPT, palette: Palette, spec: str, split: str = "test", *, batch_size: int = 64,
-                   precision: str = "fp32", **data_kwargs) -> dict:
-    """Exact loss of `model` on a whole split, with the uniform and unigram (palette-frequency) baselines."""
-    resolution = math.isqrt(model.config.n_ctx)
-    tokens = data.load_tokens(spec, split, resolution, palette, **data_kwargs)
-    nats, n_tokens = evaluate(model, tokens.tokens, objective=model.config.objective, batch_size=batch_size,
-                              precision=precision)
-    train = data.load_tokens(spec, "train", resolution, palette, **data_kwargs)
-    unigram = unigram_nats(train.tokens, tokens.tokens, palette.size)
-    return {
-        "nats_per_token": nats, "bits_per_pixel": nats / LN2, "n_images": len(tokens), "n_tokens": n_tokens,
-        "objective": model.config.objective, "split": split,
-        "baselines": {"uniform_bits_per_pixel": math.log2(palette.size), "unigram_bits_per_pixel": unigram / LN2},
-    }
-
-
-def run_data(run: dict, data_spec: str | None = None, data_dir: str | None = None, crop: bool = False,
-             skip_bad: bool = False) -> tuple[str, dict]:
-    """The data set a later command reads (default: the run's own) and the options that reproduce its splits.
-
-    Held-out splits always use the data's own fixed seed, never the run's, so every command
-    (and every run) sees the same train/val/test partition.
-    """
-    train_cfg = run.get("train", {})
-    spec = data_spec or run.get("data") or train_cfg.get("data")
-    if spec is None:
-        raise IgptError("this checkpoint does not record its data set: pass --data")
-    return spec, dict(data_dir=data_dir or train_cfg.get("data_dir"), crop=crop or train_cfg.get("crop", False),
-                      skip_bad=skip_bad)
-
-
-def load_run(path: str | Path, device: str | None = None) -> tuple[ImageGPT, Palette, dict]:
-    """A trained (or imported) model, its palette and its run configuration, from a run folder."""
-    folder = RunFolder(path)
-    model = ImageGPT.from_pretrained(folder.path)
-    side = math.isqrt(model.config.n_ctx)
-    if side * side != model.config.n_ctx:
-        raise IgptError(f"{folder.path}: the context of {model.config.n_ctx} pixels is not a square image; "
-                        "the image commands need n_ctx = resolution squared")
-    palette = folder.palette()
-    if palette.size != model.config.vocab_size:
-        raise IgptError(
-            f"{folder.path}: the palette has {palette.size} colours but the model's vocabulary is "
-            f"{model.config.vocab_size}; the folder mixes files from different runs"
-        )
-    run = json.loads((folder.path / "run.json").read_text()) if (folder.path / "run.json").is_file() else {}
-    from igpt.distributed import resolve_device
-
-    return model.to(resolve_device(device)), palette, run
+def _differences(saved: dict, task: Task) -> list[str]:
+    return task.differences(saved)

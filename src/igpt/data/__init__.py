@@ -8,6 +8,7 @@ where the source has no `val` (or `test`), a seeded 10% of train is held out for
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from igpt.data.cache import build_entry, entry_key, read_entry
 from igpt.data.folders import FileSplit, load_path
 from igpt.data.images import decode, fit_to
 from igpt.data.sources import NAMED, Native, Split, fetch
+from igpt.config import check, option
 from igpt.errors import IgptError
 
 DATASETS = tuple(NAMED)
@@ -27,7 +29,8 @@ SPLITS = ("train", "val", "test")
 HOLD_OUT = 0.1
 _PARALLEL_FILES = 2000  # decode in worker processes above this many files
 
-__all__ = ["DATASETS", "ImageSet", "TokenSet", "fetch", "load", "load_tokens", "pad_crop_flip", "random_resized_crop"]
+__all__ = ["DATASETS", "DataConfig", "ImageSet", "TokenSet", "fetch", "load", "load_tokens", "pad_crop_flip",
+           "random_resized_crop"]
 
 
 @dataclass
@@ -62,6 +65,40 @@ class TokenSet:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images a run reads and how: one description shared by every command and stored in run.json.
+
+    Later commands (eval, probe, finetune, sample, complete) read the run's description and
+    change only what they are told; the resolution then follows the model.
+    """
+
+    name: str = option("digits", "digits | mnist | fashion-mnist | cifar10 | cifar100 | an image folder, "
+                       ".tar/.tar.gz/.zip of one, or a .npz", flag="--data")
+    data_dir: str | None = option(None, "folder holding existing copies of a named data set")
+    crop: bool = option(False, "centre-crop images to square before resizing")
+    skip_bad: bool = option(False, "skip (and count) corrupt images instead of stopping")
+    resolution: int = option(8, "input resolution: images are resized to R x R")
+
+    def __post_init__(self):
+        check([(self.resolution > 0, f"--resolution must be positive, got {self.resolution}")])
+
+    def replace(self, **changes) -> "DataConfig":
+        return dataclasses.replace(self, **changes)
+
+    def images(self, split: str, *, require_labels: bool = False, native: bool = False,
+               resolution: int | None = None) -> ImageSet:
+        """One split's pixels at the configured resolution (`resolution` to override, `native` for the stored size)."""
+        size = None if native else (resolution or self.resolution)
+        return load(self.name, split, size, data_dir=self.data_dir, crop=self.crop, skip_bad=self.skip_bad,
+                    require_labels=require_labels)
+
+    def tokens(self, split: str, palette, *, require_labels: bool = False) -> TokenSet:
+        """One split encoded through `palette`."""
+        return load_tokens(self.name, split, self.resolution, palette, data_dir=self.data_dir, crop=self.crop,
+                           skip_bad=self.skip_bad, require_labels=require_labels)
 
 
 def open_source(spec: str, data_dir: str | os.PathLike | None = None) -> Native:

@@ -1,7 +1,7 @@
 """Augmentation on uint8 pixels, before encoding, one call per batch.
 
-Pretraining uses random resized crops (SPEC 5); fine-tuning uses reflect-pad-4, random crop
-and horizontal flip (SPEC 6). Both take a numpy Generator, so a step's augmentation is a
+Pretraining uses random resized crops (docs/reference.md §5); fine-tuning uses reflect-pad-4, random crop
+and horizontal flip (docs/reference.md §6.2). Both take a numpy Generator, so a step's augmentation is a
 function of its seed alone.
 """
 

@@ -1,0 +1,213 @@
+"""Incremental decoding: the key/value cache, the decode weights and the cached passes.
+
+The model's training path knows nothing of caches. Here a `Decoder` feeds a prefix in one
+pass and then one pixel per step, each step attending over the keys and values stored so
+far instead of recomputing the whole sequence. Two forms of the one-pixel step exist:
+
+- eager: attention over the pixels so far only (half the work on average; fastest on CPUs);
+- static: attention over the whole cache under a position mask, so every step has the same
+  shapes and `torch.compile` (CUDA graphs on GPUs) captures one graph for the whole image.
+
+The cache owns its position; only `KVCache.advance` moves it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from igpt.errors import IgptError
+from igpt.model import QUICK_GELU, ImageGPT
+
+Affine = tuple[torch.Tensor, torch.Tensor | None]  # a weight laid out (in, out) and its bias
+
+
+@dataclass
+class DecodeWeights:
+    """The block weights laid out for decoding steps, built once per sampling call.
+
+    A step at a small batch is a chain of tiny operations whose number, not their arithmetic,
+    sets the pace. So each RMS-norm gain is folded into the matrix that reads the normalised
+    vector, quick GELU's 1.702 into the MLP's matrices (it becomes one silu), q/k/v are one
+    matrix, and all are stored (in, out) for torch.mm. Costs one copy of the block weights
+    (in the autocast dtype when autocasting) while it lives.
+    """
+
+    blocks: list[tuple[Affine, Affine, Affine, Affine]]  # per block: qkv, attention output, fc, mlp output
+    head: torch.Tensor
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: ImageGPT, dtype: torch.dtype) -> "DecodeWeights":
+        def affine(weight, bias=None, scale=1.0, gain=None) -> Affine:
+            w = weight.float() * scale * (gain.float() if gain is not None else 1.0)
+            b = bias.float() * scale if bias is not None else None
+            return w.t().contiguous().to(dtype), (b.to(dtype) if b is not None else None)
+
+        blocks = []
+        for block in model.blocks:
+            attn, mlp = block.attn, block.mlp
+            qkv, qkv_bias = attn._stacked()
+            blocks.append((
+                affine(qkv, qkv_bias, gain=block.ln_1.weight),
+                affine(attn.proj.weight, attn.proj.bias),
+                affine(mlp.fc.weight, mlp.fc.bias, scale=QUICK_GELU, gain=block.ln_2.weight),
+                affine(mlp.proj.weight / QUICK_GELU, mlp.proj.bias),
+            ))
+        return cls(blocks, affine(model.head.weight, gain=model.ln_f.weight)[0])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [w for block in self.blocks for pair in block for w in pair if w is not None] + [self.head]
+
+
+def _affine(x: torch.Tensor, weight_bias: Affine) -> torch.Tensor:
+    weight, bias = weight_bias
+    return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+
+
+class KVCache:
+    """Preallocated keys and values, one (batch, heads, n_ctx, head_dim) tensor per layer, and the position.
+
+    Separate tensors per layer, not one stacked tensor: a compiled step then writes its
+    column in place instead of copying the whole cache through a view. `pos` (a Python int,
+    for eager steps) and `index` (the same position as a tensor, for static steps) move together.
+    """
+
+    def __init__(self, model: ImageGPT, batch: int, weights: DecodeWeights, device: torch.device,
+                 dtype: torch.dtype, static: bool = False):
+        c = model.config
+        shape = (batch, c.n_head, c.n_ctx, c.n_embd // c.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.weights = weights
+        self.pos = 0  # input positions already processed
+        self.index = torch.zeros(1, dtype=torch.long, device=device) if static else None
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+        if self.index is not None:
+            self.index += n
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a decoding step reads or writes."""
+        return [*self.k, *self.v, *([self.index] if self.index is not None else []), *self.weights.tensors()]
+
+
+def compute_dtype(model: ImageGPT, device: torch.device) -> torch.dtype:
+    """What the keys will be: autocast's dtype when autocasting, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.wte.weight.dtype
+
+
+def _blocks(model: ImageGPT, h: torch.Tensor, cache: KVCache, static: bool) -> torch.Tensor:
+    """The blocks for t new positions per row, h (B, t, d), through the decode weights; logits of the last."""
+    b, t, d = h.shape
+    heads, eps = model.config.n_head, model.config.eps
+    mask, causal = None, False
+    if static:  # t == 1 at position `cache.index` (never `cache.pos`: a compiled graph would guard on it)
+        mask = (torch.arange(model.config.n_ctx, device=h.device) <= cache.index)[None]
+    else:
+        start, end = cache.pos, cache.pos + t
+        if t > 1 and start > 0:  # a chunk after earlier context: causal within the chunk
+            mask = torch.ones(t, end, dtype=torch.bool, device=h.device).tril(start)
+        causal = t > 1 and start == 0
+    h = h.reshape(b * t, d)
+    for i, (qkv, proj, fc, mlp_proj) in enumerate(cache.weights.blocks):
+        q, k, v = _affine(F.rms_norm(h, (d,), eps=eps), qkv).view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        if static:
+            cache.k[i].index_copy_(2, cache.index, k)
+            cache.v[i].index_copy_(2, cache.index, v)
+            keys, values = cache.k[i], cache.v[i]
+        else:
+            cache.k[i][:, :, start:end] = k
+            cache.v[i][:, :, start:end] = v
+            keys, values = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+        h = h + _affine(y.transpose(1, 2).reshape(b * t, d), proj)
+        h = h + _affine(F.silu(_affine(F.rms_norm(h, (d,), eps=eps), fc)), mlp_proj)
+    last = h.view(b, t, d)[:, -1]
+    return torch.mm(F.rms_norm(last, (d,), eps=eps), cache.weights.head)
+
+
+def static_step(model: ImageGPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per row (B,) at position `cache.index`; logits (B, vocab) for the next. Fixed shapes.
+
+    The cache must start zeroed (masked entries are multiplied by 0). Does not advance the
+    cache: the caller does, outside the compiled graph.
+    """
+    h = model.wte(tokens) + model.wpe.index_select(0, cache.index)
+    return _blocks(model, h[:, None], cache, static=True)
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_static_step(model: ImageGPT):
+    """`static_step` compiled once per model: static shapes, so one graph serves every pixel."""
+    if model not in _COMPILED:
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None  # CUDA graphs on GPUs
+        _COMPILED[model] = torch.compile(lambda tokens, cache: static_step(model, tokens, cache), fullgraph=True,
+                                         dynamic=False, mode=mode)
+    return _COMPILED[model]
+
+
+class Decoder:
+    """Feeds an ar model a prefix, then one pixel per step, and returns the next pixel's logits each time.
+
+    `weights`: the decode weights of an earlier Decoder of the same model and dtype, so a
+    sampling call lays them out once for all its batches. `static`: one-pixel steps through
+    the static step; `compile`: that step compiled (CUDA graphs on GPUs, where it removes the
+    launch overhead). On CPUs the eager step is faster.
+    """
+
+    def __init__(self, model: ImageGPT, batch: int, *, weights: DecodeWeights | None = None,
+                 static: bool = False, compile: bool = False):
+        if model.config.objective != "ar":
+            raise IgptError("incremental decoding needs an autoregressive (ar) model")
+        self.model = model
+        device = model.wte.weight.device
+        dtype = compute_dtype(model, device)
+        self.weights = weights or DecodeWeights.of(model, dtype)
+        self.cache = KVCache(model, batch, self.weights, device, dtype, static=static or compile)
+        self.static_step = None
+        if compile:
+            for tensor in self.cache.tensors():  # fixed addresses: CUDA graphs write and read them in place
+                torch._dynamo.mark_static_address(tensor)
+            self.static_step = _compiled_static_step(model)
+        elif static:
+            self.static_step = lambda tokens, cache: static_step(model, tokens, cache)
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Feed the next tokens (B, T) (None at the start: the empty prefix); logits (B, vocab) for the next pixel.
+
+        The first call also feeds sos, so a prefix of p pixels costs one pass and yields the
+        prediction for pixel p; later calls take the pixels just sampled.
+        """
+        model, cache = self.model, self.cache
+        n_ctx = model.config.n_ctx
+        t = (tokens.shape[1] if tokens is not None else 0) + (cache.pos == 0)
+        if t == 0:
+            raise IgptError("feed needs tokens once decoding has started")
+        if cache.pos + t > n_ctx:
+            raise IgptError(f"decoding past the context of {n_ctx} pixels")
+        if self.static_step is not None and cache.pos > 0 and t == 1:
+            if tokens.is_cuda:  # a new CUDA-graph step: the last step's logits have been consumed
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self.static_step(tokens[:, 0], cache)
+        else:
+            parts = [model.sos.expand(cache.batch, 1, -1).to(model.wte.weight.dtype)] if cache.pos == 0 else []
+            if tokens is not None and tokens.shape[1]:
+                parts.append(model.wte(tokens))
+            h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            logits = _blocks(model, h + model.wpe[cache.pos : cache.pos + t], cache, static=False)
+        cache.advance(t)
+        return logits

@@ -1,0 +1,100 @@
+"""Evaluation: exact bits per pixel on a split (with its baselines), and classification accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from igpt.batches import Stream, bert_mask, seed_of
+from igpt.data import DataConfig, TokenSet
+from igpt.distributed import World, all_sum
+from igpt.model import ImageGPT, nll
+from igpt.palette import Palette
+from igpt.precision import autocast
+
+LN2 = math.log(2.0)
+
+
+@torch.no_grad()
+def evaluate(
+    model: ImageGPT,
+    tokens: np.ndarray,
+    *,
+    objective: str,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    world: World | None = None,
+    max_batches: int | None = None,
+    seed: int = 0,
+) -> tuple[float, int]:
+    """Mean NLL in nats per token over every image of `tokens` (or the first `max_batches` batches).
+
+    Under torchrun each process takes every world-size-th batch and the sums are added up.
+    BERT masks come from a fixed stream per batch, so the number is reproducible.
+    """
+    world = world or World(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    n = len(tokens) if max_batches is None else min(len(tokens), max_batches * batch_size)
+    total = torch.zeros(2, dtype=torch.float64)
+    for b, start in enumerate(range(world.rank * batch_size, n, batch_size * world.size)):
+        batch = torch.from_numpy(tokens[start : min(start + batch_size, n)].astype(np.int64)).to(world.device)
+        mask = None
+        if objective == "bert":
+            mask = bert_mask(tuple(batch.shape), seed_of(seed, Stream.EVAL_MASK, b, world.rank)).to(world.device)
+        with autocast(world.device, precision):
+            summed, count = nll(model(batch, mask), batch, mask)
+        total += torch.stack([summed.double().cpu(), count.double().cpu()])
+    total = all_sum(total.to(world.device), world).cpu()
+    model.train(was_training)
+    return float(total[0] / total[1].clamp(min=1)), int(total[1])
+
+
+def unigram_nats(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab: int) -> float:
+    """Cross-entropy of the palette-frequency (unigram) model of the training split, add-one smoothed."""
+    counts = np.ones(vocab, dtype=np.float64)
+    for start in range(0, len(train_tokens), 4096):
+        counts += np.bincount(train_tokens[start : start + 4096].ravel(), minlength=vocab)[:vocab]
+    logp = np.log(counts / counts.sum())
+    seen = np.zeros(vocab, dtype=np.float64)
+    for start in range(0, len(eval_tokens), 4096):
+        seen += np.bincount(eval_tokens[start : start + 4096].ravel(), minlength=vocab)[:vocab]
+    return float(-(seen * logp).sum() / max(1.0, seen.sum()))
+
+
+def evaluate_split(model: ImageGPT, palette: Palette, data: DataConfig, split: str = "test", *,
+                   batch_size: int = 64, precision: str = "fp32") -> dict:
+    """Exact loss of `model` on a whole split, with the uniform and unigram (palette-frequency) baselines."""
+    data = data.replace(resolution=model.config.side)
+    tokens = data.tokens(split, palette)
+    nats, n_tokens = evaluate(model, tokens.tokens, objective=model.config.objective, batch_size=batch_size,
+                              precision=precision)
+    unigram = unigram_nats(data.tokens("train", palette).tokens, tokens.tokens, palette.size)
+    return {
+        "nats_per_token": nats, "bits_per_pixel": nats / LN2, "n_images": len(tokens), "n_tokens": n_tokens,
+        "objective": model.config.objective, "split": split,
+        "baselines": {"uniform_bits_per_pixel": math.log2(palette.size), "unigram_bits_per_pixel": unigram / LN2},
+    }
+
+
+@torch.no_grad()
+def predict(model: ImageGPT, tokens: np.ndarray, batch_size: int = 256, precision: str = "fp32") -> np.ndarray:
+    """Class probabilities (N, n_classes) for tokenised images."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(tokens), batch_size):
+        batch = torch.from_numpy(np.asarray(tokens[start : start + batch_size]).astype(np.int64)).to(device)
+        with autocast(device, precision):
+            _, logits = model(batch, classes=True)
+        out.append(logits.float().softmax(-1).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.config.n_classes), np.float32)
+
+
+def accuracy(model: ImageGPT, split: TokenSet, batch_size: int = 256, precision: str = "fp32") -> float:
+    probs = predict(model, split.tokens, batch_size, precision)
+    return float((probs.argmax(1) == np.asarray(split.labels)).mean())

@@ -1,0 +1,116 @@
+"""Pretraining (docs/reference.md §4-5): the generative objective on a data set's training split.
+
+What it plugs into the loop of train.py: a palette (fitted, the released one, or a file),
+the model built from a preset for that palette and resolution, batches of training tokens
+(or random resized crops of the pixels with --augment), validation bits per pixel, and
+sample grids as the run goes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from igpt.batches import Batches, ResizedCrops
+from igpt.checkpoint import RunFolder
+from igpt.config import check, option
+from igpt.data import DataConfig
+from igpt.distributed import World, on_main
+from igpt.errors import IgptError
+from igpt.evaluate import LN2, evaluate
+from igpt.model import OBJECTIVES, PRESETS, ImageGPT, ImageGPTConfig
+from igpt.palette import Palette
+from igpt.precision import autocast
+from igpt.train import Task, TrainConfig
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Pretraining's settings: the loop's, plus the palette, the model and the objective."""
+
+    palette: str = option("fit", "fit | openai | PATH to a palette")
+    clusters: int = option(512, "palette size when fitting")
+    model: str = option("tiny", "preset: " + ", ".join(PRESETS))
+    n_layer: int | None = option(None, "override the preset's depth")
+    n_embd: int | None = option(None, "override the preset's width")
+    n_head: int | None = option(None, "override the preset's head count")
+    objective: str = option("ar", "ar (next pixel) | bert (masked pixels)", choices=OBJECTIVES)
+    augment: bool = option(False, "random resized crops of the training images")
+    sample_every: int = option(500, "steps between sample grids (ar)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check([(self.clusters > 0, "--clusters must be positive"),
+               (self.sample_every > 0, "--sample-every must be positive")])
+
+    def model_config(self, palette_size: int, resolution: int) -> ImageGPTConfig:
+        """The preset with its overrides, for this palette and resolution (a bad one fails before any work)."""
+        shape = {name: getattr(self, name) for name in ("n_layer", "n_embd", "n_head")
+                 if getattr(self, name) is not None}
+        return ImageGPTConfig.from_preset(self.model, vocab_size=palette_size, n_ctx=resolution**2,
+                                          objective=self.objective, **shape)
+
+
+def resolve_palette(cfg: PretrainConfig, data: DataConfig, log) -> Palette:
+    """--palette: fit one on the training pixels, or load the released one or a file."""
+    if cfg.palette == "fit":
+        return Palette.fit(data.images("train").images, clusters=cfg.clusters, seed=cfg.seed, log=log)
+    return Palette.load(cfg.palette)
+
+
+def augment_source(data: DataConfig) -> np.ndarray:
+    """Pixels to crop from: the native size when uniform and large enough, else twice the input resolution."""
+    try:
+        native = data.images("train", native=True)
+        if native.resolution >= data.resolution:
+            return native.images
+    except IgptError:
+        pass
+    return data.images("train", resolution=2 * data.resolution).images
+
+
+class Pretraining(Task):
+    kind = "pretrain"
+
+    def __init__(self, data: DataConfig, cfg: PretrainConfig):
+        self.data, self.cfg = data, cfg
+        cfg.model_config(1, data.resolution)  # a bad preset or override fails before any file
+
+    def prepare(self, folder: RunFolder, resume: bool, world: World, log) -> None:
+        cfg, data = self.cfg, self.data
+        torch.manual_seed(cfg.seed)
+
+        def palette_and_caches() -> Palette:  # once, on rank 0: the others then read the caches
+            palette = folder.palette() if resume else resolve_palette(cfg, data, log)
+            for split in ("train", "val"):
+                data.tokens(split, palette)
+            return palette
+
+        self.palette = on_main(world, palette_and_caches)
+        train = data.tokens("train", self.palette)
+        self.val = data.tokens("val", self.palette)
+        augment = ResizedCrops(augment_source(data), data.resolution, self.palette) if cfg.augment else None
+        self.batches = Batches(cfg.batch_size, cfg.seed, train.tokens, augment=augment)
+        self.model = ImageGPT(cfg.model_config(self.palette.size, data.resolution))
+
+    def validate(self, model: torch.nn.Module, world: World) -> dict[str, float]:
+        cfg = self.cfg
+        loss, _ = evaluate(model, self.val.tokens, objective=cfg.objective, batch_size=cfg.batch_size // cfg.grad_accum,
+                           precision=cfg.precision, world=world, max_batches=cfg.eval_batches)
+        return {"val_loss": loss, "val_bits_per_pixel": loss / LN2}
+
+    def after_step(self, trainer, step: int, last: bool) -> None:
+        """A grid of samples every `sample_every` steps and at the end (ar; not under multi-process FSDP)."""
+        world, cfg = trainer.world, self.cfg
+        if not (step % cfg.sample_every == 0 or last) or not world.is_main or cfg.objective != "ar":
+            return
+        if cfg.fsdp and world.distributed:
+            return
+        from igpt.sample import sample, save_grid
+
+        gen = torch.Generator(device=world.device).manual_seed(cfg.seed)
+        with autocast(world.device, cfg.precision):
+            tokens = sample(trainer.model, 16, generator=gen)
+        save_grid(self.palette.decode(tokens.cpu().numpy()), trainer.folder.path / "samples" / f"step_{step:07d}.png")
