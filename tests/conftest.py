@@ -44,6 +44,35 @@ def train(out, resume: bool = False, **changes):
     return out
 
 
+def random_model(objective: str = "ar", **changes):
+    """A 3-layer model on 5x5 images whose weights are all perturbed (the released init zeroes the head),
+    so every output depends on every weight."""
+    import torch
+
+    from igpt.model import ImageGPT, ImageGPTConfig
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=13, n_ctx=25, n_embd=32, n_layer=3, n_head=4, objective=objective)
+    model = ImageGPT(ImageGPTConfig(**{**config, **changes}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+KILLED_AT_STEP_10 = (
+    "import os, signal, sys\n"
+    "from igpt.checkpoint import RunFolder\n"
+    "log = RunFolder.log_metrics\n"
+    "def killing(self, record):\n"
+    "    log(self, record)\n"
+    "    if record.get('step') == 10: os.kill(os.getpid(), signal.SIGKILL)\n"
+    "RunFolder.log_metrics = killing\n"
+    "from igpt.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)  # `python -c KILLED_AT_STEP_10 COMMAND ...`: the igpt command, SIGKILLed once it has logged step 10
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A finished tiny run on digits 8x8 (12 steps, 17-colour palette). Read it, never change it: see `tiny_copy`."""

@@ -16,14 +16,6 @@ import pytest
 from igpt.cli import main
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from conftest import train
-
-    return train(tmp_path_factory.mktemp("audit") / "run", clusters=16, n_layer=1, n_embd=16, batch_size=16,
-                 steps=2, eval_every=2, save_every=2, sample_every=2, eval_batches=1)
-
-
 def _damaged(run_dir: Path, root: Path) -> dict[str, Path]:
     """Copies of a good run, each broken in one way users meet."""
     cases = {}
@@ -56,7 +48,7 @@ def _damaged(run_dir: Path, root: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, run_dir):
+def files(tmp_path_factory, tiny_run):
     from PIL import Image
 
     root = tmp_path_factory.mktemp("inputs")
@@ -71,8 +63,8 @@ def files(tmp_path_factory, run_dir):
         Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / "flat" / f"{i}.png")
     paths = {name.replace(".", "-"): root / name
              for name in ("good.png", "empty.png", "text.png", "truncated.png", "a-file", "flat")}
-    paths.update(_damaged(run_dir, root))
-    paths["run"] = run_dir
+    paths.update(_damaged(tiny_run, root))
+    paths["run"] = tiny_run
     return paths
 
 

@@ -3,25 +3,16 @@
 import pytest
 import torch
 
+from conftest import random_model
 from igpt import IgptError
 from igpt.decoding import Decoder
-from igpt.model import ImageGPT, ImageGPTConfig
-
-
-def small_model(objective="ar", **kw) -> ImageGPT:
-    torch.manual_seed(0)
-    model = ImageGPT(ImageGPTConfig(vocab_size=13, n_ctx=25, n_embd=32, n_layer=3, n_head=4, objective=objective, **kw))
-    with torch.no_grad():  # the released init zeroes the head: randomise so outputs depend on everything
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_cached_decoding_equals_the_full_forward_at_every_position(bias, static):
-    model = small_model(bias=bias)
+    model = random_model(bias=bias)
     tokens = torch.randint(0, 13, (3, 25), generator=torch.Generator().manual_seed(1))
     full = model(tokens)
     for prefix in (0, 1, 7):
@@ -37,7 +28,7 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(bias, static)
 
 
 def test_chunked_step_after_context_is_causal_within_the_chunk():
-    model = small_model()
+    model = random_model()
     tokens = torch.randint(0, 13, (2, 25))
     full = model(tokens)
     decoder = Decoder(model, 2)
@@ -48,7 +39,7 @@ def test_chunked_step_after_context_is_causal_within_the_chunk():
 def test_one_token_step_costs_a_context_share_of_a_full_forward():
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = small_model()
+    model = random_model()
     tokens = torch.randint(0, 13, (1, 25))
     with FlopCounterMode(display=False) as full:
         model(tokens)
@@ -60,7 +51,7 @@ def test_one_token_step_costs_a_context_share_of_a_full_forward():
 
 
 def test_cache_follows_autocast_and_cached_decoding_runs_in_bf16():
-    model = small_model()
+    model = random_model()
     tokens = torch.randint(0, 13, (2, 25))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         decoder = Decoder(model, 2)
@@ -74,4 +65,4 @@ def test_cache_follows_autocast_and_cached_decoding_runs_in_bf16():
 
 def test_bert_models_have_no_incremental_decoding():
     with pytest.raises(IgptError, match="autoregressive"):
-        Decoder(small_model("bert"), 1)
+        Decoder(random_model("bert"), 1)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import KILLED_AT_STEP_10
 from igpt.checkpoint import RunFolder
 from igpt.finetune import FinetuneConfig, Finetuning
 from igpt.train import Trainer
@@ -27,19 +28,8 @@ def step_losses(run) -> dict[int, float]:
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_run, tmp_path):
     full = step_losses(finetune(tiny_run, tmp_path / "full"))
-    script = (
-        "import os, signal, sys\n"
-        "from igpt.checkpoint import RunFolder\n"
-        "log = RunFolder.log_metrics\n"
-        "def killing(self, record):\n"
-        "    log(self, record)\n"
-        "    if record.get('step') == 10: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "RunFolder.log_metrics = killing\n"
-        "from igpt.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
     cut = tmp_path / "cut"
-    killed = subprocess.run([sys.executable, "-c", script, "finetune", "--ckpt", str(tiny_run), *FLAGS,
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP_10, "finetune", "--ckpt", str(tiny_run), *FLAGS,
                              "--out", str(cut)], capture_output=True, env=os.environ)
     assert killed.returncode == -9, killed.stderr
     assert RunFolder(cut).saved_step() == 8

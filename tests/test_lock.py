@@ -22,7 +22,7 @@ TRAIN_ARGS = ["train", "--data", "digits", "--resolution", "8", "--clusters", "1
 
 
 def prepare(folder: RunFolder, resume: bool = False) -> RunFolder:
-    folder.prepare(resume=resume, config=None, differences=lambda saved, now: [])
+    folder.prepare(resume=resume, differences=lambda saved: [])
     return folder
 
 

@@ -7,19 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_model
 from igpt import IgptError
 from igpt.model import PRESETS, ImageGPT, ImageGPTConfig, num_params
 
 PAPER_PARAMS = {"igpt-s": 76e6, "igpt-m": 455e6, "igpt-l": 1362e6, "igpt-xl": 6801e6}
-
-
-def small(objective="ar", **kw) -> ImageGPT:
-    torch.manual_seed(0)
-    model = ImageGPT(ImageGPTConfig(vocab_size=13, n_ctx=25, n_embd=32, n_layer=3, n_head=4, objective=objective, **kw))
-    with torch.no_grad():  # the released init zeroes the head: randomise so outputs depend on everything
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", PAPER_PARAMS)
@@ -61,7 +53,7 @@ def test_released_initialisation():
 
 
 def test_norm_is_gain_only_rms_and_activation_is_quick_gelu():
-    model = small()
+    model = random_model()
     x = torch.randn(2, 5, 32)
     norm = model.blocks[0].ln_1
     expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
@@ -71,7 +63,7 @@ def test_norm_is_gain_only_rms_and_activation_is_quick_gelu():
 
 
 def test_ar_logits_at_i_depend_only_on_pixels_before_i():
-    model = small()
+    model = random_model()
     tokens = torch.randint(0, 13, (2, 25))
     changed = tokens.clone()
     changed[:, 10] = (changed[:, 10] + 1) % 13
@@ -81,14 +73,14 @@ def test_ar_logits_at_i_depend_only_on_pixels_before_i():
 
 
 def test_ar_loss_is_next_pixel_nll_over_all_positions():
-    model = small()
+    model = random_model()
     tokens = torch.randint(0, 13, (3, 25))
     expected = F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
     torch.testing.assert_close(model.loss(tokens), expected)
 
 
 def test_bert_zeroes_masked_embeddings_and_scores_only_them():
-    model = small("bert")
+    model = random_model("bert")
     tokens = torch.randint(0, 13, (2, 25))
     mask = torch.zeros(2, 25, dtype=torch.bool)
     mask[:, 3] = True
@@ -104,7 +96,7 @@ def test_bert_zeroes_masked_embeddings_and_scores_only_them():
 
 
 def test_features_are_the_normalised_residual_stream_from_one_pass():
-    model = small()
+    model = random_model()
     tokens = torch.randint(0, 13, (2, 25))
     seen = []
     hooks = [b.ln_1.register_forward_hook(lambda m, i, o: seen.append(o.mean(1))) for b in model.blocks]
@@ -120,7 +112,7 @@ def test_features_are_the_normalised_residual_stream_from_one_pass():
 
 
 def test_bf16_autocast_and_compile():
-    model = small()
+    model = random_model()
     tokens = torch.randint(0, 13, (2, 25))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(tokens)
@@ -131,7 +123,7 @@ def test_bf16_autocast_and_compile():
 
 
 def test_save_and_load_pretrained(tmp_path):
-    model = small(n_classes=3)
+    model = random_model(n_classes=3)
     model.save_pretrained(tmp_path)
     again = ImageGPT.from_pretrained(tmp_path)
     assert again.config == model.config
@@ -145,12 +137,12 @@ def test_bad_model_folders(tmp_path):
         ImageGPT.from_pretrained(tmp_path / "nope")
     with pytest.raises(IgptError, match="needs config.json and model.safetensors"):
         ImageGPT.from_pretrained(tmp_path)
-    small().save_pretrained(tmp_path)
+    random_model().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
     with pytest.raises(IgptError, match="damaged or truncated"):
         ImageGPT.from_pretrained(tmp_path)
-    small().save_pretrained(tmp_path)
+    random_model().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
     with pytest.raises(IgptError, match="does not match"):
@@ -185,7 +177,7 @@ def test_configuration_fields_are_checked():
 
 
 def test_bert_loss_takes_a_given_mask_and_stays_finite_when_nothing_is_masked():
-    model = small("bert")
+    model = random_model("bert")
     tokens = torch.randint(0, 13, (2, 25))
     mask = torch.zeros(2, 25, dtype=torch.bool)
     mask[0, 4] = mask[1, 20] = True
@@ -201,7 +193,7 @@ def test_the_folder_palette_must_match_the_vocabulary(tmp_path):
 
     from igpt.palette import Palette
 
-    model = small()
+    model = random_model()
     right = Palette(np.linspace(-1, 1, 13 * 3, dtype=np.float32).reshape(13, 3))
     model.save_pretrained(tmp_path, palette=right)
     assert Palette.load(tmp_path / "palette.npy") == right

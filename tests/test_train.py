@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import pretraining
+from conftest import KILLED_AT_STEP_10, pretraining
 from conftest import train as train_into
 from igpt import IgptError
 from igpt.batches import Batches
@@ -71,21 +71,10 @@ def test_a_run_folder_is_self_contained(tiny_run):
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_run, tmp_path):
     full = step_losses(tiny_run)
-    script = (
-        "import os, signal, sys\n"
-        "from igpt.checkpoint import RunFolder\n"
-        "log = RunFolder.log_metrics\n"
-        "def killing(self, record):\n"
-        "    log(self, record)\n"
-        "    if record.get('step') == 10: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "RunFolder.log_metrics = killing\n"
-        "from igpt.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
     args = ["train", "--data", "digits", "--resolution", "8", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
             "--batch-size", "32", "--steps", "12", "--eval-every", "6", "--save-every", "4", "--sample-every", "12",
             "--eval-batches", "2", "--out", str(tmp_path / "cut")]
-    killed = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, env=os.environ)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP_10, *args], capture_output=True, env=os.environ)
     assert killed.returncode == -9
     assert RunFolder(tmp_path / "cut").saved_step() == 8
     trainer = Trainer(pretraining(), tmp_path / "cut", resume=True, log=lambda *_: None, progress=False)

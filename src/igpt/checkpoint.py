@@ -26,6 +26,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -67,7 +68,7 @@ class RunFolder:
         self.close()
 
     # ---- before training ---------------------------------------------------------------------
-    def prepare(self, *, resume: bool, config, differences, resumable: bool = True) -> None:
+    def prepare(self, *, resume: bool, differences: Callable[[dict], list[str]]) -> None:
         """Claim the folder, then refuse, before any work, one that would lose or mix up a previous run.
 
         The claim comes first, so the checks see a folder no other process is writing into; this
@@ -84,12 +85,11 @@ class RunFolder:
             if resume:
                 if not (self.path / TRAIN_STATE).is_file() or not (self.path / RUN_CONFIG).is_file():
                     raise IgptError(nothing_to_resume)
-                diff = differences(self.run_config(), config)
+                diff = differences(self.run_config())
                 if diff:
                     raise IgptError("--resume with a different configuration: " + "; ".join(diff))
             elif any(entry.name != LOCK for entry in self.path.iterdir()):
-                hint = ", or pass --resume" if resumable else ""
-                raise IgptError(f"--out {self.path} exists and is not empty: choose a new folder{hint}")
+                raise IgptError(f"--out {self.path} exists and is not empty: choose a new folder, or pass --resume")
             try:
                 probe = self.path / f".write-test-{os.getpid()}"
                 probe.write_bytes(b"")

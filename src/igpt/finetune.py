@@ -86,7 +86,7 @@ class Finetuning(Task):
     def __init__(self, ckpt: str | Path, cfg: FinetuneConfig, data_changes: dict | None = None):
         """Everything is checked and loaded here, before the run folder is touched."""
         pretrained, self.palette, source = load_run(ckpt, "cpu")
-        self.source = str(ckpt)
+        self.source = str(Path(ckpt))
         self.data = source.data_for(pretrained.config, **(data_changes or {}))
         self.splits = labelled_splits(self.data, self.palette)
         self.classes = list(self.splits["train"].classes)

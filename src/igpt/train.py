@@ -179,6 +179,8 @@ class Task:
 
     def differences(self, saved: dict) -> list[str]:
         """How this command differs from the saved run in what defines a run (empty: it may resume)."""
+        if "kind" not in saved:
+            return ["the run folder was written by igpt 0.1, whose runs cannot resume here: start a new run"]
         now = self.record()
         return [*differences(saved.get("data") or {}, now["data"], RUNTIME_FIELDS),
                 *differences(saved.get("config") or {}, now["config"], RUNTIME_FIELDS),
@@ -204,7 +206,7 @@ class Trainer:
         cfg = self.cfg
         self.world = init_world(cfg.device)
         self.folder = RunFolder(out)
-        on_main(self.world, lambda: self.folder.prepare(resume=resume, config=task, differences=_differences))
+        on_main(self.world, lambda: self.folder.prepare(resume=resume, differences=task.differences))
         try:
             task.prepare(self.folder, resume, self.world, log)
             self.total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(task.batches.tokens) / cfg.batch_size))
@@ -347,6 +349,3 @@ class Trainer:
         summary = {"step": done, "loss": terms.get("loss", math.nan), f"best_{task.score_name}": self.best}
         return summary if interrupted else task.finish(self, summary)
 
-
-def _differences(saved: dict, task: Task) -> list[str]:
-    return task.differences(saved)
