@@ -248,7 +248,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from igpt.demo import run_demo
 
     run_demo(args.name, args.out, budget_minutes=args.budget_minutes, steps=args.steps, device=args.device,
-             seed=args.seed, data_dir=args.data_dir)
+             seed=args.seed, data_dir=args.data_dir, positions=args.positions, attention=args.attention,
+             window_rows=args.window_rows)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget-minutes", type=float, default=None,
                       help="wall-time target (default: 5 for digits, 20 otherwise)")
     demo.add_argument("--steps", type=_positive_int, default=None, help="train exactly this many steps instead")
-    add_flags(demo, PretrainConfig, only=("device", "seed"))
+    add_flags(demo, PretrainConfig, only=("device", "seed", "positions", "attention", "window_rows"))
     demo.set_defaults(func=_cmd_demo)
 
     palette = sub.add_parser("palette", help="fit or inspect a colour palette")

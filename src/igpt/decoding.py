@@ -8,6 +8,11 @@ far instead of recomputing the whole sequence. Two forms of the one-pixel step e
 - static: attention over the whole cache under a position mask, so every step has the same
   shapes and `torch.compile` (CUDA graphs on GPUs) captures one graph for the whole image.
 
+Local and strided models (model.py) keep and read only what their pattern reads, so a step
+costs O(window) or O(side), not O(pixels so far): a band layer (local, strided's even layers)
+keeps a ring buffer of its window, position p in slot p % window; a column layer (strided's
+odd layers) keeps every position and reads the pixel's column, one key per row so far.
+
 The cache owns its position; only `KVCache.advance` moves it.
 """
 
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from igpt.errors import IgptError
-from igpt.model import QUICK_GELU, ImageGPT
+from igpt.model import QUICK_GELU, ImageGPT, layer_pattern
 
 Affine = tuple[torch.Tensor, torch.Tensor | None]  # a weight laid out (in, out) and its bias
 
@@ -69,8 +74,9 @@ def _affine(x: torch.Tensor, weight_bias: Affine) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values, one (batch, heads, n_ctx, head_dim) tensor per layer, and the position.
+    """Preallocated keys and values, one (batch, heads, slots, head_dim) tensor per layer, and the position.
 
+    Slots are n_ctx for dense and column layers and the window for band layers (a ring).
     Separate tensors per layer, not one stacked tensor: a compiled step then writes its
     column in place instead of copying the whole cache through a view. `pos` (a Python int,
     for eager steps) and `index` (the same position as a tensor, for static steps) move together.
@@ -79,9 +85,12 @@ class KVCache:
     def __init__(self, model: ImageGPT, batch: int, weights: DecodeWeights, device: torch.device,
                  dtype: torch.dtype, static: bool = False):
         c = model.config
-        shape = (batch, c.n_head, c.n_ctx, c.n_embd // c.n_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.dense = c.attention == "dense"
+        self.patterns = [layer_pattern(c, layer) for layer in range(c.n_layer)]
+        shapes = [(batch, c.n_head, window if pattern == "band" else c.n_ctx, c.n_embd // c.n_head)
+                  for pattern, window in self.patterns]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.weights = weights
         self.pos = 0  # input positions already processed
         self.index = torch.zeros(1, dtype=torch.long, device=device) if static else None
@@ -113,7 +122,7 @@ def _blocks(model: ImageGPT, h: torch.Tensor, cache: KVCache, static: bool) -> t
     heads, eps = model.config.n_head, model.config.eps
     mask, causal = None, False
     if static:  # t == 1 at position `cache.index` (never `cache.pos`: a compiled graph would guard on it)
-        mask = (torch.arange(model.config.n_ctx, device=h.device) <= cache.index)[None]
+        mask = (torch.arange(model.config.n_ctx, device=h.device) <= cache.index)[None] if cache.dense else None
     else:
         start, end = cache.pos, cache.pos + t
         if t > 1 and start > 0:  # a chunk after earlier context: causal within the chunk
@@ -122,19 +131,72 @@ def _blocks(model: ImageGPT, h: torch.Tensor, cache: KVCache, static: bool) -> t
     h = h.reshape(b * t, d)
     for i, (qkv, proj, fc, mlp_proj) in enumerate(cache.weights.blocks):
         q, k, v = _affine(F.rms_norm(h, (d,), eps=eps), qkv).view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        if static:
-            cache.k[i].index_copy_(2, cache.index, k)
-            cache.v[i].index_copy_(2, cache.index, v)
-            keys, values = cache.k[i], cache.v[i]
+        if not cache.dense:
+            y = _patterned(model, i, q, k, v, cache, static)
         else:
-            cache.k[i][:, :, start:end] = k
-            cache.v[i][:, :, start:end] = v
-            keys, values = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+            if static:
+                cache.k[i].index_copy_(2, cache.index, k)
+                cache.v[i].index_copy_(2, cache.index, v)
+                keys, values = cache.k[i], cache.v[i]
+            else:
+                cache.k[i][:, :, start:end] = k
+                cache.v[i][:, :, start:end] = v
+                keys, values = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
         h = h + _affine(y.transpose(1, 2).reshape(b * t, d), proj)
         h = h + _affine(F.silu(_affine(F.rms_norm(h, (d,), eps=eps), fc)), mlp_proj)
     last = h.view(b, t, d)[:, -1]
     return torch.mm(F.rms_norm(last, (d,), eps=eps), cache.weights.head)
+
+
+def _patterned(model: ImageGPT, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+               static: bool) -> torch.Tensor:
+    """Layer i of a local or strided model: store k and v (B, heads, t, head_dim), attend as the pattern reads.
+
+    t > 1 only for the prefix from position 0 (`Decoder.feed` steps a later chunk pixel by
+    pixel): it runs the model's own full-sequence pattern, then keeps what later steps read.
+    """
+    pattern, window = cache.patterns[i]
+    keys, values = cache.k[i], cache.v[i]
+    t = q.shape[2]
+    if t > 1:
+        if pattern == "band":  # the last `window` positions, each in its ring slot
+            kept = min(t, window)
+            slots = torch.arange(t - kept, t, device=k.device) % window
+            keys.index_copy_(2, slots, k[:, :, t - kept :])
+            values.index_copy_(2, slots, v[:, :, t - kept :])
+        else:
+            keys[:, :, :t] = k
+            values[:, :, :t] = v
+        return model.blocks[i].attn.attend(q, k, v, causal=True)
+    mask = None
+    if pattern == "band":
+        if static:  # every slot once the ring is full; before that, the slots written so far
+            keys.index_copy_(2, cache.index % window, k)
+            values.index_copy_(2, cache.index % window, v)
+            mask = ((torch.arange(window, device=q.device) <= cache.index) | (cache.index >= window))[None]
+        else:
+            slot = cache.pos % window
+            keys[:, :, slot : slot + 1] = k
+            values[:, :, slot : slot + 1] = v
+            filled = min(cache.pos + 1, window)
+            keys, values = keys[:, :, :filled], values[:, :, :filled]
+    else:  # column: positions p % side, p % side + side, ..., p
+        side = window
+        if static:
+            keys.index_copy_(2, cache.index, k)
+            values.index_copy_(2, cache.index, v)
+            b, h, n, hd = keys.shape
+            column = cache.index % side
+            keys, values = (x.view(b, h, n // side, side, hd).index_select(3, column).squeeze(3)
+                            for x in (keys, values))
+            mask = (torch.arange(n // side, device=q.device) <= cache.index // side)[None]
+        else:
+            p = cache.pos
+            keys[:, :, p : p + 1] = k
+            values[:, :, p : p + 1] = v
+            keys, values = keys[:, :, p % side : p + 1 : side], values[:, :, p % side : p + 1 : side]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def static_step(model: ImageGPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -143,7 +205,7 @@ def static_step(model: ImageGPT, tokens: torch.Tensor, cache: KVCache) -> torch.
     The cache must start zeroed (masked entries are multiplied by 0). Does not advance the
     cache: the caller does, outside the compiled graph.
     """
-    h = model.wte(tokens) + model.wpe.index_select(0, cache.index)
+    h = model.wte(tokens) + model.positions_at(cache.index)
     return _blocks(model, h[:, None], cache, static=True)
 
 
@@ -199,6 +261,10 @@ class Decoder:
             raise IgptError("feed needs tokens once decoding has started")
         if cache.pos + t > n_ctx:
             raise IgptError(f"decoding past the context of {n_ctx} pixels")
+        if not cache.dense and cache.pos > 0 and t > 1:  # a chunk after earlier context: pixel by pixel
+            for j in range(t):
+                logits = self.feed(tokens[:, j : j + 1])
+            return logits
         if self.static_step is not None and cache.pos > 0 and t == 1:
             if tokens.is_cuda:  # a new CUDA-graph step: the last step's logits have been consumed
                 torch.compiler.cudagraph_mark_step_begin()
@@ -208,6 +274,6 @@ class Decoder:
             if tokens is not None and tokens.shape[1]:
                 parts.append(model.wte(tokens))
             h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            logits = _blocks(model, h + model.wpe[cache.pos : cache.pos + t], cache, static=False)
+            logits = _blocks(model, h + model.positions(cache.pos, cache.pos + t), cache, static=False)
         cache.advance(t)
         return logits

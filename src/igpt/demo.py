@@ -44,8 +44,9 @@ class Plan:
     def describe(self) -> str:
         shape = self.pretrain.model_config(self.pretrain.clusters, self.data.resolution)
         r = self.data.resolution
+        pattern = "" if shape.is_paper else f", {shape.positions} positions, {shape.attention} attention"
         return (f"{self.data.name} at {r}x{r}, {self.pretrain.clusters}-colour palette, {self.pretrain.model} model "
-                f"({shape.n_layer} layers, width {shape.n_embd}), batch {self.pretrain.batch_size}, "
+                f"({shape.n_layer} layers, width {shape.n_embd}{pattern}), batch {self.pretrain.batch_size}, "
                 f"{self.budget_minutes:g}-minute budget")
 
 
@@ -59,14 +60,16 @@ PLANS = {  # data name: resolution, palette size, budget in minutes
 OTHER = (16, 256, 20.0)  # folders and archives of any images, centre-cropped to square
 
 
-def plan_for(spec: str, budget_minutes: float | None = None, data_dir: str | None = None) -> Plan:
+def plan_for(spec: str, budget_minutes: float | None = None, data_dir: str | None = None,
+             **architecture) -> Plan:
+    """`architecture`: PretrainConfig's positions, attention and window_rows (default: the paper's)."""
     resolution, clusters, budget = PLANS.get(spec, OTHER)
     if budget_minutes is not None:
         if not budget_minutes > 0:
             raise IgptError(f"--budget-minutes must be positive, got {budget_minutes}")
         budget = budget_minutes
     data = DataConfig(name=spec, data_dir=data_dir, resolution=resolution, crop=spec not in PLANS)
-    return Plan(data, PretrainConfig(clusters=clusters), budget)
+    return Plan(data, PretrainConfig(clusters=clusters, **architecture), budget)
 
 
 def default_out(spec: str) -> Path:
@@ -105,14 +108,15 @@ def time_step(config: ImageGPTConfig, batch_size: int, device: torch.device, pre
 
 def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minutes: float | None = None,
              steps: int | None = None, device: str | None = None, seed: int = 0, data_dir: str | None = None,
-             log=print, progress: bool = True) -> dict:
+             positions: str = "1d", attention: str = "dense", window_rows: int = 2, log=print,
+             progress: bool = True) -> dict:
     """Run every stage into `out` and return the summary (also written as `summary.json`)."""
     from igpt.finetune import labelled_splits
     from igpt.probe import Split, linear_probe, summary
     from igpt.sample import completion_rows, sample, save_grid
     from igpt.train import Trainer
 
-    plan = plan_for(spec, budget_minutes, data_dir)
+    plan = plan_for(spec, budget_minutes, data_dir, positions=positions, attention=attention, window_rows=window_rows)
     if steps is not None and steps <= 0:
         raise IgptError(f"--steps must be positive, got {steps}")
     dev = resolve_device(device)
@@ -226,7 +230,8 @@ def _write_report(folder: Path, result: dict, records: list[dict]) -> None:
     report = Report(f"Image GPT demo: {data}")
     report.paragraph(
         f"A {result['model']['n_layer']}-layer, width-{result['model']['n_embd']} Image GPT "
-        f"({result['n_params']:,} parameters) pretrained with the autoregressive objective on {data} at "
+        f"({result['model']['positions']} positions, {result['model']['attention']} attention, "
+        f"{result['n_params']:,} parameters) pretrained with the autoregressive objective on {data} at "
         f"{r}x{r} with a {result['model']['vocab_size']}-colour palette, for "
         f"{result['steps']} steps of batch {plan['pretrain']['batch_size']} ({result['precision']}, {result['device']})."
     )

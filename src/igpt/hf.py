@@ -191,6 +191,9 @@ def to_hf(model: ImageGPT, palette: Palette, out: str | os.PathLike) -> Path:
 
     if model.config.objective != "ar":
         raise IgptError("Hugging Face's ImageGPT is autoregressive only; a bert-objective model cannot be exported")
+    if not model.config.is_paper:
+        raise IgptError(f"Hugging Face's ImageGPT has 1-D positions and dense attention only; a model with "
+                        f"{model.config.positions} positions and {model.config.attention} attention cannot be exported")
     model.config.check_palette(palette, out)
     side = model.config.side  # Hugging Face's image processor needs square images
     out = Path(out)

@@ -3,6 +3,12 @@
 A GPT-2-style decoder over colour tokens: gain-only RMS norm, quick GELU, no biases, learned
 positions, a learned start-of-sequence vector, an untied zero-initialised head. One set of
 weights serves two objectives: `ar` (causal, next pixel) and `bert` (bidirectional, masked pixels).
+
+Beyond the paper (docs/reference.md §9.5-9.6), two configuration fields whose defaults are the
+paper: `positions` "2d" (a learned row table plus a learned column table) and `attention`
+"local" (each pixel sees the window_rows x side positions before it) or "strided" (Sparse
+Transformer: even layers see the last side positions, odd layers the pixel's own column).
+Both patterns run as blocked or reshaped dense attention, so their cost really falls.
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 BERT_MASK_RATE = 0.15
 OBJECTIVES = ("ar", "bert")
+POSITIONS = ("1d", "2d")
+ATTENTIONS = ("dense", "local", "strided")
 SAVED_EXTRAS = {"model_type"}  # written beside the fields in config.json
+# Fields added after igpt 0.1: a config.json without them (older runs, Hugging Face imports)
+# loads with their defaults, which are the paper's architecture. Every other field is required.
+ADDED_AFTER_0_1 = ("positions", "attention", "window_rows")
 
 PRESETS = {
     "tiny": dict(n_layer=4, n_embd=128, n_head=4),
@@ -48,6 +59,9 @@ class ImageGPTConfig:
     bias: bool = False  # linear-layer biases: only for Hugging Face models that carry non-zero ones
     eps: float = 1e-5
     n_classes: int = 0  # a classifier head on the mean-pooled final norm (fine-tuning)
+    positions: str = "1d"  # "1d": one learned vector per position; "2d": a row vector plus a column vector
+    attention: str = "dense"  # "dense" (the paper), "local" or "strided"
+    window_rows: int = 2  # local attention: image rows of earlier pixels each pixel sees
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -65,6 +79,15 @@ class ImageGPTConfig:
             (self.objective in OBJECTIVES, f"objective must be 'ar' or 'bert', got {self.objective!r}"),
             (self.eps > 0, "eps must be > 0"),
             (self.n_classes >= 0, "n_classes must be >= 0"),
+            (self.positions in POSITIONS, f"positions must be '1d' or '2d', got {self.positions!r}"),
+            (self.attention in ATTENTIONS,
+             f"attention must be 'dense', 'local' or 'strided', got {self.attention!r}"),
+            (self.window_rows >= 1, "window_rows must be >= 1"),
+            (self.objective == "ar" or self.attention == "dense",
+             f"the bert objective sees every pixel, so it needs attention 'dense', not {self.attention!r}"),
+            (self.is_paper or self.n_ctx >= 1 and math.isqrt(self.n_ctx) ** 2 == self.n_ctx,
+             f"positions {self.positions!r} with attention {self.attention!r} need a square image, "
+             f"but n_ctx {self.n_ctx} is not a square"),
         ]
         for ok, message in checks:
             if not ok:
@@ -80,9 +103,10 @@ class ImageGPTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ImageGPTConfig":
-        """A saved configuration: every field must be present, so a file never silently takes a default."""
+        """A saved configuration: every field must be present, so a file never silently takes a default,
+        except those added after igpt 0.1 (ADDED_AFTER_0_1), absent from older files, which take the paper's."""
         cls._reject_unknown(values, allowed=SAVED_EXTRAS)
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.name not in ADDED_AFTER_0_1]
         if missing:
             raise IgptError(f"model configuration lacks fields: {', '.join(missing)}")
         return cls(**{k: v for k, v in values.items() if k not in SAVED_EXTRAS})
@@ -106,6 +130,11 @@ class ImageGPTConfig:
                             "n_ctx = resolution squared")
         return side
 
+    @property
+    def is_paper(self) -> bool:
+        """The released architecture: 1-D positions and dense attention (what Hugging Face's ImageGPT holds)."""
+        return self.positions == "1d" and self.attention == "dense"
+
     def check_palette(self, palette: Palette, where: str | os.PathLike) -> None:
         """The one check that a palette and this model's vocabulary belong together."""
         if palette.size != self.vocab_size:
@@ -118,7 +147,8 @@ def num_params(config: ImageGPTConfig) -> int:
     d, v = config.n_embd, config.vocab_size
     per_block = 12 * d * d + 2 * d + (9 * d if config.bias else 0)
     classifier = config.n_classes * d
-    return config.n_layer * per_block + (2 * v + config.n_ctx + 2) * d + classifier
+    positions = config.n_ctx if config.positions == "1d" else 2 * config.side
+    return config.n_layer * per_block + (2 * v + positions + 2) * d + classifier
 
 
 def bert_mask(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -149,11 +179,66 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(QUICK_GELU * x)
 
 
+def layer_pattern(config: ImageGPTConfig, layer: int) -> tuple[str, int]:
+    """What layer `layer` attends to: ("dense", n_ctx); ("band", w): the w positions up to and
+    including the query's; or ("column", side): the query's column, every earlier row."""
+    if config.attention == "dense":
+        return "dense", config.n_ctx
+    side = config.side
+    if config.attention == "local":
+        return "band", min(config.window_rows, side) * side  # a wider window is the whole image
+    return ("band", side) if layer % 2 == 0 else ("column", side)
+
+
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int) -> torch.Tensor:
+    """Causal attention of each query i to the keys j with i - window < j <= i; (B, heads, t, head_dim) in and out.
+
+    The sequence is cut into blocks of `block` positions (one image row) and each query block
+    attends to its own block and the window // block blocks before it, so work and memory grow
+    as t x window, not t^2. One small mask (blocks, block, keys per block) marks the exact band
+    and the zero padding before the first block.
+    """
+    b, h, t, hd = q.shape
+    before, blocks = window // block, -(-t // block)
+    tail = blocks * block - t
+
+    def windows(x: torch.Tensor) -> torch.Tensor:  # each block's keys: `before` blocks, then its own
+        x = F.pad(x, (0, 0, before * block, tail)).reshape(b * h, before + blocks, block, hd)
+        return torch.cat([x[:, i : i + blocks] for i in range(before + 1)], dim=2)
+
+    query = torch.arange(blocks * block, device=q.device).view(blocks, block, 1)
+    key = ((torch.arange(blocks, device=q.device) - before) * block).view(blocks, 1, 1) \
+        + torch.arange((before + 1) * block, device=q.device)
+    mask = (key >= 0) & (key <= query) & (key > query - window)
+    queries = F.pad(q, (0, 0, 0, tail)).reshape(b * h, blocks, block, hd)
+    y = F.scaled_dot_product_attention(queries, windows(k), windows(v), attn_mask=mask)
+    return y.reshape(b, h, blocks * block, hd)[:, :, :t]
+
+
+def column_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, side: int) -> torch.Tensor:
+    """Causal attention of each query i to the keys j = i - m x side (its column); (B, heads, t, head_dim) in and out.
+
+    Laid out as (columns, rows), every column is a short causal sequence of its own, so the
+    work is t x rows and the plain causal kernel serves. Padding completes the last row; it
+    lies after every real query of its column, so the causal mask hides it.
+    """
+    b, h, t, hd = q.shape
+    rows = -(-t // side)
+
+    def columns(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, 0, 0, rows * side - t)).reshape(b * h, rows, side, hd).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(columns(q), columns(k), columns(v), is_causal=True)
+    return y.transpose(1, 2).reshape(b, h, rows * side, hd)[:, :, :t]
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ImageGPTConfig):
+    def __init__(self, config: ImageGPTConfig, layer: int):
         super().__init__()
         d = config.n_embd
         self.n_head = config.n_head
+        self.pattern, self.window = layer_pattern(config, layer)
+        self.side = config.side if self.pattern != "dense" else None
         self.q = nn.Linear(d, d, bias=config.bias)
         self.k = nn.Linear(d, d, bias=config.bias)
         self.v = nn.Linear(d, d, bias=config.bias)
@@ -167,12 +252,19 @@ class Attention(nn.Module):
         b, t, d = x.shape
         return x.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        """This layer's pattern over (B, heads, t, head_dim) queries, keys and values (local and strided are causal)."""
+        if self.pattern == "band":
+            return band_attention(q, k, v, self.window, self.side)
+        if self.pattern == "column":
+            return column_attention(q, k, v, self.side)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         b, t, d = x.shape
         # One matrix product for q, k and v: three separate weights, one larger (faster) matmul.
         q, k, v = (self._heads(y) for y in F.linear(x, *self._stacked()).split(d, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return self.proj(self.attend(q, k, v, causal).transpose(1, 2).reshape(b, t, d))
 
 
 class MLP(nn.Module):
@@ -186,10 +278,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ImageGPTConfig):
+    def __init__(self, config: ImageGPTConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.RMSNorm(config.n_embd, eps=config.eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.ln_2 = nn.RMSNorm(config.n_embd, eps=config.eps)
         self.mlp = MLP(config)
 
@@ -206,9 +298,13 @@ class ImageGPT(nn.Module):
         self.config = config
         d = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, d)
-        self.wpe = nn.Parameter(torch.empty(config.n_ctx, d))
+        if config.positions == "1d":
+            self.wpe = nn.Parameter(torch.empty(config.n_ctx, d))
+        else:
+            self.wpe_row = nn.Parameter(torch.empty(config.side, d))
+            self.wpe_col = nn.Parameter(torch.empty(config.side, d))
         self.sos = nn.Parameter(torch.empty(d))
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.RMSNorm(d, eps=config.eps)
         self.head = nn.Linear(d, config.vocab_size, bias=False)
         self.classifier = nn.Linear(d, config.n_classes, bias=False) if config.n_classes else None
@@ -219,7 +315,8 @@ class ImageGPT(nn.Module):
         """The released initialisation (docs/reference.md §3.2)."""
         d, n_layer = self.config.n_embd, self.config.n_layer
         nn.init.normal_(self.wte.weight, std=0.02)
-        nn.init.normal_(self.wpe, std=0.01)
+        for table in self.position_tables():
+            nn.init.normal_(table, std=0.01)
         nn.init.normal_(self.sos, std=0.02)
         for block in self.blocks:
             for lin in (block.attn.q, block.attn.k, block.attn.v):
@@ -238,6 +335,23 @@ class ImageGPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     # ---- the forward pass ----------------------------------------------------------------------
+    def position_tables(self) -> list[nn.Parameter]:
+        return [self.wpe] if self.config.positions == "1d" else [self.wpe_row, self.wpe_col]
+
+    def positions(self, start: int, stop: int) -> torch.Tensor:
+        """The position vectors of input positions start..stop-1 (sos sits at 0), (stop - start, d)."""
+        if self.config.positions == "1d":
+            return self.wpe[start:stop]
+        return self.positions_at(torch.arange(start, stop, device=self.wpe_row.device))
+
+    def positions_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The position vectors of the input positions in `index`: wpe[i] (1d), or row i // side plus
+        column i % side (2d), so sos at 0 and pixel x_i at i share the layout of 1-D positions."""
+        if self.config.positions == "1d":
+            return self.wpe.index_select(0, index)
+        side = self.config.side
+        return self.wpe_row.index_select(0, index // side) + self.wpe_col.index_select(0, index % side)
+
     def embed(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Input vectors: [sos, e(x_1..x_{n-1})] for ar; e(x) with masked positions zeroed for bert."""
         b, n = tokens.shape
@@ -250,7 +364,7 @@ class ImageGPT(nn.Module):
             h = self.wte(tokens)
             if mask is not None:
                 h = h.masked_fill(mask[..., None], 0.0)
-        return h + self.wpe[:n]
+        return h + self.positions(0, n)
 
     def hidden(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states (B, n, d)."""

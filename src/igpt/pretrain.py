@@ -20,7 +20,7 @@ from igpt.data import DataConfig
 from igpt.distributed import World, on_main
 from igpt.errors import IgptError
 from igpt.evaluate import LN2, evaluate
-from igpt.model import OBJECTIVES, PRESETS, ImageGPT, ImageGPTConfig
+from igpt.model import ADDED_AFTER_0_1, ATTENTIONS, OBJECTIVES, POSITIONS, PRESETS, ImageGPT, ImageGPTConfig
 from igpt.palette import Palette
 from igpt.precision import autocast
 from igpt.train import Task, TrainConfig
@@ -37,6 +37,12 @@ class PretrainConfig(TrainConfig):
     n_embd: int | None = option(None, "override the preset's width")
     n_head: int | None = option(None, "override the preset's head count")
     objective: str = option("ar", "ar (next pixel) | bert (masked pixels)", choices=OBJECTIVES)
+    positions: str = option("1d", "1d (one learned vector per pixel, the paper) | 2d (learned row + column vectors)",
+                            choices=POSITIONS)
+    attention: str = option("dense", "dense (the paper) | local (the --window-rows rows before each pixel) | "
+                            "strided (Sparse Transformer: last row's width, then the pixel's column)",
+                            choices=ATTENTIONS)
+    window_rows: int = option(2, "local attention: rows of earlier pixels each pixel sees")
     augment: bool = option(False, "random resized crops of the training images")
     sample_every: int = option(500, "steps between sample grids (ar)")
 
@@ -50,7 +56,8 @@ class PretrainConfig(TrainConfig):
         shape = {name: getattr(self, name) for name in ("n_layer", "n_embd", "n_head")
                  if getattr(self, name) is not None}
         return ImageGPTConfig.from_preset(self.model, vocab_size=palette_size, n_ctx=resolution**2,
-                                          objective=self.objective, **shape)
+                                          objective=self.objective, positions=self.positions,
+                                          attention=self.attention, window_rows=self.window_rows, **shape)
 
 
 def resolve_palette(cfg: PretrainConfig, data: DataConfig, log) -> Palette:
@@ -77,6 +84,13 @@ class Pretraining(Task):
     def __init__(self, data: DataConfig, cfg: PretrainConfig):
         self.data, self.cfg = data, cfg
         cfg.model_config(1, data.resolution)  # a bad preset or override fails before any file
+
+    def differences(self, saved: dict) -> list[str]:
+        """A run saved before the model fields of ADDED_AFTER_0_1 existed used their defaults: it may resume."""
+        if isinstance(saved.get("config"), dict):
+            defaults = {name: PretrainConfig.__dataclass_fields__[name].default for name in ADDED_AFTER_0_1}
+            saved = {**saved, "config": {**defaults, **saved["config"]}}
+        return super().differences(saved)
 
     def prepare(self, folder: RunFolder, resume: bool, world: World, log) -> None:
         cfg, data = self.cfg, self.data
