@@ -14,14 +14,11 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-from common import machine, seconds_per_call
+from common import cifar10_or_digits, machine, seconds_per_call
 from igpt import Palette, data
-
-CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10" / "cifar10-jpeg.tar.gz"
 
 
 def reference_batch(images: np.ndarray, out_res: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
@@ -45,7 +42,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    source = str(CIFAR) if CIFAR.exists() else "digits"
+    source = cifar10_or_digits()
     with tempfile.TemporaryDirectory() as cache:
         os.environ["IGPT_CACHE"] = cache
         start = time.perf_counter()

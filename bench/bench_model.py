@@ -1,7 +1,7 @@
 """Forward + backward throughput: igpt against Hugging Face's ImageGPT, same configuration.
 
     python bench/bench_model.py [--layers 8] [--width 256] [--heads 8] [--side 32] [--batch 8] [--rounds 6]
-                                [--device cpu|cuda]
+                                [--device cpu|cuda] [--no-compile] [--json PATH]
 
 Each implementation runs in fp32, under bf16 autocast, and bf16 + torch.compile (Hugging Face with
 dropout 0: its fastest training setting); where bf16 is emulated, in fp32 and fp32 + compile. The
@@ -19,16 +19,22 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import (autocast, machine, matmul_peak, peak_name, precisions, seconds_per_call, synchronize,
-                    train_flops_per_token)
+from common import (add_device_options, autocast, hf_input_ids, hf_model, machine, matmul_peak,
+                    model_train_flops_per_token, peak_name, precisions, seconds_per_call, synchronize,
+                    write_training_json)
 from igpt.model import ImageGPT, ImageGPTConfig
 
 
-def modes(device: str) -> list[tuple[str, bool]]:
-    """fp32, then bf16 and bf16 + compile where bf16 is native; fp32 + compile where it is not."""
+def modes(device: str, compiled: bool = True) -> list[tuple[str, bool]]:
+    """fp32, then bf16 and bf16 + compile where bf16 is native; fp32 + compile where it is not.
+
+    Without `compiled`, the eager modes alone.
+    """
     if "bf16" in precisions(device):
-        return [("fp32", False), ("bf16", False), ("bf16", True)]
-    return [("fp32", False), ("fp32", True)]
+        timed = [("fp32", False), ("bf16", False), ("bf16", True)]
+    else:
+        timed = [("fp32", False), ("fp32", True)]
+    return [(precision, compile_it) for precision, compile_it in timed if compiled or not compile_it]
 
 
 def igpt_forward(config: ImageGPTConfig, compiled: bool, device: str):
@@ -37,21 +43,10 @@ def igpt_forward(config: ImageGPTConfig, compiled: bool, device: str):
 
 
 def hf_forward(config: ImageGPTConfig, compiled: bool, device: str):
-    """Hugging Face's model behind igpt's interface: it needs [sos] + pixels[:-1] as input_ids."""
-    import transformers
-
-    hf_config = transformers.ImageGPTConfig(
-        vocab_size=config.vocab_size + 1, n_positions=config.n_ctx, n_embd=config.n_embd, n_layer=config.n_layer,
-        n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    model = transformers.ImageGPTForCausalImageModeling(hf_config).to(device).train()
+    """Hugging Face's model behind igpt's interface: tokens in, logits out."""
+    model = hf_model(config, device)
     model = torch.compile(model) if compiled else model
-
-    def forward(tokens: torch.Tensor) -> torch.Tensor:
-        sos = torch.full((len(tokens), 1), config.vocab_size, device=tokens.device)
-        return model(input_ids=torch.cat([sos, tokens[:, :-1]], 1)).logits
-
-    return forward
+    return lambda tokens: model(input_ids=hf_input_ids(tokens, config.vocab_size)).logits
 
 
 def training_step(forward, tokens: torch.Tensor, precision: str):
@@ -73,7 +68,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds (each mode keeps its best)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda (on a GPU the peak is the measured bf16 one)")
+    add_device_options(parser, no_compile_help="time the eager modes only (torch.compile takes tens of seconds)")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = ImageGPTConfig(vocab_size=args.vocab, n_ctx=args.side**2, n_embd=args.width, n_layer=args.layers,
@@ -81,7 +76,7 @@ def main() -> None:
     tokens = torch.randint(0, config.vocab_size, (args.batch, config.n_ctx), device=args.device)
     print(f"machine: {machine(args.device)}; load average {os.getloadavg()[0]:.2f} at the start")
     print(f"config: {args.layers} layers, width {args.width}, {args.heads} heads, {args.side}x{args.side}, batch {args.batch}")
-    steps, timed_modes = {}, modes(args.device)
+    steps, timed_modes = {}, modes(args.device, args.compile)
     for name, make in (("igpt", igpt_forward), ("hugging face", hf_forward)):
         for precision, compiled in timed_modes:
             step = training_step(make(config, compiled, args.device), tokens, precision)
@@ -95,18 +90,20 @@ def main() -> None:
     rates = {key: tokens.numel() / seconds for key, seconds in best.items()}
     for (name, mode), rate in rates.items():
         print(f"  {name:13s} {mode:15s}: {rate:10,.0f} tokens/s  ({best[name, mode] * 1000:7.1f} ms/step)")
-    ours = max(v for (n, _), v in rates.items() if n == "igpt")
+    best_mode, ours = max(((m, v) for (n, m), v in rates.items() if n == "igpt"), key=lambda item: item[1])
     theirs = max(v for (n, _), v in rates.items() if n == "hugging face")
     theirs_eager = max(v for (n, m), v in rates.items() if n == "hugging face" and "compile" not in m)
     print(f"  best igpt / best Hugging Face: {ours / theirs:.2f}x (goal >= 3x); "
           f"/ best eager Hugging Face: {ours / theirs_eager:.2f}x")
     peak = max(matmul_peak(device=args.device) for _ in range(3))  # the best of three, like the steps
-    flops = train_flops_per_token(args.layers, args.width, config.n_ctx, 12 * args.layers * args.width**2)
+    flops = model_train_flops_per_token(config)
     print(f"  {peak_name(args.device)} matmul peak: {peak / 1e12:.2f} TFLOP/s; "
           f"igpt's best step: {ours * flops / 1e12:.2f} TFLOP/s "
           f"= {ours * flops / peak:.0%} of peak ({flops / 1e6:.1f} MFLOP/token)")
     print(f"  3x Hugging Face would be {3 * theirs:,.0f} tokens/s = {3 * theirs * flops / peak:.0%} of peak; "
           f"load average {os.getloadavg()[0]:.2f} at the end")
+    write_training_json(args.json, "bench_model", args.device, "forward+backward", config, ours, peak, ours / theirs,
+                        f"{best_mode}; {args.layers}x{args.width}, {args.side}x{args.side}, batch {args.batch}", rates)
 
 
 if __name__ == "__main__":

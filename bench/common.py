@@ -1,14 +1,33 @@
-"""Shared helpers for the benchmarks: timing, the machine's matmul peak, model FLOPs."""
+"""Shared helpers for the benchmarks: data paths, timing, the machine's matmul peak, model FLOPs, the
+Hugging Face counterpart of an igpt model, and the JSON results bench/gpu_check.py tabulates."""
 
 from __future__ import annotations
 
+import json
 import platform
+import tempfile
 import time
-from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from igpt.distributed import synchronize  # noqa: F401  (re-exported for the benchmarks)
 
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+CIFAR10 = SHARED_DATASETS / "cifar10" / "cifar10-jpeg.tar.gz"
+
+
+# ---- data ------------------------------------------------------------------------------------
+def cifar10_or_digits() -> str:
+    """CIFAR-10 from ../shared where it is; else the built-in digits, saying so, so every benchmark runs anywhere."""
+    if CIFAR10.is_file():
+        return str(CIFAR10)
+    print(f"  (CIFAR-10 is not at {CIFAR10}: ../shared is absent, so the built-in digits stand in)")
+    return "digits"
+
+
+# ---- the machine -----------------------------------------------------------------------------
 def machine(device: str = "cpu") -> str:
     if torch.device(device).type == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
@@ -23,12 +42,7 @@ def machine(device: str = "cpu") -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
-def synchronize(device: str | torch.device) -> None:
-    """Wait for queued GPU work, so a timer that stops now has seen all of it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
+# ---- timing ----------------------------------------------------------------------------------
 def seconds_per_call(fn, warmup: int = 2, min_time: float = 3.0, min_calls: int = 3) -> float:
     """Median-free simple timing: warm up, then run until `min_time` seconds and `min_calls` calls."""
     for _ in range(warmup):
@@ -55,13 +69,16 @@ def best_of(contenders: dict, repeat: int = 3) -> dict[str, float]:
     return best
 
 
+# ---- precision and the matmul peak -----------------------------------------------------------
 def autocast(device: str, precision: str):
-    return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    from igpt.precision import autocast as igpt_autocast
+
+    return igpt_autocast(torch.device(device), precision)
 
 
 def peak_dtype(device: str = "cpu") -> torch.dtype:
     """bf16 where the hardware has it, else fp32: the fastest precision, whose matmul peak steps are measured against."""
-    from igpt.train import bf16_native
+    from igpt.precision import bf16_native
 
     return torch.bfloat16 if bf16_native(torch.device(device)) else torch.float32
 
@@ -99,3 +116,91 @@ def matmul_peak(dtype=None, n: int | None = None, device: str = "cpu") -> float:
 def train_flops_per_token(n_layer: int, d: int, n_ctx: int, non_embedding_params: int) -> float:
     """6 N for the weights (forward + backward) plus 12 L T d for attention scores and values."""
     return 6 * non_embedding_params + 12 * n_layer * n_ctx * d
+
+
+def model_train_flops_per_token(config) -> float:
+    """`train_flops_per_token` of an ImageGPTConfig: N = 12 L d^2 (attention and MLP weights)."""
+    return train_flops_per_token(config.n_layer, config.n_embd, config.n_ctx, 12 * config.n_layer * config.n_embd**2)
+
+
+# ---- the Hugging Face counterpart ------------------------------------------------------------
+def hf_config(config):
+    """transformers.ImageGPTConfig of the same network as an igpt ImageGPTConfig (dropout off), via igpt.hf's export."""
+    import transformers
+
+    from igpt.hf import hf_config as exported_config
+
+    return transformers.ImageGPTConfig.from_dict(exported_config(config))
+
+
+def hf_model(config, device: str = "cpu"):
+    """A randomly initialised Hugging Face ImageGPTForCausalImageModeling shaped like `config`, in training mode."""
+    import transformers
+
+    return transformers.ImageGPTForCausalImageModeling(hf_config(config)).to(device).train()
+
+
+def hf_input_ids(tokens: torch.Tensor, sos: int) -> torch.Tensor:
+    """Hugging Face's input for igpt's `tokens`: [sos] + pixels[:-1], sos being the id after the palette.
+
+    igpt adds its start vector inside the model; Hugging Face needs the shift done outside.
+    A one-pixel row gives [sos] alone, the start of generation.
+    """
+    start = torch.full((len(tokens), 1), sos, dtype=tokens.dtype, device=tokens.device)
+    return torch.cat([start, tokens[:, :-1]], 1)
+
+
+def exported_to_hf(model, hf_class: str = "ImageGPTForCausalImageModeling"):
+    """igpt weights -> a Hugging Face folder (igpt.hf.to_hf) -> transformers' `hf_class`, in eval mode.
+
+    Both sides then run the very same weights, so their outputs can be checked against each
+    other. to_hf needs a palette of the model's size; a random one serves, as only the weights matter here.
+    """
+    import transformers
+
+    from igpt.hf import to_hf
+    from igpt.palette import Palette
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # ImageGPTModel would report the exported lm_head as unused
+    colours = np.random.default_rng(0).uniform(-1, 1, (model.config.vocab_size, 3)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        to_hf(model, Palette(colours), folder)
+        return getattr(transformers, hf_class).from_pretrained(folder).eval()
+
+
+# ---- options and machine-readable results ----------------------------------------------------
+def add_device_options(parser, no_compile_help: str | None = None) -> None:
+    """--device and --json; and --no-compile, with its help, for a benchmark that compiles unless told not to."""
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    if no_compile_help:
+        parser.add_argument("--no-compile", dest="compile", action="store_false", help=no_compile_help)
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the results as JSON (bench/gpu_check.py builds its table from them)")
+
+
+def result_row(label: str, *, tokens_per_s: float | None = None, images_per_s: float | None = None,
+               mfu: float | None = None, vs_hugging_face: float | None = None, notes: str = "") -> dict:
+    """One line of gpu_check's table: igpt's best rate in a setting, its share of the matmul peak, its ratio to HF."""
+    return {"label": label, "tokens_per_s": tokens_per_s, "images_per_s": images_per_s, "mfu": mfu,
+            "vs_hugging_face": vs_hugging_face, "notes": notes}
+
+
+def write_json(path: str | None, benchmark: str, device: str, rows: list[dict], **details) -> None:
+    """The benchmark's table rows and its details as JSON at `path` (nothing when None)."""
+    if path is None:
+        return
+    record = {"benchmark": benchmark, "device": device, "machine": machine(device), "rows": rows, **details}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def write_training_json(path: str | None, benchmark: str, device: str, label: str, config, tokens_per_s: float,
+                        peak: float, vs_hugging_face: float, notes: str, rates: dict[tuple[str, str], float]) -> None:
+    """A training benchmark's row (igpt's best rate, its model FLOPs over `peak`, its ratio to Hugging Face),
+    with every rate measured, keyed "who, mode"."""
+    flops = model_train_flops_per_token(config)
+    row = result_row(label, tokens_per_s=tokens_per_s, images_per_s=tokens_per_s / config.n_ctx,
+                     mfu=tokens_per_s * flops / peak, vs_hugging_face=vs_hugging_face, notes=notes)
+    write_json(path, benchmark, device, [row], peak_flops=peak, peak_dtype=peak_name(device), flops_per_token=flops,
+               tokens_per_s={", ".join(key): rate for key, rate in rates.items()})

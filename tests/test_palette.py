@@ -218,10 +218,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @needs_shared
 @pytest.mark.skipif(not CIFAR.exists(), reason="../shared CIFAR-10 is absent")
-def test_released_and_fitted_palettes_reconstruct_cifar10(tmp_path, monkeypatch):
+def test_released_and_fitted_palettes_reconstruct_cifar10():
     from igpt import data
 
-    monkeypatch.setenv("IGPT_CACHE", str(tmp_path))
     test = data.load(str(CIFAR), "test", 32).images[:2000]
     train = data.load(str(CIFAR), "train", 32).images
     released = Palette.load(RELEASED)

@@ -43,9 +43,9 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def synchronize(device: torch.device) -> None:
+def synchronize(device: str | torch.device) -> None:
     """Wait for queued GPU work, so a timer that stops now has seen all of it."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
