@@ -252,7 +252,7 @@ def test_a_decoding_step_reads_only_what_its_pattern_reads(static):
         assert flops["dense"] - flops[attention] == 2 * 4 * batch * width * (n - side), attention
 
 
-def test_train_sample_and_eval_through_the_command_line_with_2d_positions_and_strided_attention(tmp_path, capsys):
+def test_every_command_runs_a_model_with_2d_positions_and_strided_attention(tmp_path, capsys):
     from igpt.cli import main
 
     run = tmp_path / "run"
@@ -263,8 +263,29 @@ def test_train_sample_and_eval_through_the_command_line_with_2d_positions_and_st
     assert (config["positions"], config["attention"]) == ("2d", "strided")
     assert main(["sample", "--ckpt", str(run), "--n", "2", "--out", str(tmp_path / "s.png")]) == 0
     assert np.load(tmp_path / "s.npy").shape == (2, 8, 8, 3)
+    assert main(["complete", "--ckpt", str(run), "--n", "1", "--samples", "2", "--out", str(tmp_path / "c.png")]) == 0
     assert main(["eval", "--ckpt", str(run), "--json", str(tmp_path / "eval.json")]) == 0
     assert np.isfinite(json.loads((tmp_path / "eval.json").read_text())["bits_per_pixel"])
+    assert main(["probe", "--ckpt", str(run), "--max-train", "100", "--no-baselines",
+                 "--out", str(tmp_path / "probe.json")]) == 0
+    assert [row["layer"] for row in json.loads((tmp_path / "probe.json").read_text())["layers"]] == [0, 1, 2]
+    assert main(["finetune", "--ckpt", str(run), "--out", str(tmp_path / "ft"), "--steps", "2", "--eval-every", "2",
+                 "--batch-size", "16"]) == 0
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["attention"] == "strided"
     capsys.readouterr()
     assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "hf")]) == 1
     assert "cannot be exported" in capsys.readouterr().err
+
+
+def test_demo_takes_the_architecture_flags(monkeypatch):
+    from igpt import demo
+    from igpt.cli import main
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: seen.update(kwargs))
+    assert main(["demo", "--positions", "2d", "--attention", "local", "--window-rows", "3"]) == 0
+    assert (seen["positions"], seen["attention"], seen["window_rows"]) == ("2d", "local", 3)
+    plan = demo.plan_for("digits", positions="2d", attention="local", window_rows=3)
+    shape = plan.pretrain.model_config(16, plan.data.resolution)
+    assert (shape.positions, shape.attention, shape.window_rows) == ("2d", "local", 3)
+    assert "2d positions, local attention" in plan.describe()

@@ -195,8 +195,8 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
 
     The sequence is cut into blocks of `block` positions (one image row) and each query block
     attends to its own block and the window // block blocks before it, so work and memory grow
-    as t x window, not t^2. One small mask (blocks, block, keys per block) marks the exact band
-    and the zero padding before the first block.
+    as t x window, not t^2. One small mask (1, blocks, block, keys per block) marks the exact
+    band and the zero padding before the first block.
     """
     b, h, t, hd = q.shape
     before, blocks = window // block, -(-t // block)
@@ -209,7 +209,7 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     query = torch.arange(blocks * block, device=q.device).view(blocks, block, 1)
     key = ((torch.arange(blocks, device=q.device) - before) * block).view(blocks, 1, 1) \
         + torch.arange((before + 1) * block, device=q.device)
-    mask = (key >= 0) & (key <= query) & (key > query - window)
+    mask = ((key >= 0) & (key <= query) & (key > query - window))[None]  # 4-D: the CPU flash kernel needs it
     queries = F.pad(q, (0, 0, 0, tail)).reshape(b * h, blocks, block, hd)
     y = F.scaled_dot_product_attention(queries, windows(k), windows(v), attn_mask=mask)
     return y.reshape(b, h, blocks * block, hd)[:, :, :t]
