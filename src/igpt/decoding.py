@@ -156,47 +156,67 @@ def _patterned(model: ImageGPT, i: int, q: torch.Tensor, k: torch.Tensor, v: tor
     t > 1 only for the prefix from position 0 (`Decoder.feed` steps a later chunk pixel by
     pixel): it runs the model's own full-sequence pattern, then keeps what later steps read.
     """
-    pattern, window = cache.patterns[i]
-    keys, values = cache.k[i], cache.v[i]
-    t = q.shape[2]
-    if t > 1:
-        if pattern == "band":  # the last `window` positions, each in its ring slot
-            kept = min(t, window)
-            slots = torch.arange(t - kept, t, device=k.device) % window
-            keys.index_copy_(2, slots, k[:, :, t - kept :])
-            values.index_copy_(2, slots, v[:, :, t - kept :])
-        else:
-            keys[:, :, :t] = k
-            values[:, :, :t] = v
+    if q.shape[2] > 1:
+        _keep_prefix(cache, i, k, v)
         return model.blocks[i].attn.attend(q, k, v, causal=True)
-    mask = None
-    if pattern == "band":
-        if static:  # every slot once the ring is full; before that, the slots written so far
-            keys.index_copy_(2, cache.index % window, k)
-            values.index_copy_(2, cache.index % window, v)
-            mask = ((torch.arange(window, device=q.device) <= cache.index) | (cache.index >= window))[None]
-        else:
-            slot = cache.pos % window
-            keys[:, :, slot : slot + 1] = k
-            values[:, :, slot : slot + 1] = v
-            filled = min(cache.pos + 1, window)
-            keys, values = keys[:, :, :filled], values[:, :, :filled]
-    else:  # column: positions p % side, p % side + side, ..., p
-        side = window
-        if static:
-            keys.index_copy_(2, cache.index, k)
-            values.index_copy_(2, cache.index, v)
-            b, h, n, hd = keys.shape
-            column = cache.index % side
-            keys, values = (x.view(b, h, n // side, side, hd).index_select(3, column).squeeze(3)
-                            for x in (keys, values))
-            mask = (torch.arange(n // side, device=q.device) <= cache.index // side)[None]
-        else:
-            p = cache.pos
-            keys[:, :, p : p + 1] = k
-            values[:, :, p : p + 1] = v
-            keys, values = keys[:, :, p % side : p + 1 : side], values[:, :, p % side : p + 1 : side]
+    read = _band_read if cache.patterns[i][0] == "band" else _column_read
+    keys, values, mask = read(cache, i, k, v, static)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def _keep_prefix(cache: KVCache, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """A prefix's keys and values as later steps read them: a band keeps its last window, each in its ring slot."""
+    pattern, window = cache.patterns[i]
+    t = k.shape[2]
+    if pattern == "band":
+        kept = min(t, window)
+        slots = torch.arange(t - kept, t, device=k.device) % window
+        cache.k[i].index_copy_(2, slots, k[:, :, t - kept :])
+        cache.v[i].index_copy_(2, slots, v[:, :, t - kept :])
+    else:
+        cache.k[i][:, :, :t] = k
+        cache.v[i][:, :, :t] = v
+
+
+def _band_read(cache: KVCache, i: int, k: torch.Tensor, v: torch.Tensor, static: bool):
+    """Store one pixel in slot p % window of the ring; read the window (keys, values, mask).
+
+    Attention does not care about the order of its keys, so the ring is read as it lies. The
+    static form reads every slot, masking those not yet written until the ring is full.
+    """
+    window = cache.patterns[i][1]
+    keys, values = cache.k[i], cache.v[i]
+    if static:
+        slot = cache.index % window
+        keys.index_copy_(2, slot, k)
+        values.index_copy_(2, slot, v)
+        written = (torch.arange(window, device=k.device) <= cache.index) | (cache.index >= window)
+        return keys, values, written[None]
+    slot = cache.pos % window
+    keys[:, :, slot : slot + 1] = k
+    values[:, :, slot : slot + 1] = v
+    filled = min(cache.pos + 1, window)
+    return keys[:, :, :filled], values[:, :, :filled], None
+
+
+def _column_read(cache: KVCache, i: int, k: torch.Tensor, v: torch.Tensor, static: bool):
+    """Store one pixel at its position p; read its column p % side, p % side + side, ..., p (keys, values, mask).
+
+    The static form reads the whole column, every row of the image, masking the rows below p's.
+    """
+    side = cache.patterns[i][1]
+    keys, values = cache.k[i], cache.v[i]
+    if static:
+        keys.index_copy_(2, cache.index, k)
+        values.index_copy_(2, cache.index, v)
+        b, h, n, hd = keys.shape
+        column = cache.index % side
+        keys, values = (x.view(b, h, n // side, side, hd).index_select(3, column).squeeze(3) for x in (keys, values))
+        return keys, values, (torch.arange(n // side, device=k.device) <= cache.index // side)[None]
+    p = cache.pos
+    keys[:, :, p : p + 1] = k
+    values[:, :, p : p + 1] = v
+    return keys[:, :, p % side : p + 1 : side], values[:, :, p % side : p + 1 : side], None
 
 
 def static_step(model: ImageGPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
