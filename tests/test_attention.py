@@ -232,6 +232,15 @@ def test_training_flops_fall_as_the_patterns_promise():
     assert counted["column"] / counted["dense"] == side / n  # O(n x side)
 
 
+def test_the_patterns_run_on_the_fused_kernel():
+    """No path back to the math kernel, which would hold every block's scores in memory
+    (a 3-D mask once sent band attention there)."""
+    q, k, v = (torch.randn(2, 2, 50, 8, requires_grad=True) for _ in range(3))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        band_attention(q, k, v, 14, 7).sum().backward()
+        column_attention(q, k, v, 7).sum().backward()
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_a_decoding_step_reads_only_what_its_pattern_reads(static):
