@@ -1,7 +1,8 @@
 """Sampling (docs/reference.md §7): raster-order ancestral sampling through the key/value cache of decoding.py.
 
 The prefix (if any) goes through the model in one pass; each further pixel is one cached
-step whose cost grows with the context so far, never a full forward pass.
+step that reads the keys and values its attention pattern sees (every earlier pixel for dense
+attention, a window or a column for local and strided), never a full forward pass.
 """
 
 from __future__ import annotations
