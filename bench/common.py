@@ -123,6 +123,95 @@ def model_train_flops_per_token(config) -> float:
     return train_flops_per_token(config.n_layer, config.n_embd, config.n_ctx, 12 * config.n_layer * config.n_embd**2)
 
 
+def attended_keys(config) -> np.ndarray:
+    """Keys each query reads, per layer and position, (n_layer, n_ctx), as the model's attention pattern defines them.
+
+    Dense causal: i + 1; a band of w positions: min(i + 1, w); a column: i // side + 1 (bert's dense: n_ctx).
+    A decoding step at position i reads the same keys, so this sizes both training FLOPs and sampling reads.
+    """
+    from igpt.model import layer_pattern
+
+    position = np.arange(config.n_ctx)
+    rows = []
+    for layer in range(config.n_layer):
+        pattern, window = layer_pattern(config, layer)
+        if pattern == "dense":
+            rows.append(position + 1 if config.objective == "ar" else np.full(config.n_ctx, config.n_ctx))
+        elif pattern == "band":
+            rows.append(np.minimum(position + 1, window))
+        else:
+            rows.append(position // window + 1)
+    return np.stack(rows)
+
+
+def pattern_train_flops_per_token(config) -> float:
+    """Model FLOPs per token of a training step for the config's attention pattern: 6 N (N = 12 L d^2) plus
+    12 d per key each query attends, summed over layers (12 L d x the keys attended, averaged).
+
+    Counts the keys the pattern needs, not the padding or masked keys a kernel may also compute, and the
+    causal half only for dense: unlike `model_train_flops_per_token` (12 L T d, every key), so
+    dense-1d reads somewhat lower here than in bench_model.
+    """
+    d = config.n_embd
+    return 6 * 12 * config.n_layer * d**2 + 12 * d * float(attended_keys(config).mean(1).sum())
+
+
+# ---- memory ----------------------------------------------------------------------------------
+def read_bandwidth(nbytes: int, device: str = "cpu", repeat: int = 10, bytes_per_timing: int = 2**25) -> float:
+    """Bytes/s of reading a float32 tensor of `nbytes` (torch.sum over it), the best of `repeat` timings.
+
+    Each timing sums it repeatedly, about `bytes_per_timing` in all (once at least), so a small tensor
+    is read from the caches it fits in and a large one from memory: call it at the size of a working
+    set. Many short timings, not a few long ones: the best of them is the one no other process disturbed.
+    """
+    x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    x.sum()  # pages touched, caches filled
+    synchronize(device)
+    calls = max(1, bytes_per_timing // x.nbytes)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(calls):
+            x.sum()
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return x.nbytes / best
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_memory(device: str = "cpu") -> int:
+    """Start counting this process's peak memory from now; returns the memory in use now (bytes).
+
+    CPU: resident set size. /proc/self/status's VmHWM is this process image's own high-water mark
+    (ru_maxrss is not: it carries the parent's peak across fork and exec), and writing 5 to
+    /proc/self/clear_refs resets it (Linux 4.0+). CUDA: torch's allocator statistics.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # an older kernel: the mark then also holds the imports' transient peak
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_memory(device: str = "cpu") -> int:
+    """This process's peak memory (bytes) since `reset_peak_memory`: peak RSS, or CUDA's peak allocated."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _proc_status_bytes("VmHWM")
+
+
 # ---- the Hugging Face counterpart ------------------------------------------------------------
 def hf_config(config):
     """transformers.ImageGPTConfig of the same network as an igpt ImageGPTConfig (dropout off), via igpt.hf's export."""
