@@ -111,7 +111,7 @@ class Pretraining(Task):
 
     def validate(self, model: torch.nn.Module, world: World) -> dict[str, float]:
         cfg = self.cfg
-        loss, _ = evaluate(model, self.val.tokens, objective=cfg.objective, batch_size=cfg.batch_size // cfg.grad_accum,
+        loss, _ = evaluate(model, self.val.tokens, objective=cfg.objective, batch_size=cfg.micro_batch,
                            precision=cfg.precision, world=world, max_batches=cfg.eval_batches)
         return {"val_loss": loss, "val_bits_per_pixel": loss / LN2}
 

@@ -73,6 +73,12 @@ class TrainConfig:
         ])
 
 
+    @property
+    def micro_batch(self) -> int:
+        """Images per forward pass: the batch over the accumulation steps (validation batches have this size too)."""
+        return self.batch_size // self.grad_accum
+
+
 def inherited(cls: type, name: str, default, help: str | None = None):
     """Field `name` of `cls` with another default (and help): a subclass's own default, written once."""
     metadata = dict(cls.__dataclass_fields__[name].metadata)
@@ -214,11 +220,9 @@ class Trainer:
             self.warmup = cfg.warmup if cfg.warmup is not None else min(per_epoch, self.total // 5)
             self.eval_every = cfg.eval_every or per_epoch
             self.save_every = cfg.save_every or self.eval_every
-            micro = cfg.batch_size // cfg.grad_accum
-            if micro % self.world.size:
-                raise IgptError(f"the micro-batch ({micro} = batch {cfg.batch_size} / accum {cfg.grad_accum}) must "
-                                f"split evenly over {self.world.size} processes")
-            self.micro = micro
+            if cfg.micro_batch % self.world.size:
+                raise IgptError(f"the micro-batch ({cfg.micro_batch} = batch {cfg.batch_size} / accum "
+                                f"{cfg.grad_accum}) must split evenly over {self.world.size} processes")
             self.model = task.model.to(self.world.device)
             self.engine = wrap(self.model, self.world, cfg.fsdp)  # before the optimizer: FSDP swaps in sharded parameters
             self.optimizer = make_optimizer(self.engine.parameters(), cfg.lr, fused=not cfg.fsdp)
