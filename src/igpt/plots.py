@@ -81,3 +81,16 @@ def probe_accuracy(report: dict, path: str | Path) -> Path:
     ax.set_xticks(layers if len(layers) <= 25 else layers[:: math.ceil(len(layers) / 25)])
     ax.legend(loc="lower right", fontsize=7)
     return _save(plt, fig, path)
+
+
+def curves_against_time(curves: dict[str, list[tuple[float, float]]], path: str | Path,
+                        ylabel: str = "validation bits per pixel") -> Path:
+    """Several runs' (minutes, value) curves on one axis: which learns most per minute of compute."""
+    plt, fig, ax = _figure()
+    for i, (name, points) in enumerate(curves.items()):
+        if points:
+            ax.plot(*zip(*points), "o-", label=name, color=f"C{i}", markersize=3, linewidth=1.2)
+    ax.set_xlabel("minutes of optimizer steps")
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(plt, fig, path)
