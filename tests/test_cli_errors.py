@@ -121,6 +121,16 @@ CASES = [
     ("complete --ckpt {run} --keep-rows 9 --out c.png", "--keep-rows"),
     ("complete --ckpt {run} --keep-rows -1 --out c.png", "--keep-rows"),
     ("complete --ckpt {run} --keep 1.5 --out c.png", "--keep"),
+    ("complete --ckpt {run} {good-png} {text-png} --out c.png", "text.png"),
+    ("complete --ckpt {run} {empty-png} --skip-bad --out c.png", "none of the"),
+    ("complete --ckpt {run} no-such.png --out c.png", "no-such.png"),
+    ("complete --ckpt {run} --animate c.mp4 --out c.png", ".gif or .webp"),
+    ("sample --ckpt {run} --animate s.png --out s.png", ".gif or .webp"),
+    # surprise
+    ("surprise --ckpt {run} {truncated-png} --out m.png", "truncated.png"),
+    ("surprise --ckpt missing --out m.png", "not a folder"),
+    ("surprise --ckpt {run} --n 0 --out m.png", "--n"),
+    ("surprise --ckpt {run} --rounds 0 --out m.png", "--rounds"),
     # convert
     ("convert --from-hf {flat} --out h", "flat"),
     ("convert --to-hf missing --out h", "not a folder"),

@@ -13,8 +13,9 @@ def test_demo_writes_a_sane_report(tmp_path, capsys):
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "80", "--seed", "0"]) == 0
-    for name in ("samples.png", "completions.png", "learning_curve.png", "probe.png"):
+    for name in ("samples.png", "completions.png", "learning_curve.png", "probe.png", "surprise.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
+    assert (out / "samples.gif").read_bytes()[:6] == b"GIF89a"
     summary = json.loads((out / "summary.json").read_text())
     ev = summary["eval"]
     assert math.isfinite(ev["bits_per_pixel"]) and 0 < ev["bits_per_pixel"] < ev["baselines"]["uniform_bits_per_pixel"]
@@ -26,10 +27,11 @@ def test_demo_writes_a_sane_report(tmp_path, capsys):
     assert all(0 <= row["test_acc"] <= 1 for row in probe["layers"])
     assert summary["steps"] == 80 and all(math.isfinite(v) and v >= 0 for v in summary["timings"].values())
     markdown = (out / "report.md").read_text()
-    for section in ("## Likelihood", "## Samples", "## Completions", "## Linear probe", "## Timings"):
+    for section in ("## Likelihood", "## Samples", "## Completions", "## Surprise", "## Linear probe", "## Timings"):
         assert section in markdown
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "not produced" not in html
+    assert html.count("data:image/png;base64,") == 4 and html.count("data:image/gif;base64,") == 1
+    assert "not produced" not in html
     assert (out / "run" / "model.safetensors").is_file() and (out / "run" / "metrics.jsonl").is_file()
     assert "igpt demo finished" in capsys.readouterr().out
 

@@ -94,6 +94,10 @@ def _sampling_options(args: argparse.Namespace) -> dict:
     from igpt.sample import filter_logits
 
     filter_logits(torch.zeros(1, 2), args.temperature, args.top_k, args.top_p)  # bad options fail first
+    if args.animate:
+        from igpt.animation import check_animation_path
+
+        check_animation_path(args.animate)
     generator = torch.Generator(device=resolve_device(args.device)).manual_seed(args.seed)
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
                 batch_size=args.batch_size, compile=args.compile)
@@ -118,13 +122,28 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     options = _sampling_options(args)  # validates before the model loads
     model, palette, _ = _load_for_sampling(args)
     device = next(model.parameters()).device
+    animation = _animation(args, palette, args.n, model.config.side)
     with autocast(device, args.precision):
-        tokens = sample(model, args.n, **options)
+        tokens = sample(model, args.n, watch=animation and animation.watch, **options)
     images = palette.decode(tokens.cpu().numpy())
     out = Path(args.out)
     save_grid(images, out)
     atomic_write(out.with_suffix(".npy"), lambda f: np.save(f, images))
-    print(f"wrote {out} and {out.with_suffix('.npy')}: {args.n} samples")
+    print(f"wrote {out} and {out.with_suffix('.npy')}: {args.n} samples" + _saved_animation(args, animation))
+
+
+def _animation(args: argparse.Namespace, palette, n: int, side: int, **layout):
+    """The filling-in animation that --animate asks for (None without it)."""
+    from igpt.animation import Animation
+
+    return Animation(palette, n, side, **layout) if args.animate else None
+
+
+def _saved_animation(args: argparse.Namespace, animation) -> str:
+    if animation is None:
+        return ""
+    animation.save(args.animate)
+    return f"; the filling-in animation ({len(animation.frames)} frames) in {args.animate}"
 
 
 def _cmd_complete(args: argparse.Namespace) -> None:
@@ -132,21 +151,63 @@ def _cmd_complete(args: argparse.Namespace) -> None:
 
     from igpt.fileio import atomic_write
     from igpt.precision import autocast
-    from igpt.sample import completion_rows, save_grid
+    from igpt.sample import completion_layout, completion_rows, save_grid
 
     options = _sampling_options(args)
+    if args.keep_rows is None and not 0 <= args.keep <= 1:
+        raise IgptError(f"--keep must lie in [0, 1], got {args.keep}")
     model, palette, info = _load_for_sampling(args)
     side = model.config.side
     keep_rows = args.keep_rows if args.keep_rows is not None else round(args.keep * side)
-    if args.keep_rows is None and not 0 <= args.keep <= 1:
-        raise IgptError(f"--keep must lie in [0, 1], got {args.keep}")
-    images = _run_data(args, info, model.config).images(args.split)
+    originals, skipped = _own_or_split_images(args, info, model.config)
+    layout = completion_layout(palette, originals, keep_rows)
+    animation = _animation(args, palette, len(originals) * args.samples, side, columns=args.samples + 2,
+                           layout=lambda images: layout(images.reshape(len(originals), args.samples, side, side, 3))
+                           .reshape(-1, side, side, 3))
     with autocast(next(model.parameters()).device, args.precision):
-        rows = completion_rows(model, palette, np.asarray(images.images[: args.n]), keep_rows, args.samples, **options)
+        rows = completion_rows(model, palette, originals, keep_rows, args.samples, animation=animation, **options)
     out = Path(args.out)
     save_grid(rows.reshape(-1, side, side, 3), out, columns=args.samples + 2)
     atomic_write(out.with_suffix(".npy"), lambda f: np.save(f, rows))
-    print(f"wrote {out}: {len(rows)} images x {args.samples} completions from the top {keep_rows} of {side} rows")
+    print(f"wrote {out}: {len(rows)} images x {args.samples} completions from the top {keep_rows} of {side} rows"
+          + (f" ({len(skipped)} unreadable files skipped)" if skipped else "") + _saved_animation(args, animation))
+
+
+def _own_or_split_images(args: argparse.Namespace, info, model_config):
+    """The images named on the command line (centre-cropped, resized as training data), else the first
+    --n of the run's split; and the names of the files skipped."""
+    import numpy as np
+
+    from igpt.data import read_images
+
+    if args.images:
+        return read_images(args.images, model_config.side, skip_bad=bool(args.skip_bad))
+    return np.asarray(_run_data(args, info, model_config).images(args.split).images[: args.n]), []
+
+
+def _cmd_surprise(args: argparse.Namespace) -> None:
+    from igpt.checkpoint import load_run
+    from igpt.data import read_images
+    from igpt.evaluate import pixel_bits
+    from igpt.plots import surprise_maps
+
+    model, palette, info = load_run(args.ckpt, args.device)
+    if args.images:
+        images, skipped = read_images(args.images, model.config.side, skip_bad=bool(args.skip_bad))
+        names = [p for p in args.images if p not in skipped]
+    else:
+        images, skipped = _own_or_split_images(args, info, model.config)
+        names = [f"{args.split} image {i}" for i in range(len(images))]
+    bits = pixel_bits(model, palette.encode(images).astype("int64"), rounds=args.rounds, seed=args.seed,
+                      precision=args.precision)
+    surprise_maps(images, bits.numpy(), names, args.out)
+    means = ", ".join(f"{b.mean():.2f}" for b in bits)
+    print(f"wrote {args.out}: bits/pixel {means}" + (f" ({len(skipped)} unreadable files skipped)" if skipped else ""))
+    if args.json:
+        from igpt.fileio import atomic_write_json
+
+        atomic_write_json(args.json, {"images": names, "bits_per_pixel": [float(b.mean()) for b in bits],
+                                      "pixel_bits": bits.tolist(), "objective": model.config.objective})
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -161,6 +222,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (CUDA graphs on GPUs; on CPUs the eager step is faster)")
     p.add_argument("--out", required=True, help="output PNG (an .npy of the images is written beside it)")
+    p.add_argument("--animate", default=None, metavar="GIF_OR_WEBP",
+                   help="also write the images filling in, a frame every few rows (.gif or .webp)")
 
 
 def _empty_output(path: str) -> None:
@@ -320,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     complete = sub.add_parser("complete", help="complete the bottom of real images (the paper's figure)")
     _add_sampling_args(complete)
     _add_data_flags(complete, from_run=True)
+    complete.add_argument("images", nargs="*", help="your own image files (any size: centre-cropped, resized); "
+                          "without them, the first --n images of --split")
     complete.add_argument("--split", choices=("train", "val", "test"), default="test")
     complete.add_argument("--n", type=_positive_int, default=8, help="number of images")
     complete.add_argument("--samples", type=_positive_int, default=4, help="completions per image")
@@ -327,6 +392,22 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--keep-rows", type=int, default=None, help="rows kept from the top")
     keep.add_argument("--keep", type=float, default=0.5, help="fraction of rows kept (default: %(default)s)")
     complete.set_defaults(func=_cmd_complete)
+
+    surprise = sub.add_parser("surprise", help="per-pixel bits under the model: what it finds unexpected in a picture")
+    surprise.add_argument("--ckpt", required=True, help="run folder (or a converted model folder)")
+    surprise.add_argument("images", nargs="*", help="image files (any size: centre-cropped, resized); "
+                          "without them, the first --n images of --split")
+    _add_data_flags(surprise, from_run=True)
+    surprise.add_argument("--split", choices=("train", "val", "test"), default="test")
+    surprise.add_argument("--n", type=_positive_int, default=4, help="number of images from --split")
+    surprise.add_argument("--rounds", type=_positive_int, default=2,
+                          help="bert: times each pixel is masked and predicted (default: %(default)s)")
+    surprise.add_argument("--seed", type=int, default=0, help="bert: seed of the masks")
+    surprise.add_argument("--device", default=None)
+    surprise.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    surprise.add_argument("--out", required=True, help="output PNG: each image beside its heat map")
+    surprise.add_argument("--json", default=None, help="also write every pixel's bits as JSON")
+    surprise.set_defaults(func=_cmd_surprise)
 
     probe = sub.add_parser("probe", help="linear probe of every layer, against raw-pixel and random-init baselines")
     probe.add_argument("--ckpt", required=True, help="run folder")

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from igpt import plots
+from igpt.animation import Animation
 from igpt.checkpoint import BEST
 from igpt.data import DataConfig
 from igpt.distributed import resolve_device
 from igpt.errors import IgptError
-from igpt.evaluate import LN2, evaluate_split
+from igpt.evaluate import LN2, evaluate_split, pixel_bits
 from igpt.fileio import atomic_write_json
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.palette import Palette
@@ -178,15 +179,20 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
     # 4. samples and completions -----------------------------------------------------------------
     t = stage(4, "samples and completions")
     generator = torch.Generator(device=dev).manual_seed(seed)
+    animation = Animation(palette, 32, data.resolution, columns=8)
     with autocast(dev, precision):
-        tokens = sample(model, 32, generator=generator)
+        tokens = sample(model, 32, generator=generator, watch=animation.watch)
     save_grid(palette.decode(tokens.cpu().numpy()), folder / "samples.png", columns=8)
+    animation.save(folder / "samples.gif")
     test_images = data.images("test")
     keep = data.resolution // 2
+    picks = np.sort(np.random.default_rng(seed).choice(len(test_images), min(8, len(test_images)), replace=False))
     with autocast(dev, precision):
-        picks = np.sort(np.random.default_rng(seed).choice(len(test_images), min(8, len(test_images)), replace=False))
         rows = completion_rows(model, palette, np.asarray(test_images.images[picks]), keep, 4, generator=generator)
     save_grid(rows.reshape(-1, data.resolution, data.resolution, 3), folder / "completions.png", columns=6)
+    surprising = np.asarray(test_images.images[picks[:2]])
+    bits = pixel_bits(model, palette.encode(surprising).astype(np.int64), precision=precision)
+    plots.surprise_maps(surprising, bits.numpy(), [f"test image {i}" for i in picks[:2]], folder / "surprise.png")
     timings["sampling"] = time.perf_counter() - t
 
     # 5. linear probes ------------------------------------------------------------------------
@@ -244,10 +250,15 @@ def _write_report(folder: Path, result: dict, records: list[dict]) -> None:
     ])
     report.image("learning_curve.png", "learning curve", folder)
     report.heading("Samples")
-    report.image("samples.png", "unconditional samples", folder)
+    report.paragraph("Generated pixel by pixel in raster order; the animation shows the decoder filling them in.")
+    report.image("samples.gif", "unconditional samples filling in", folder)
     report.heading("Completions")
     report.paragraph("Each row: the test image with its bottom half hidden, four sampled completions, the original.")
     report.image("completions.png", "completions", folder)
+    report.heading("Surprise")
+    report.paragraph("Each pixel's bits under the model, -log2 p(pixel | the pixels before it), beside two test "
+                     "images: what the network did not see coming (edges, the first pixels of a new shape).")
+    report.image("surprise.png", "per-pixel bits of two test images", folder)
     report.heading("Linear probe")
     if probe is None:
         report.paragraph("Skipped: the data has no class labels.")

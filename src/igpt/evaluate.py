@@ -10,7 +10,7 @@ import torch
 from igpt.batches import Stream, bert_mask, seed_of
 from igpt.data import DataConfig, TokenSet
 from igpt.distributed import World, all_sum
-from igpt.model import ImageGPT, nll
+from igpt.model import BERT_MASK_RATE, ImageGPT, nll, token_nll
 from igpt.palette import Palette
 from igpt.precision import autocast
 
@@ -77,6 +77,43 @@ def evaluate_split(model: ImageGPT, palette: Palette, data: DataConfig, split: s
         "objective": model.config.objective, "split": split,
         "baselines": {"uniform_bits_per_pixel": math.log2(palette.size), "unigram_bits_per_pixel": unigram / LN2},
     }
+
+
+@torch.no_grad()
+def pixel_bits(model: ImageGPT, tokens: torch.Tensor, *, rounds: int = 2, seed: int = 0, precision: str = "fp32",
+               batch_size: int = 64) -> torch.Tensor:
+    """Each pixel's surprise under the model, in bits: (N, side, side) for tokens (N, n).
+
+    Autoregressive: -log2 p(x_i | x_<i), one forward pass. BERT has no such quantity, so its map
+    is the masked objective's own estimate: `rounds` seeded random partitions of the pixels into
+    groups of the training mask rate, each group masked in turn, so every pixel is predicted
+    `rounds` times from the rest of the image and the bits are averaged.
+    """
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if len(tokens) > batch_size:
+        return torch.cat([pixel_bits(model, part, rounds=rounds, seed=seed, precision=precision, batch_size=batch_size)
+                          for part in tokens.split(batch_size)])
+    tokens = tokens.to(device)
+    n, n_ctx = tokens.shape
+    was_training = model.training
+    model.eval()
+    with autocast(device, precision):
+        if model.config.objective == "ar":
+            nats = token_nll(model(tokens), tokens)
+        else:
+            nats = torch.zeros(n, n_ctx, device=device)
+            group = max(1, round(BERT_MASK_RATE * n_ctx))
+            for r in range(rounds):
+                order = torch.randperm(n_ctx, generator=torch.Generator().manual_seed(seed_of(seed, Stream.EVAL_MASK, r)))
+                for positions in order.to(device).split(group):
+                    mask = torch.zeros(n, n_ctx, dtype=torch.bool, device=device)
+                    mask[:, positions] = True
+                    nats[:, positions] += token_nll(model(tokens, mask), tokens)[:, positions]
+            nats /= rounds
+    model.train(was_training)
+    side = model.config.side
+    return (nats / LN2).view(n, side, side).cpu()
 
 
 @torch.no_grad()

@@ -157,6 +157,11 @@ def bert_mask(shape: tuple[int, ...], generator: torch.Generator | None = None) 
     return torch.rand(shape, generator=generator, device=device) < BERT_MASK_RATE
 
 
+def token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Each pixel's NLL in nats, (B, n): what `nll` sums, and what the surprise map shows."""
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none").view(tokens.shape)
+
+
 def nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The generative loss: summed NLL in nats over the predicted pixels, and their number.
 
@@ -165,7 +170,7 @@ def nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = 
     step timing all use this one function; sums (not means) let gradient accumulation and
     several processes add up to exactly the single-batch mean.
     """
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten(), reduction="none")
+    per_token = token_nll(logits, tokens).flatten()
     if mask is None:
         return per_token.sum(), torch.tensor(per_token.numel(), device=per_token.device)
     weights = mask.flatten().to(per_token.dtype)

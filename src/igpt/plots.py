@@ -15,12 +15,16 @@ from igpt.fileio import atomic_write
 LN2 = math.log(2.0)
 
 
-def _figure(width: float = 6.0, height: float = 3.6):
+def _figure(width: float = 6.0, height: float = 3.6, rows: int = 0, columns: int = 0):
+    """One gridded plot, or with `rows` and `columns` a (rows, columns) array of bare axes."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    if rows and columns:
+        fig, axes = plt.subplots(rows, columns, figsize=(width, height), dpi=110, squeeze=False)
+        return plt, fig, axes
     fig, ax = plt.subplots(figsize=(width, height), dpi=110)
     ax.grid(True, alpha=0.3)
     return plt, fig, ax
@@ -93,4 +97,24 @@ def curves_against_time(curves: dict[str, list[tuple[float, float]]], path: str 
     ax.set_xlabel("minutes of optimizer steps")
     ax.set_ylabel(ylabel)
     ax.legend(loc="upper right", fontsize=8)
+    return _save(plt, fig, path)
+
+
+def surprise_maps(images, bits, names: list[str], path: str | Path) -> Path:
+    """Each image beside its per-pixel bits under the model (one colour scale for all), with its mean bits/pixel."""
+    import numpy as np
+
+    bits = np.asarray(bits)
+    n = len(images)
+    plt, fig, axes = _figure(width=5.2, height=2.4 * n, rows=n, columns=2)
+    top = float(np.percentile(bits, 99)) or 1.0
+    for row, image, pixel_bits, name in zip(axes, images, bits, names):
+        row[0].imshow(image, interpolation="nearest")
+        row[0].set_title(name if len(name) <= 28 else "..." + name[-25:], fontsize=8)
+        shown = row[1].imshow(pixel_bits, cmap="magma", vmin=0, vmax=top, interpolation="nearest")
+        row[1].set_title(f"{pixel_bits.mean():.2f} bits/pixel", fontsize=8)
+        fig.colorbar(shown, ax=row[1], fraction=0.046, pad=0.04).set_label("bits", fontsize=7)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
     return _save(plt, fig, path)

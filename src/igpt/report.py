@@ -38,7 +38,7 @@ class Report:
         self.blocks.append(("table", header, rows))
 
     def image(self, name: str, alt: str, folder: Path) -> None:
-        """A PNG in `folder` referred to by `name`; skipped with a note if it was not made."""
+        """An image (PNG, or an animated GIF) in `folder` referred to by `name`; a note instead if it was not made."""
         path = Path(folder) / name
         if path.is_file():
             self.blocks.append(("image", name, alt, path))
@@ -77,7 +77,8 @@ class Report:
             else:
                 _, alt, path = rest
                 encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-                out.append(f"<p><img alt='{html.escape(alt)}' src='data:image/png;base64,{encoded}'></p>")
+                kind = {".gif": "gif", ".webp": "webp"}.get(path.suffix.lower(), "png")
+                out.append(f"<p><img alt='{html.escape(alt)}' src='data:image/{kind};base64,{encoded}'></p>")
         out.append("</body></html>")
         return "\n".join(out)
 

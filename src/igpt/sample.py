@@ -7,7 +7,9 @@ attention, a window or a column for local and strided), never a full forward pas
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,8 +63,13 @@ def sample(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     compile: bool = False,
+    watch: Callable[[int, torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor:
     """`n` token sequences of the model's full context; `prefix` (n or 1 rows of p tokens) is kept as given.
+
+    `watch(first, tokens, filled)`, when given, sees the batch being decoded (`tokens`, images
+    `first`, `first + 1`, ... of the n) once its prefix is in and after every completed image
+    row, with `filled` the pixels written so far: the filling-in animation is drawn from it.
 
     `compile` runs each pixel's step through torch.compile with static shapes (CUDA graphs on
     GPUs), the route to launch-free decoding there. On CPUs leave it off: the eager step attends
@@ -92,17 +99,20 @@ def sample(
         decoder = Decoder(model, rows, weights=weights, compile=compile)
         weights = decoder.weights  # laid out once per call
         head = prefix[start : start + rows] if prefix is not None else None
-        chunks.append(_sample_batch(decoder, head, temperature, top_k, top_p, greedy, generator))
+        observe = None if watch is None else functools.partial(watch, start)
+        chunks.append(_sample_batch(decoder, head, temperature, top_k, top_p, greedy, generator, observe))
     model.train(was_training)
     return torch.cat(chunks)
 
 
-def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, generator) -> torch.Tensor:
-    n_ctx = decoder.model.config.n_ctx
+def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, generator, watch) -> torch.Tensor:
+    n_ctx, side = decoder.model.config.n_ctx, decoder.model.config.side
     out = torch.empty(decoder.cache.batch, n_ctx, dtype=torch.long, device=decoder.cache.k[0].device)
     known = 0 if prefix is None else prefix.shape[1]
     if known:
         out[:, :known] = prefix
+    if watch is not None:
+        watch(out, known)
     logits = decoder.feed(out[:, :known] if known else None)  # predictions for pixel `known`
     for pos in range(known, n_ctx):
         if greedy:
@@ -110,6 +120,8 @@ def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, g
         else:
             nxt = draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1), generator)
         out[:, pos] = nxt
+        if watch is not None and (pos + 1) % side == 0:
+            watch(out, pos + 1)
         if pos + 1 < n_ctx:
             logits = decoder.feed(nxt[:, None])
     return out
@@ -134,17 +146,29 @@ def complete(
     return out.view(len(tokens), samples, -1)
 
 
-def completion_rows(model, palette, originals: np.ndarray, keep_rows: int, samples: int, **options) -> np.ndarray:
+UNKNOWN = 127  # the grey of pixels not (yet) known: below the cut of an occluded input, ahead of the decoder
+
+
+def completion_rows(model, palette, originals: np.ndarray, keep_rows: int, samples: int, *,
+                    animation=None, **options) -> np.ndarray:
     """uint8 (N, samples + 2, R, R, 3): per image the occluded input (grey below the kept rows),
-    `samples` completions, and the original."""
+    `samples` completions, and the original. `animation` (an igpt.animation.Animation made by
+    `completion_layout`) records the completions filling in."""
     side = model.config.side
     device = next(model.parameters()).device
     tokens = torch.from_numpy(palette.encode(originals).astype(np.int64)).to(device)
-    completed = complete(model, tokens, keep_rows, samples, **options)
-    occluded = palette.decode(tokens.cpu().numpy())
-    occluded[:, keep_rows:] = 127
+    watch = None if animation is None else animation.watch
+    completed = complete(model, tokens, keep_rows, samples, watch=watch, **options)
     sampled = palette.decode(completed.flatten(0, 1).cpu().numpy()).reshape(len(originals), samples, side, side, 3)
-    return np.concatenate([occluded[:, None], sampled, np.asarray(originals)[:, None]], axis=1)
+    return completion_layout(palette, originals, keep_rows)(sampled)
+
+
+def completion_layout(palette, originals: np.ndarray, keep_rows: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Completions (N, samples, R, R, 3) -> the rows of `completion_rows`: occluded input, completions, original."""
+    occluded = palette.decode(palette.encode(originals))
+    occluded[:, keep_rows:] = UNKNOWN
+    originals = np.asarray(originals)
+    return lambda sampled: np.concatenate([occluded[:, None], sampled, originals[:, None]], axis=1)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, scale: int | None = None, pad: int = 1) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 from igpt.data.augment import pad_crop_flip, random_resized_crop
 from igpt.data.cache import build_entry, entry_key, read_entry
 from igpt.data.folders import FileSplit, load_path
-from igpt.data.images import decode, fit_to
+from igpt.data.images import decode, fit_to, read_images
 from igpt.data.sources import NAMED, Native, Split, fetch
 from igpt.config import check, option
 from igpt.errors import IgptError
@@ -30,7 +30,7 @@ HOLD_OUT = 0.1
 _PARALLEL_FILES = 2000  # decode in worker processes above this many files
 
 __all__ = ["DATASETS", "DataConfig", "ImageSet", "TokenSet", "fetch", "load", "load_tokens", "pad_crop_flip",
-           "random_resized_crop"]
+           "random_resized_crop", "read_images"]
 
 
 @dataclass
