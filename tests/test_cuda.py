@@ -53,8 +53,14 @@ def assert_clear_greedy_picks(model: ImageGPT, images: torch.Tensor, prefix: tor
     assert margin > CLEAR_MARGIN, f"a near-tie ({margin:.1e}) among the greedy picks: choose another prefix"
 
 
-def test_logits_and_gradients_on_cuda_match_the_cpu():
-    cpu = random_model()
+PATTERNS = {"dense": {}, "local": dict(attention="local", window_rows=2, positions="2d"),
+            "strided": dict(attention="strided", positions="2d")}
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_logits_and_gradients_on_cuda_match_the_cpu(pattern):
+    """Band layers train through FlexAttention on CUDA (heads of 16 here), the blocked kernels on the CPU."""
+    cpu = random_model(n_head=2, **PATTERNS[pattern])
     cuda = copy.deepcopy(cpu).cuda()
     tokens = random_tokens(cpu, 3, cpu.config.n_ctx, seed=1)
     logits = {}
@@ -63,6 +69,10 @@ def test_logits_and_gradients_on_cuda_match_the_cpu():
         logits[name] = model(x)
         F.cross_entropy(logits[name].flatten(0, 1), x.flatten()).backward()
     assert_close(logits["cuda"].detach(), logits["cpu"].detach(), "logits")
+    if pattern != "dense":
+        from igpt.model import flex_band_applies
+
+        assert flex_band_applies(torch.zeros(1, 1, 1, 16, device="cuda"))  # the CUDA side really ran FlexAttention
     for (name, on_cpu), on_cuda in zip(cpu.named_parameters(), cuda.parameters()):
         assert_close(on_cuda.grad, on_cpu.grad, f"gradient of {name}", rel=5e-4)
 
