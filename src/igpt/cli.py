@@ -210,6 +210,48 @@ def _cmd_surprise(args: argparse.Namespace) -> None:
                                       "pixel_bits": bits.tolist(), "objective": model.config.objective})
 
 
+def _cmd_fid(args: argparse.Namespace) -> None:
+    from igpt import fid
+    from igpt.checkpoint import load_run
+    from igpt.config import given_flags
+    from igpt.data import DataConfig
+    from igpt.distributed import resolve_device
+    from igpt.fileio import atomic_write_json, check_folder
+
+    fid.check_dims(args.dims)
+    if args.n is not None:
+        fid.check_n(args.n)
+    out = check_folder(args.json)
+    if out.suffix.lower() != ".json":
+        raise IgptError(f"--json {out} must name a .json file")
+    if args.ckpt is None and args.images is None:
+        raise IgptError("give --ckpt RUN to score its samples, or --images X (with --ckpt RUN or --data) to score those")
+    if args.ckpt is None and (args.name is None or args.resolution is None):
+        raise IgptError("--images without --ckpt needs --data and --resolution: the real images to compare with")
+    if args.images is None:
+        model, palette, info = _load_for_sampling(args)
+    elif args.ckpt is not None:
+        model, palette, info = load_run(args.ckpt, args.device)
+    if args.ckpt is not None:
+        if args.resolution not in (None, model.config.side):
+            raise IgptError(f"--resolution {args.resolution} differs from the model's {model.config.side}: leave it out")
+        data = _run_data(args, info, model.config)
+    else:
+        data = DataConfig(**given_flags(DataConfig, args))
+    extractor = fid.inception(args.dims, args.fid_weights)  # the offline check, before any data or sampling work
+    if args.images is None:
+        result = fid.score_samples(model, palette, data, extractor, n=args.n or 5000, split=args.split,
+                                   batch_size=args.batch_size, seed=args.seed, run=args.ckpt)
+    else:
+        result = fid.score_files(args.images, data, extractor, n=args.n, split=args.split,
+                                 batch_size=args.batch_size, device=resolve_device(args.device),
+                                 seed=args.seed)
+    result["dims"] = args.dims
+    print(fid.summary(result))
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="run folder (or a converted model folder)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -408,6 +450,28 @@ def build_parser() -> argparse.ArgumentParser:
     surprise.add_argument("--out", required=True, help="output PNG: each image beside its heat map")
     surprise.add_argument("--json", default=None, help="also write every pixel's bits as JSON")
     surprise.set_defaults(func=_cmd_surprise)
+
+    fid = sub.add_parser("fid", help="FID and KID of samples (or of given images) against a real split")
+    fid.add_argument("--ckpt", default=None, help="run folder: its samples are scored, or it names the data and size")
+    fid.add_argument("--images", default=None, metavar="X",
+                     help="score these instead of sampling: a folder of images or an .npy of uint8 (N, H, W, 3)")
+    fid.add_argument("--n", type=int, default=None,
+                     help="images on each side (default: 5000 samples, or every image of --images)")
+    _add_data_flags(fid, from_run=True)
+    add_flags(fid, DataConfig, only=("resolution",), inherit="the model's; needed with --images and no --ckpt")
+    fid.add_argument("--split", choices=("train", "val", "test"), default="test")
+    fid.add_argument("--dims", type=int, default=2048,
+                     help="Inception-v3 features: 64 | 192 | 768 | 2048 (default: %(default)s); "
+                          "FIDs at different sizes are not comparable")
+    fid.add_argument("--batch-size", type=_positive_int, default=100,
+                     help="images sampled, and fed to Inception, at once (default: %(default)s)")
+    fid.add_argument("--device", default=None)
+    fid.add_argument("--fid-weights", default=None, metavar="PATH",
+                     help="a local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                          "(default: torch hub's cache, downloaded once)")
+    fid.add_argument("--seed", type=int, default=0, help="sampling, the real subset and KID's subsets")
+    fid.add_argument("--json", default="fid.json", help="where the result goes (default: %(default)s)")
+    fid.set_defaults(func=_cmd_fid)
 
     probe = sub.add_parser("probe", help="linear probe of every layer, against raw-pixel and random-init baselines")
     probe.add_argument("--ckpt", required=True, help="run folder")

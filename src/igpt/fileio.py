@@ -15,12 +15,18 @@ from typing import Callable, IO
 from igpt.errors import IgptError
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call `write(f)` on a temporary file and rename it to `path` once complete and synced."""
+def check_folder(path: str | os.PathLike) -> Path:
+    """Refuse a path whose folder cannot be made because a file stands in its way: checkable before long work."""
     path = Path(path)
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise IgptError(f"cannot write {path}: {blocking} is a file, not a folder")
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call `write(f)` on a temporary file and rename it to `path` once complete and synced."""
+    path = check_folder(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

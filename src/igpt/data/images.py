@@ -66,22 +66,24 @@ def fit_to(array: np.ndarray, resolution: int | None, crop: bool) -> np.ndarray:
     return np.asarray(image.resize((resolution, resolution), Image.BOX if shrinking else Image.BICUBIC))
 
 
-def read_images(paths: list[str | Path], resolution: int, *, skip_bad: bool = False) -> tuple[np.ndarray, list[str]]:
+def read_images(paths: list[str | Path], resolution: int, *, crop: bool = True,
+                skip_bad: bool = False) -> tuple[np.ndarray, list[str]]:
     """A user's own pictures as the model sees them: (N, R, R, 3) uint8 and the names of the files skipped.
 
-    Any size and mode: each is centre-cropped to square and resized with the same `fit_to` as
-    the training data. A missing or unreadable file stops with one line naming it, unless
-    `skip_bad`, which skips it (the caller reports the count); all of them bad is an error.
+    Any size and mode: each is centre-cropped to square (unless `crop` is off) and resized with
+    the same `fit_to` as the training data. A missing or unreadable file stops with one line
+    naming it, unless `skip_bad`, which skips it (the caller reports the count); all of them
+    bad is an error.
     """
     images, skipped = [], []
     for path in paths:
         try:
             if not Path(path).is_file():
                 raise IgptError(f"cannot read image {path}: no such file")
-            images.append(fit_to(decode(Path(path), str(path)), resolution, crop=True))
-        except IgptError:
+            images.append(fit_to(decode(Path(path), str(path)), resolution, crop=crop))
+        except IgptError as err:
             if not skip_bad:
-                raise
+                raise IgptError(f"{err} (pass --skip-bad to skip unreadable files)") from None
             skipped.append(str(path))
     if not images:
         raise IgptError(f"none of the {len(paths)} image files could be read ({', '.join(skipped[:3])}"
