@@ -27,6 +27,7 @@ def test_demo_writes_a_sane_report(tmp_path, capsys):
     assert all(0 <= row["test_acc"] <= 1 for row in probe["layers"])
     assert summary["steps"] == 80 and all(math.isfinite(v) and v >= 0 for v in summary["timings"].values())
     markdown = (out / "report.md").read_text()
+    assert "FID and KID skipped" in markdown or "FID " in markdown
     for section in ("## Likelihood", "## Samples", "## Completions", "## Surprise", "## Linear probe", "## Timings"):
         assert section in markdown
     html = (out / "report.html").read_text()

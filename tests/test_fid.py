@@ -281,3 +281,28 @@ def test_offline_without_weights_one_line_names_the_file(tiny_run, no_sampling, 
     err = run_refused(["fid", "--ckpt", str(tiny_run), "--n", "4", "--fid-weights", str(tmp_path / "nothing.pth")],
                       work, monkeypatch, capsys)
     assert "--fid-weights" in err and "nothing.pth" in err
+
+
+def test_demo_scores_its_samples_only_when_inception_is_here(tiny_run, monkeypatch):
+    from igpt.checkpoint import load_run
+    from igpt.demo import score_sample_quality
+
+    model, palette, info = load_run(tiny_run, "cpu")
+    data = info.data_for(model.config)
+    monkeypatch.setattr(fid, "unavailable", lambda: "no weights here")
+    assert score_sample_quality(model, palette, data, seed=0) == {"skipped": "no weights here"}
+    monkeypatch.setattr(fid, "unavailable", lambda: None)
+    monkeypatch.setattr(fid, "inception", lambda dims=2048, weights=None: ColourLayout())
+    result = score_sample_quality(model, palette, data, seed=0)
+    assert result["n"] == min(500, len(data.images("test"))) and result["dims"] == 2048
+    assert np.isfinite(result["fid"]) and result["fid"] >= 0 and result["sampled"]
+
+
+def test_unavailable_names_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(fid, "missing_packages", lambda: "FID and KID need torchmetrics and torch-fidelity: pip ...")
+    assert "torch-fidelity" in fid.unavailable()
+    monkeypatch.setattr(fid, "missing_packages", lambda: None)
+    monkeypatch.setattr(fid, "weights_dir", lambda: tmp_path)
+    assert fid.WEIGHTS_FILE in fid.unavailable() and str(tmp_path) in fid.unavailable()
+    (tmp_path / fid.WEIGHTS_FILE).write_bytes(b"weights")
+    assert fid.unavailable() is None

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igpt import plots
+from igpt import fid, plots
 from igpt.animation import Animation
 from igpt.checkpoint import BEST
 from igpt.data import DataConfig
@@ -190,6 +190,8 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
     with autocast(dev, precision):
         rows = completion_rows(model, palette, np.asarray(test_images.images[picks]), keep, 4, generator=generator)
     save_grid(rows.reshape(-1, data.resolution, data.resolution, 3), folder / "completions.png", columns=6)
+    sample_quality = score_sample_quality(model, palette, data, seed)
+    log("  " + (fid.summary(sample_quality) if "fid" in sample_quality else f"FID skipped: {sample_quality['skipped']}"))
     surprising = np.asarray(test_images.images[picks[:2]])
     bits = pixel_bits(model, palette.encode(surprising).astype(np.int64), precision=precision)
     plots.surprise_maps(surprising, bits.numpy(), [f"test image {i}" for i in picks[:2]], folder / "surprise.png")
@@ -219,7 +221,8 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
         "plan": dataclasses.asdict(plan), "steps": n_steps, "precision": precision, "device": str(dev),
         "seconds_per_step": timed[precision], "model": dataclasses.asdict(model.config),
         "n_params": sum(p.numel() for p in model.parameters()), "eval": evaluation,
-        "best_val_bits_per_pixel": trainer.best / LN2, "probe": probe, "timings": timings,
+        "best_val_bits_per_pixel": trainer.best / LN2, "probe": probe, "sample_quality": sample_quality,
+        "timings": timings,
     }
     _write_report(folder, result, records)
     timings["report"] = time.perf_counter() - t
@@ -227,6 +230,20 @@ def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minu
     atomic_write_json(folder / "summary.json", result)
     log(_screen_summary(folder, result))
     return result
+
+
+FID_IMAGES = 500  # samples (and test images) the demo scores: a minute of Inception on a small CPU
+
+
+def score_sample_quality(model: ImageGPT, palette: Palette, data: DataConfig, seed: int) -> dict:
+    """FID and KID (2048-d) of the demo's samples against the test split, when the Inception weights are
+    already here; else {"skipped": why}, so a demo never waits on a download."""
+    reason = fid.unavailable()
+    if reason is not None:
+        return {"skipped": reason}
+    n = min(FID_IMAGES, len(data.images("test")))
+    result = fid.score_samples(model, palette, data, fid.inception(2048), n=n, seed=seed)
+    return {**result, "dims": 2048}
 
 
 def _write_report(folder: Path, result: dict, records: list[dict]) -> None:
@@ -252,6 +269,14 @@ def _write_report(folder: Path, result: dict, records: list[dict]) -> None:
     report.heading("Samples")
     report.paragraph("Generated pixel by pixel in raster order; the animation shows the decoder filling them in.")
     report.image("samples.gif", "unconditional samples filling in", folder)
+    quality = result["sample_quality"]
+    if "fid" in quality:
+        report.paragraph(f"Sample quality against the test split ({quality['n']:,} samples and test images, "
+                         f"2048-dimensional Inception-v3 features): FID {quality['fid']:.2f}, KID "
+                         f"{quality['kid_mean']:.4f} ± {quality['kid_std']:.4f}. FIDs from other sample counts "
+                         "or feature sizes are not comparable.")
+    else:
+        report.paragraph(f"FID and KID skipped: {quality['skipped']}.")
     report.heading("Completions")
     report.paragraph("Each row: the test image with its bottom half hidden, four sampled completions, the original.")
     report.image("completions.png", "completions", folder)

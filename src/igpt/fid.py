@@ -77,6 +77,17 @@ def missing_packages() -> str | None:
     return None
 
 
+def unavailable() -> str | None:
+    """Why FID cannot run here without a download (None when it can): `igpt demo` scores its samples
+    only when everything is already in place, and otherwise says this in its report."""
+    missing = missing_packages()
+    if missing:
+        return missing
+    if not (weights_dir() / WEIGHTS_FILE).is_file():
+        return f"the Inception-v3 weights are not on this machine: {_put_weights()}"
+    return None
+
+
 def _broken(err: BaseException) -> str:
     return (f"FID and KID need torchmetrics and torch-fidelity's Inception-v3, which do not import here "
             f"({_first_line(err)}): {INSTALL}, with the torchvision built for torch {torch.__version__}")
