@@ -7,7 +7,8 @@ second call only redraws): the test split's exact bits/pixel (`igpt eval`, writt
 test.json) and the layer-sweep linear probe with its raw-pixel and random-init baselines
 (`igpt probe --max-train 15000`, probe.json). Evaluation may run anywhere (--device); the
 minutes in the table and the plot are the runs' own: the optimizer steps' time as logged
-in metrics.jsonl (each step's tokens over its tokens/s), validation excluded.
+in metrics.jsonl (each step's tokens over its tokens/s), validation excluded; the plot puts
+each validation at its step times the run's median step time.
 Prints a Markdown table and draws validation bits/pixel against those minutes.
 """
 
@@ -40,16 +41,16 @@ def evaluate(run: Path, data: str | None, device: str | None) -> None:
 
 
 def curve(run: Path, tokens_per_step: int) -> tuple[list[tuple[float, float]], list[float]]:
-    """(minutes of optimizer steps, validation bits/pixel) at each validation, and every step's seconds."""
-    seconds, points, steps = 0.0, [], []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "tokens_per_s" in record:
-            steps.append(tokens_per_step / record["tokens_per_s"])
-            seconds += steps[-1]
-        if "val_bits_per_pixel" in record:
-            points.append((seconds / 60, record["val_bits_per_pixel"]))
-    return points, steps
+    """(minutes, validation bits/pixel) at each validation, and every step's seconds.
+
+    The minutes are the step count times the run's median step time: every step of a run does
+    the same work on the same shapes, and the median is what a quiet machine gives even when
+    other processes slowed some of the steps (the table gives the measured sum beside it).
+    """
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [tokens_per_step / r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    median = statistics.median(steps)
+    return [(r["step"] * median / 60, r["val_bits_per_pixel"]) for r in records if "val_bits_per_pixel" in r], steps
 
 
 def main() -> None:
@@ -73,12 +74,13 @@ def main() -> None:
         probe = json.loads((run / "probe.json").read_text()) if (run / "probe.json").exists() else {}
         rows.append((name, len(steps), sum(steps) / 60, statistics.median(steps), points[-1][1] if points else None,
                      test.get("bits_per_pixel"), probe))
-    print("| pattern | steps | minutes of steps | s/step (median) | validation bits/pixel (last) | test bits/pixel "
-          "| best probe layer | its test accuracy % | raw pixels % | best random-init layer % |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| pattern | steps | s/step (median) | minutes at the median | minutes measured | validation bits/pixel "
+          "(last) | test bits/pixel | best probe layer | its test accuracy % | raw pixels % | best random-init % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, n, minutes, median, val, test, probe in rows:
         b = probe.get("baselines", {})
-        cells = [name, str(n), f"{minutes:.1f}", f"{median:.2f}", fmt(val, ".3f"), fmt(test, ".3f"),
+        cells = [name, str(n), f"{median:.2f}", f"{n * median / 60:.1f}", f"{minutes:.1f}", fmt(val, ".3f"),
+                 fmt(test, ".3f"),
                  str(probe.get("best_layer", "-")), fmt(100 * probe["best_test_acc"] if probe else None, ".1f"),
                  fmt(100 * b["raw_pixels"] if "raw_pixels" in b else None, ".1f"),
                  fmt(100 * b["random_init"] if "random_init" in b else None, ".1f")]
