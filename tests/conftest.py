@@ -83,3 +83,20 @@ def tiny_run(tmp_path_factory):
 def tiny_copy(tiny_run, tmp_path):
     """A private copy of the tiny run, for tests that change or damage it."""
     return shutil.copytree(tiny_run, tmp_path / "run")
+
+
+def run_refused(argv: list[str], cwd, monkeypatch, capsys) -> str:
+    """Run `igpt` in the empty folder `cwd`: it must refuse with a non-zero exit and one line on stderr
+    (no traceback), leaving nothing behind; returns that line."""
+    from igpt.cli import main
+
+    monkeypatch.chdir(cwd)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own refusals
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code not in (0, None), argv
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert list(cwd.iterdir()) == [], f"{argv} left {list(cwd.iterdir())}"
+    return err

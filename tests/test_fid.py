@@ -16,6 +16,7 @@ pytest.importorskip("torchmetrics")
 
 from igpt import fid  # noqa: E402
 from igpt.cli import main  # noqa: E402
+from conftest import run_refused  # noqa: E402
 
 
 def closed_form_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -199,20 +200,6 @@ def inputs(tmp_path_factory, tiny_run):
     (root / "a-file").write_text("x")
     return {"run": tiny_run, "bert": bert, "bad": bad, "floats": root / "floats.npy", "six": root / "six.npy",
             "a-file": root / "a-file"}
-
-
-def run_refused(argv: list[str], cwd, monkeypatch, capsys) -> str:
-    """Run `igpt` in the empty folder `cwd`; it must refuse in one line, leaving nothing behind."""
-    monkeypatch.chdir(cwd)
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse's own refusals
-        code = exit_.code
-    err = capsys.readouterr().err.strip()
-    assert code not in (0, None), argv
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert list(cwd.iterdir()) == [], f"{argv} left {list(cwd.iterdir())}"
-    return err
 
 
 BAD = [
