@@ -7,8 +7,9 @@ second call only redraws): the test split's exact bits/pixel (`igpt eval`, writt
 test.json) and the layer-sweep linear probe with its raw-pixel and random-init baselines
 (`igpt probe --max-train 15000`, probe.json). Evaluation may run anywhere (--device); the
 minutes in the table and the plot are the runs' own: the optimizer steps' time as logged
-in metrics.jsonl (each step's tokens over its tokens/s), validation excluded; the plot puts
-each validation at its step times the run's median step time.
+in metrics.jsonl (each step's tokens over its tokens/s), validation excluded, and the step
+timed alone on this CPU (step_time.json, made on the first call: run it on a quiet machine);
+the plot puts each validation at its step times that quiet step time.
 Prints a Markdown table and draws validation bits/pixel against those minutes.
 """
 
@@ -40,17 +41,29 @@ def evaluate(run: Path, data: str | None, device: str | None) -> None:
                                "--out", str(run / "probe.json")] + common, check=True)
 
 
-def curve(run: Path, tokens_per_step: int) -> tuple[list[tuple[float, float]], list[float]]:
-    """(minutes, validation bits/pixel) at each validation, and every step's seconds.
+def quiet_step_seconds(run: Path, config: ImageGPTConfig, batch_size: int) -> float:
+    """The run's optimizer step timed alone on this CPU (best of 5, after a warm-up), kept in step_time.json.
 
-    The minutes are the step count times the run's median step time: every step of a run does
-    the same work on the same shapes, and the median is what a quiet machine gives even when
-    other processes slowed some of the steps (the table gives the measured sum beside it).
+    Every step of a run does the same work on the same shapes, so steps x this is the run's cost
+    on a quiet machine, whatever else shared the cores while it trained (its logged step times
+    are in the table too). Time it with nothing else running.
     """
+    kept = run / "step_time.json"
+    if not kept.exists():
+        import torch
+
+        from igpt.demo import time_step
+
+        seconds = min(time_step(config, batch_size, torch.device("cpu"), "fp32", steps=1) for _ in range(5))
+        kept.write_text(json.dumps({"seconds": seconds, "batch_size": batch_size}))
+    return json.loads(kept.read_text())["seconds"]
+
+
+def curve(run: Path, tokens_per_step: int, step_seconds: float) -> tuple[list[tuple[float, float]], list[float]]:
+    """(minutes at `step_seconds` a step, validation bits/pixel) at each validation; every step's logged seconds."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [tokens_per_step / r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-    median = statistics.median(steps)
-    return [(r["step"] * median / 60, r["val_bits_per_pixel"]) for r in records if "val_bits_per_pixel" in r], steps
+    return [(r["step"] * step_seconds / 60, r["val_bits_per_pixel"]) for r in records if "val_bits_per_pixel" in r], steps
 
 
 def main() -> None:
@@ -59,28 +72,37 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="the data set, where it lies elsewhere than when trained")
     parser.add_argument("--device", default=None, help="where to evaluate (default: igpt's)")
     parser.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="only read what is there")
+    parser.add_argument("--only-evaluate", action="store_true",
+                        help="evaluate and stop (on a machine other than the one the runs trained on)")
     parser.add_argument("--plot", default="docs/attention-cifar10-32px.png")
     args = parser.parse_args()
     runs = sorted(p.parent for p in Path(args.folder).glob("*/run.json"))
     curves, rows = {}, []
     for run in runs:
-        if args.evaluate:
+        if args.evaluate or args.only_evaluate:
             evaluate(run, args.data, args.device)
+        if args.only_evaluate:
+            continue
         config = ImageGPTConfig.from_dict(json.loads((run / "config.json").read_text()))
-        points, steps = curve(run, RunInfo.read(run).config["batch_size"] * config.n_ctx)
+        batch_size = RunInfo.read(run).config["batch_size"]
+        quiet = quiet_step_seconds(run, config, batch_size)
+        points, steps = curve(run, batch_size * config.n_ctx, quiet)
         name = f"{config.attention}-{config.positions}" + (f" R={config.window_rows}" if config.attention == "local" else "")
         curves[name] = points
         test = json.loads((run / "test.json").read_text()) if (run / "test.json").exists() else {}
         probe = json.loads((run / "probe.json").read_text()) if (run / "probe.json").exists() else {}
-        rows.append((name, len(steps), sum(steps) / 60, statistics.median(steps), points[-1][1] if points else None,
-                     test.get("bits_per_pixel"), probe))
-    print("| pattern | steps | s/step (median) | minutes at the median | minutes measured | validation bits/pixel "
-          "(last) | test bits/pixel | best probe layer | its test accuracy % | raw pixels % | best random-init % |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, n, minutes, median, val, test, probe in rows:
+        rows.append((name, len(steps), sum(steps) / 60, quiet, statistics.median(steps),
+                     points[-1][1] if points else None, test.get("bits_per_pixel"), probe))
+    if args.only_evaluate:
+        return
+    print("| pattern | steps | s/step alone | minutes alone | s/step logged (median) | minutes logged | "
+          "validation bits/pixel (last) | test bits/pixel | best probe layer | its test accuracy % | raw pixels % | "
+          "best random-init % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, n, minutes, quiet, median, val, test, probe in rows:
         b = probe.get("baselines", {})
-        cells = [name, str(n), f"{median:.2f}", f"{n * median / 60:.1f}", f"{minutes:.1f}", fmt(val, ".3f"),
-                 fmt(test, ".3f"),
+        cells = [name, str(n), f"{quiet:.2f}", f"{n * quiet / 60:.1f}", f"{median:.2f}", f"{minutes:.1f}",
+                 fmt(val, ".3f"), fmt(test, ".3f"),
                  str(probe.get("best_layer", "-")), fmt(100 * probe["best_test_acc"] if probe else None, ".1f"),
                  fmt(100 * b["raw_pixels"] if "raw_pixels" in b else None, ".1f"),
                  fmt(100 * b["random_init"] if "random_init" in b else None, ".1f")]
