@@ -3,6 +3,8 @@
 # `tiny` (4 layers, width 128), one per positions x attention choice, each given about 20 minutes of
 # optimizer steps on a 2-core CPU (the step counts come from timing each pattern's step first).
 # Then bench/attention_report.py evaluates them (test bits/pixel, layer-sweep probe) and draws the plot.
+# Its minutes come from each pattern's step timed alone, not from these runs' clocks, so the runs
+# may share the machine (OMP_NUM_THREADS=1, two at once): the steps they take are the same.
 #
 #   bench/attention_runs.sh [CIFAR10_TARBALL] [OUT]      # about 90 minutes on 2 cores; one run at a time
 set -eu
