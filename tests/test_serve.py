@@ -118,13 +118,13 @@ def test_test_bits_come_from_an_eval_json_in_the_run_folder(tmp_path):
 
 def test_a_model_folder_without_its_data_set_serves_without_test_pictures(tiny_run):
     from igpt.checkpoint import RunInfo, load_run
-    from igpt.serve import ModelWorker, model_facts, test_gallery
+    from igpt.serve import ModelWorker, first_test_pictures, model_facts
 
     model, palette, _ = load_run(tiny_run, "cpu")  # as an imported Hugging Face model: no run.json
-    name, gallery = test_gallery(RunInfo(), model.config)
+    name, gallery = first_test_pictures(RunInfo(), model.config)
     assert name is None and gallery.images is None and "pass --data" in gallery.note
     assert model_facts(ModelWorker(model, palette), tiny_run, name)["data set"] == "not recorded"
-    name, gallery = test_gallery(RunInfo(), model.config, {"name": "digits"}, n=3)
+    name, gallery = first_test_pictures(RunInfo(), model.config, {"name": "digits"}, n=3)
     assert name == "digits" and gallery.images.shape == (3, SIDE, SIDE, 3) and len(gallery.captions) == 3
 
 

@@ -83,8 +83,11 @@ def _click(element) -> bool:
 def _tab(browser, name: str) -> None:
     from selenium.webdriver.common.by import By
 
-    tab = _until(lambda: [t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == name])[0]
-    _until(lambda: _click(tab))
+    def chosen() -> bool:
+        tab = next((t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == name), None)
+        return tab is not None and (tab.get_attribute("aria-selected") == "true" or _click(tab) and False)
+
+    _until(chosen, every=0.3)
 
 
 def test_draw_on_the_canvas(browser, served):

@@ -34,6 +34,7 @@ import torch
 
 from igpt.animation import Animation
 from igpt.errors import IgptError
+from igpt.sample import save_grid
 
 INSTALL = "pip install 'igpt[app]'"
 MAX_UPLOAD_MB = 20.0
@@ -258,13 +259,13 @@ def canvas_for(palette, side: int) -> tuple[int, np.ndarray, list[str]]:
 def attention_text(config) -> str:
     pattern = {"dense": "dense (every earlier pixel)",
                "local": f"local (the {config.window_rows} rows before each pixel)",
-               "strided": "strided (the row before and the column)"}[config.attention]
+               "strided": "strided (a row's worth of pixels before each, and its column)"}[config.attention]
     return f"{pattern}, {config.positions} positions"
 
 
 def measured_bits(folder: Path) -> tuple[str, str]:
-    """(label, value) of the best-known number: test bits/pixel from an `igpt eval --json` result in the
-    run folder (or the demo's eval.json, which measured DEMO/run/best), else the best validation."""
+    """(label, value): the bits/pixel of an `igpt eval --json` result kept in the run folder (or the demo's
+    eval.json, which measured DEMO/run/best), else "not measured" and how to measure it."""
     candidates = [folder / name for name in EVAL_FILES]
     if folder.name == "best" and folder.parent.name == "run":
         candidates.append(folder.parent.parent / "eval.json")
@@ -315,7 +316,8 @@ class Gallery:
     note: str = ""
 
 
-def test_gallery(info, config, data: dict | None = None, n: int = GALLERY_SIZE) -> tuple[str | None, Gallery]:
+def first_test_pictures(info, config, data: dict | None = None,
+                        n: int = GALLERY_SIZE) -> tuple[str | None, Gallery]:
     """The data set's name and its first `n` test pictures; a folder without its data still serves."""
     try:
         described = info.data_for(config, **(data or {}))
@@ -401,8 +403,6 @@ def build_app(worker: ModelWorker, facts: dict[str, str], gallery: Gallery, *, f
                     if frame.rows is None:
                         yield shown, f"Completing: row {frame.filled_rows} of {side}...", gr.skip()
                         continue
-                    from igpt.sample import save_grid
-
                     path = save_grid(frame.rows, grids / f"igpt-completions-seed{seed}.png", columns=samples + 2)
                     yield (shown, f"{samples} completion{'s' * (samples > 1)} of {html.escape(chosen['name'])} "
                            f"from its top {keep_rows} of {side} rows (seed {seed}): first the input, last the "
@@ -526,10 +526,11 @@ def serve(ckpt: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 7860,
     try:
         os.environ["GRADIO_TEMP_DIR"] = str(folder / "gradio")  # read when Gradio is imported and as it serves
         os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # a local page does not report to anyone
+        os.environ["GRADIO_RUN_HISTORY"] = "False"  # nor keeps its users' inputs in their browsers
         tempfile.tempdir = str(folder)  # what Gradio writes without asking its own setting
         model, palette, info = load_run(ckpt, device)
         worker = ModelWorker(model, palette, precision)
-        data_name, gallery = test_gallery(info, model.config, data)
+        data_name, gallery = first_test_pictures(info, model.config, data)
         if gallery.note:
             log(f"igpt serve: {gallery.note}")
         exposed = None
@@ -542,7 +543,7 @@ def serve(ckpt: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 7860,
         try:
             app.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, share=False,
                        max_file_size=int(max_upload_mb * 2**20), ssr_mode=False, mcp_server=False,
-                       enable_monitoring=False, run_history=False, footer_links=["api", "settings"], css=CSS)
+                       enable_monitoring=False, footer_links=["api", "settings"], css=CSS)
         except OSError:  # Gradio's message speaks of its own settings, not of igpt's flags
             raise IgptError(f"cannot serve on {host}:{port}: the port is in use, or the address is not one of this "
                             "machine's; choose another --port or --host") from None
