@@ -7,7 +7,10 @@ stopped. Skipped without Gradio (the `app` extra), except the test of the messag
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -24,7 +27,9 @@ STEP_SECONDS = 0.025
 
 
 def _gradio():
-    pytest.importorskip("gradio")
+    """Skip without the app extra; Gradio itself is imported by the servers only, not by the tests."""
+    if importlib.util.find_spec("gradio") is None:
+        pytest.skip("no gradio: pip install 'igpt[app]'")
     return pytest.importorskip("gradio_client")
 
 
@@ -328,3 +333,7 @@ def test_without_gradio_serve_says_what_to_install(tiny_run, monkeypatch, capsys
     assert main(["serve", "--ckpt", str(tiny_run)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'igpt[app]'" in err
+    imported = subprocess.run([sys.executable, "-c", "import sys, igpt, igpt.cli, igpt.serve; "
+                               "igpt.cli.build_parser(); print('gradio' in sys.modules)"],
+                              capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"  # the core package never imports Gradio on its own

@@ -6,6 +6,7 @@ Skipped without Gradio, Selenium, or Debian's `chromium` and `chromium-driver` (
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve-screenshot.pn
 
 
 def _chromium() -> tuple[str, str]:
-    pytest.importorskip("gradio")
+    if importlib.util.find_spec("gradio") is None:
+        pytest.skip("no gradio: pip install 'igpt[app]'")
     pytest.importorskip("gradio_client")
     pytest.importorskip("selenium")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
