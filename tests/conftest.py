@@ -100,3 +100,96 @@ def run_refused(argv: list[str], cwd, monkeypatch, capsys) -> str:
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert list(cwd.iterdir()) == [], f"{argv} left {list(cwd.iterdir())}"
     return err
+
+
+SERVE_COUNTING_STEPS = (
+    "import os, sys, time\n"
+    "from igpt.decoding import Decoder\n"
+    "feed = Decoder.feed\n"
+    "def counted(self, *args, **kwargs):\n"
+    "    time.sleep(float(os.environ['IGPT_TEST_STEP_SECONDS']))\n"
+    "    with open(os.environ['IGPT_TEST_STEPS'], 'a') as f:\n"
+    "        f.write('.')\n"
+    "    return feed(self, *args, **kwargs)\n"
+    "Decoder.feed = counted\n"
+    "from igpt.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)  # `python -c SERVE_COUNTING_STEPS serve ...`: igpt serve, each decoding step slowed down and counted in a file
+
+
+class Served:
+    """`igpt serve --ckpt RUN` in a subprocess on a free port, with a home, a temporary folder and a working
+    folder (root/cwd, where a relative RUN is found) of its own, so a test can see that it leaves nothing
+    behind. Each decoding step takes at least `step_seconds` and adds a byte to `steps` (a completion can
+    then be stopped half-way)."""
+
+    def __init__(self, run, root, *args: str, step_seconds: float = 0.0, startup_seconds: float = 180.0):
+        import os
+        import socket
+        import subprocess
+        import sys
+        import threading
+        import time
+        from pathlib import Path
+
+        self.root = root
+        self.home, self.tmp, self.cwd = root / "home", root / "tmp", root / "cwd"
+        for folder in (self.home, self.tmp, self.cwd):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.steps = root / "steps"
+        self.steps.write_text("")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        import igpt
+
+        source = str(Path(igpt.__file__).parents[1])  # the igpt these tests import, whatever the working folder
+        paths = [source, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "HOME": str(self.home), "TMPDIR": str(self.tmp),
+               "GRADIO_ANALYTICS_ENABLED": "False",
+               "IGPT_TEST_STEPS": str(self.steps), "IGPT_TEST_STEP_SECONDS": str(step_seconds),
+               "OMP_NUM_THREADS": "1"}
+        env.setdefault("MPLCONFIGDIR", str(root.parent / "matplotlib"))  # matplotlib's own cache, not the server's
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVE_COUNTING_STEPS, "serve", "--ckpt", str(run),
+                                      "--port", str(self.port), *args], cwd=self.cwd, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines: list[str] = []
+        started = threading.Event()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if line.startswith("igpt serve: http"):
+                    started.set()
+            started.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + startup_seconds
+        while not started.wait(0.2) and time.monotonic() < deadline:
+            pass
+        if self.proc.poll() is not None or not any(line.startswith("igpt serve: http") for line in self.lines):
+            self.stop()
+            raise AssertionError("igpt serve did not start:\n" + "".join(self.lines))
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def client(self, folder):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False, download_files=str(folder))
+
+    def stop(self, timeout: float = 30.0) -> tuple[int | None, float]:
+        """SIGTERM; the exit code (None if it had to be killed) and the seconds it took."""
+        import signal
+        import subprocess
+        import time
+
+        start = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        return code, time.monotonic() - start

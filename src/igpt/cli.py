@@ -357,6 +357,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
              window_rows=args.window_rows)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from igpt.config import given_flags
+    from igpt.data import DataConfig
+    from igpt.serve import require_gradio, serve
+
+    require_gradio()  # before the model loads
+    serve(args.ckpt, host=args.host, port=args.port, device=args.device, precision=args.precision,
+          max_upload_mb=args.max_upload_mb, data=given_flags(DataConfig, args))
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag costs one line (problem and where to look), not a usage dump."""
 
@@ -369,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     from igpt.data import DataConfig
     from igpt.finetune import FinetuneConfig
     from igpt.pretrain import PretrainConfig
+    from igpt.serve import MAX_UPLOAD_MB
 
     parser = _Parser(prog="igpt", description="Image GPT: generative pretraining from pixels.")
     parser.add_argument("--version", action="version", version=f"igpt {_version()}")
@@ -472,6 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--seed", type=int, default=0, help="sampling, the real subset and KID's subsets")
     fid.add_argument("--json", default="fid.json", help="where the result goes (default: %(default)s)")
     fid.set_defaults(func=_cmd_fid)
+
+    serve = sub.add_parser("serve", help="a local web page: pick, upload or draw a picture and watch the model "
+                           "complete it (pip install 'igpt[app]')")
+    serve.add_argument("--ckpt", required=True, help="run folder (or a converted model folder)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to serve on (default: %(default)s, this machine only; 0.0.0.0 serves "
+                            "other machines too)")
+    serve.add_argument("--port", type=_positive_int, default=7860, help="default: %(default)s")
+    serve.add_argument("--device", default=None)
+    serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    serve.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                       help="largest image file the page accepts (default: %(default)s)")
+    _add_data_flags(serve, from_run=True)
+    serve.set_defaults(func=_cmd_serve)
 
     probe = sub.add_parser("probe", help="linear probe of every layer, against raw-pixel and random-init baselines")
     probe.add_argument("--ckpt", required=True, help="run folder")

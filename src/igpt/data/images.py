@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from igpt.errors import IgptError
 
@@ -29,15 +29,24 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def decode(source: bytes | str | Path, name: str) -> np.ndarray:
-    """Decode image bytes or a file into RGB uint8; a bad file raises IgptError naming it."""
+def decode(source: bytes | str | Path, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """Decode image bytes or a file into RGB uint8; a bad file raises IgptError naming it.
+
+    `max_pixels` refuses a larger picture from its header, before its pixels are decoded
+    (a server's guard: a small file can hold a picture that needs gigabytes).
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
             with handle, Image.open(handle) as image:
+                if max_pixels is not None and image.width * image.height > max_pixels:
+                    raise IgptError(f"image {name} is {image.width}x{image.height} pixels, more than the "
+                                    f"{max_pixels:,} this accepts")
                 image.load()
                 array = to_rgb(image)
+    except UnidentifiedImageError:  # Pillow's own message names its file handle, not the file
+        raise IgptError(f"cannot read image {name}: not an image file Pillow can decode") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise IgptError(f"cannot read image {name}: {err}") from None
     if array.shape[0] < 1 or array.shape[1] < 1:
