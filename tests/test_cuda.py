@@ -59,7 +59,7 @@ PATTERNS = {"dense": {}, "local": dict(attention="local", window_rows=2, positio
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_logits_and_gradients_on_cuda_match_the_cpu(pattern):
-    """Band layers train through FlexAttention on CUDA (heads of 16 here), the blocked kernels on the CPU."""
+    """fp32: the blocked kernels on both devices (FlexAttention serves bf16 training: the next test)."""
     cpu = random_model(n_head=2, **PATTERNS[pattern])
     cuda = copy.deepcopy(cpu).cuda()
     tokens = random_tokens(cpu, 3, cpu.config.n_ctx, seed=1)
@@ -69,12 +69,34 @@ def test_logits_and_gradients_on_cuda_match_the_cpu(pattern):
         logits[name] = model(x)
         F.cross_entropy(logits[name].flatten(0, 1), x.flatten()).backward()
     assert_close(logits["cuda"].detach(), logits["cpu"].detach(), "logits")
-    if pattern != "dense":
-        from igpt.model import flex_band_applies
 
-        assert flex_band_applies(torch.zeros(1, 1, 1, 16, device="cuda"))  # the CUDA side really ran FlexAttention
     for (name, on_cpu), on_cuda in zip(cpu.named_parameters(), cuda.parameters()):
         assert_close(on_cuda.grad, on_cpu.grad, f"gradient of {name}", rel=5e-4)
+
+
+@pytest.mark.parametrize("pattern", ["local", "strided"])
+def test_bf16_training_runs_band_layers_through_flex_attention(pattern):
+    """Under bf16 autocast, band layers take FlexAttention on CUDA; logits and gradients match the blocked
+    kernels' (the same model with FlexAttention turned off) to bf16's precision."""
+    from igpt import model as model_module
+
+    torch.manual_seed(0)
+    model = random_model(n_head=2, **PATTERNS[pattern]).cuda().train()
+    tokens = random_tokens(model, 4, model.config.n_ctx, seed=3).cuda()
+    assert model_module.flex_band_applies(torch.zeros(1, 1, 1, 16, device="cuda", dtype=torch.bfloat16))
+    results = {}
+    for route in ("flex", "blocked"):
+        model.zero_grad()
+        with pytest.MonkeyPatch.context() as patch:
+            if route == "blocked":
+                patch.setattr(model_module, "flex_band_applies", lambda q: False)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(tokens)
+                F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
+        results[route] = (logits.float().detach(), [p.grad.clone() for p in model.parameters()])
+    assert_close(results["flex"][0], results["blocked"][0], "logits", rel=3e-2)
+    for flex_grad, blocked_grad in zip(results["flex"][1], results["blocked"][1]):
+        assert_close(flex_grad, blocked_grad, "gradient", rel=1e-1)
 
 
 @pytest.mark.parametrize("prefix_rows", [0, 1])

@@ -224,16 +224,19 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
 
 
 def flex_band_applies(q: torch.Tensor) -> bool:
-    """Whether a band runs as FlexAttention instead of the blocks above: on CUDA, while training.
+    """Whether a band runs as FlexAttention instead of the blocks above: on CUDA, training in bf16/fp16.
 
-    Its block-sparse kernel skips the masked-out tiles of the plain layout, and measured about
-    twice as fast as the blocked SDPA for band layers on an H200 (bench/flex_attention.py; for
-    column layers the reshape stays faster). Training shapes are fixed, so it compiles once;
-    inference keeps the blocks, whose shapes vary with every batch and prefix. Head sizes that
-    are not a power of two from 16 up stay on the blocks too.
+    Its block-sparse kernel skips the masked-out tiles of the plain layout, and in bf16 ran band
+    layers about twice as fast as the blocked SDPA on an H200 (bench/flex_attention.py); in fp32
+    the whole training step was slower with it (bench/bench_attention.py --device cuda), so fp32
+    keeps the blocks, as do column layers (the reshape is faster) and inference (its shapes vary
+    with every batch and prefix; training's are fixed, so FlexAttention compiles once). Head
+    sizes that are not a power of two from 16 up stay on the blocks too.
     """
     hd = q.shape[-1]
-    return q.is_cuda and torch.is_grad_enabled() and hd >= 16 and hd & (hd - 1) == 0 and _flex_attention() is not None
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    return (q.is_cuda and half and torch.is_grad_enabled() and hd >= 16 and hd & (hd - 1) == 0
+            and _flex_attention() is not None)
 
 
 @functools.cache
