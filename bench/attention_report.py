@@ -29,7 +29,7 @@ from igpt.plots import curves_against_time
 PROBE_TRAIN_IMAGES = 15_000  # as in the README's CIFAR-10 16x16 probe: the seeded subset of the training split
 
 
-def evaluate(run: Path, data: str | None, device: str | None) -> None:
+def evaluate(run: Path, data: str | None, device: str | None, baselines: bool = True) -> None:
     """test.json and probe.json in the run folder, each computed only when missing."""
     common = (["--data", data] if data else []) + (["--device", device] if device else [])
     igpt = [sys.executable, "-m", "igpt.cli"]
@@ -38,7 +38,8 @@ def evaluate(run: Path, data: str | None, device: str | None) -> None:
                        check=True)
     if not (run / "probe.json").exists():
         subprocess.run(igpt + ["probe", "--ckpt", str(run), "--max-train", str(PROBE_TRAIN_IMAGES),
-                               "--out", str(run / "probe.json")] + common, check=True)
+                               "--out", str(run / "probe.json")] + common + ([] if baselines else ["--no-baselines"]),
+                       check=True)
 
 
 def quiet_step_seconds(run: Path, config: ImageGPTConfig, batch_size: int) -> float:
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="the data set, where it lies elsewhere than when trained")
     parser.add_argument("--device", default=None, help="where to evaluate (default: igpt's)")
     parser.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="only read what is there")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="probe without the raw-pixel and random-init baselines (the same data for every run)")
     parser.add_argument("--only-evaluate", action="store_true",
                         help="evaluate and stop (on a machine other than the one the runs trained on)")
     parser.add_argument("--plot", default="docs/attention-cifar10-32px.png")
@@ -80,7 +83,7 @@ def main() -> None:
     curves, rows = {}, []
     for run in runs:
         if args.evaluate or args.only_evaluate:
-            evaluate(run, args.data, args.device)
+            evaluate(run, args.data, args.device, args.baselines)
         if args.only_evaluate:
             continue
         config = ImageGPTConfig.from_dict(json.loads((run / "config.json").read_text()))
