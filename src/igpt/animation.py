@@ -14,7 +14,7 @@ import torch
 
 from igpt.errors import IgptError
 from igpt.palette import Palette
-from igpt.sample import UNKNOWN, image_grid
+from igpt.sample import UNKNOWN, completion_layout, image_grid
 
 FORMATS = {".gif": "GIF", ".webp": "WEBP"}
 FRAME_MS = 120
@@ -41,6 +41,14 @@ class Animation:
         self.tokens = np.full((n, side * side), -1, dtype=np.int64)
         self.frames: list[np.ndarray] = []
         self.batches: set[int] = set()  # the first image of each batch seen so far
+
+    @classmethod
+    def of_completions(cls, palette: Palette, originals: np.ndarray, keep_rows: int, samples: int, **options):
+        """The animation of `completion_rows`' grid: per image a row of the occluded input, the `samples`
+        completions filling in, and the original."""
+        layout, side = completion_layout(palette, originals, keep_rows), originals.shape[1]
+        return cls(palette, len(originals) * samples, side, columns=samples + 2,
+                   layout=lambda images: layout(images).reshape(-1, side, side, 3), **options)
 
     def watch(self, first: int, tokens: torch.Tensor, filled: int) -> None:
         """sample()'s callback: copy what is decoded so far; a frame at the start, then every few rows."""

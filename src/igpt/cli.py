@@ -115,6 +115,7 @@ def _load_for_sampling(args: argparse.Namespace):
 def _cmd_sample(args: argparse.Namespace) -> None:
     import numpy as np
 
+    from igpt.animation import Animation
     from igpt.fileio import atomic_write
     from igpt.precision import autocast
     from igpt.sample import sample, save_grid
@@ -122,7 +123,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     options = _sampling_options(args)  # validates before the model loads
     model, palette, _ = _load_for_sampling(args)
     device = next(model.parameters()).device
-    animation = _animation(args, palette, args.n, model.config.side)
+    animation = Animation(palette, args.n, model.config.side) if args.animate else None
     with autocast(device, args.precision):
         tokens = sample(model, args.n, watch=animation and animation.watch, **options)
     images = palette.decode(tokens.cpu().numpy())
@@ -130,13 +131,6 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     save_grid(images, out)
     atomic_write(out.with_suffix(".npy"), lambda f: np.save(f, images))
     print(f"wrote {out} and {out.with_suffix('.npy')}: {args.n} samples" + _saved_animation(args, animation))
-
-
-def _animation(args: argparse.Namespace, palette, n: int, side: int, **layout):
-    """The filling-in animation that --animate asks for (None without it)."""
-    from igpt.animation import Animation
-
-    return Animation(palette, n, side, **layout) if args.animate else None
 
 
 def _saved_animation(args: argparse.Namespace, animation) -> str:
@@ -151,7 +145,8 @@ def _cmd_complete(args: argparse.Namespace) -> None:
 
     from igpt.fileio import atomic_write
     from igpt.precision import autocast
-    from igpt.sample import completion_layout, completion_rows, save_grid
+    from igpt.animation import Animation
+    from igpt.sample import completion_rows, save_grid
 
     options = _sampling_options(args)
     if args.keep_rows is None and not 0 <= args.keep <= 1:
@@ -159,13 +154,11 @@ def _cmd_complete(args: argparse.Namespace) -> None:
     model, palette, info = _load_for_sampling(args)
     side = model.config.side
     keep_rows = args.keep_rows if args.keep_rows is not None else round(args.keep * side)
-    originals, skipped = _own_or_split_images(args, info, model.config)
-    layout = completion_layout(palette, originals, keep_rows)
-    animation = _animation(args, palette, len(originals) * args.samples, side, columns=args.samples + 2,
-                           layout=lambda images: layout(images.reshape(len(originals), args.samples, side, side, 3))
-                           .reshape(-1, side, side, 3))
+    originals, _, skipped = _own_or_split_images(args, info, model.config)
+    animation = Animation.of_completions(palette, originals, keep_rows, args.samples) if args.animate else None
     with autocast(next(model.parameters()).device, args.precision):
-        rows = completion_rows(model, palette, originals, keep_rows, args.samples, animation=animation, **options)
+        rows = completion_rows(model, palette, originals, keep_rows, args.samples,
+                               watch=animation and animation.watch, **options)
     out = Path(args.out)
     save_grid(rows.reshape(-1, side, side, 3), out, columns=args.samples + 2)
     atomic_write(out.with_suffix(".npy"), lambda f: np.save(f, rows))
@@ -175,29 +168,25 @@ def _cmd_complete(args: argparse.Namespace) -> None:
 
 def _own_or_split_images(args: argparse.Namespace, info, model_config):
     """The images named on the command line (centre-cropped, resized as training data), else the first
-    --n of the run's split; and the names of the files skipped."""
+    --n of the run's split; with their names, and the names of the files skipped."""
     import numpy as np
 
     from igpt.data import read_images
 
     if args.images:
-        return read_images(args.images, model_config.side, skip_bad=bool(args.skip_bad))
-    return np.asarray(_run_data(args, info, model_config).images(args.split).images[: args.n]), []
+        images, skipped = read_images(args.images, model_config.side, skip_bad=bool(args.skip_bad))
+        return images, [p for p in args.images if p not in skipped], skipped
+    images = np.asarray(_run_data(args, info, model_config).images(args.split).images[: args.n])
+    return images, [f"{args.split} image {i}" for i in range(len(images))], []
 
 
 def _cmd_surprise(args: argparse.Namespace) -> None:
     from igpt.checkpoint import load_run
-    from igpt.data import read_images
     from igpt.evaluate import pixel_bits
     from igpt.plots import surprise_maps
 
     model, palette, info = load_run(args.ckpt, args.device)
-    if args.images:
-        images, skipped = read_images(args.images, model.config.side, skip_bad=bool(args.skip_bad))
-        names = [p for p in args.images if p not in skipped]
-    else:
-        images, skipped = _own_or_split_images(args, info, model.config)
-        names = [f"{args.split} image {i}" for i in range(len(images))]
+    images, names, skipped = _own_or_split_images(args, info, model.config)
     bits = pixel_bits(model, palette.encode(images).astype("int64"), rounds=args.rounds, seed=args.seed,
                       precision=args.precision)
     surprise_maps(images, bits.numpy(), names, args.out)

@@ -149,26 +149,24 @@ def complete(
 UNKNOWN = 127  # the grey of pixels not (yet) known: below the cut of an occluded input, ahead of the decoder
 
 
-def completion_rows(model, palette, originals: np.ndarray, keep_rows: int, samples: int, *,
-                    animation=None, **options) -> np.ndarray:
+def completion_rows(model, palette, originals: np.ndarray, keep_rows: int, samples: int, **options) -> np.ndarray:
     """uint8 (N, samples + 2, R, R, 3): per image the occluded input (grey below the kept rows),
-    `samples` completions, and the original. `animation` (an igpt.animation.Animation made by
-    `completion_layout`) records the completions filling in."""
-    side = model.config.side
+    `samples` completions, and the original. `options` go to `sample` (a `watch` included: the
+    completions filling in, igpt.animation.Animation.of_completions)."""
     device = next(model.parameters()).device
     tokens = torch.from_numpy(palette.encode(originals).astype(np.int64)).to(device)
-    watch = None if animation is None else animation.watch
-    completed = complete(model, tokens, keep_rows, samples, watch=watch, **options)
-    sampled = palette.decode(completed.flatten(0, 1).cpu().numpy()).reshape(len(originals), samples, side, side, 3)
-    return completion_layout(palette, originals, keep_rows)(sampled)
+    completed = complete(model, tokens, keep_rows, samples, **options)
+    return completion_layout(palette, originals, keep_rows)(palette.decode(completed.flatten(0, 1).cpu().numpy()))
 
 
 def completion_layout(palette, originals: np.ndarray, keep_rows: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Completions (N, samples, R, R, 3) -> the rows of `completion_rows`: occluded input, completions, original."""
+    """Completions as sampled, (N x samples, R, R, 3), -> the rows of `completion_rows`: occluded input,
+    completions, original, (N, samples + 2, R, R, 3)."""
     occluded = palette.decode(palette.encode(originals))
     occluded[:, keep_rows:] = UNKNOWN
     originals = np.asarray(originals)
-    return lambda sampled: np.concatenate([occluded[:, None], sampled, originals[:, None]], axis=1)
+    return lambda sampled: np.concatenate(
+        [occluded[:, None], sampled.reshape(len(originals), -1, *sampled.shape[1:]), originals[:, None]], axis=1)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, scale: int | None = None, pad: int = 1) -> np.ndarray:

@@ -76,8 +76,8 @@ class _RowStream(Animation):
     """The filling-in animation with a frame per row, each handed to `out` as it is drawn; it ends the
     sampling (raising _Stopped from the decoding loop) once `stop` is set."""
 
-    def __init__(self, palette, samples: int, side: int, layout, out: queue.Queue, stops: tuple[threading.Event, ...]):
-        super().__init__(palette, samples, side, columns=samples + 2, layout=layout, every_rows=1)
+    def __init__(self, *args, out: queue.Queue, stops: tuple[threading.Event, ...], **options):
+        super().__init__(*args, **options)
         self.out, self.stops = out, stops
 
     def watch(self, first: int, tokens: torch.Tensor, filled: int) -> None:
@@ -122,7 +122,7 @@ class ModelWorker:
         once it has ended, so the model is free again.
         """
         from igpt.precision import autocast
-        from igpt.sample import completion_layout, completion_rows, filter_logits, image_grid
+        from igpt.sample import completion_rows, filter_logits, image_grid
 
         if not self.can_complete:
             raise IgptError(BERT_CANNOT_COMPLETE)
@@ -133,11 +133,10 @@ class ModelWorker:
             raise IgptError(f"the number of completions must lie in [1, {MAX_COMPLETIONS}], got {samples}")
         filter_logits(torch.zeros(1, 2), temperature, top_k, top_p)  # bad options fail here, not on the thread
         originals = image[None]
-        layout = completion_layout(self.palette, originals, keep_rows)
         frames: queue.Queue = queue.Queue()
         stop = threading.Event()
-        stream = _RowStream(self.palette, samples, side, lambda images: layout(images[None])[0], frames,
-                            (stop, self._closed))
+        stream = _RowStream.of_completions(self.palette, originals, keep_rows, samples, every_rows=1, out=frames,
+                                           stops=(stop, self._closed))
 
         def run() -> None:
             try:
@@ -145,7 +144,7 @@ class ModelWorker:
                     generator = torch.Generator(device=self.device).manual_seed(seed)
                     with autocast(self.device, self.precision):
                         rows = completion_rows(self.model, self.palette, originals, keep_rows, samples,
-                                               animation=stream, temperature=temperature, top_k=top_k,
+                                               watch=stream.watch, temperature=temperature, top_k=top_k,
                                                top_p=top_p, generator=generator)[0]
                 frames.put(Frame(image_grid(rows, samples + 2), side, rows))
             except _Stopped:
