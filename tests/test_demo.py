@@ -25,8 +25,13 @@ def test_demo_writes_a_sane_report(tmp_path, capsys):
     assert len(probe["layers"]) == summary["model"]["n_layer"] + 1
     assert probe["best_test_acc"] > 2 * probe["baselines"]["chance"]
     assert all(0 <= row["test_acc"] <= 1 for row in probe["layers"])
+    few = probe["few_label"]["protocols"]
+    assert [p["labels_per_class"] for p in few] == [4, 25]  # the low-data probe beside the full-label one
+    assert all(len(p["raw_pixels"]["test_accs"]) == probe["few_label"]["draws"] for p in few)
     assert summary["steps"] == 80 and all(math.isfinite(v) and v >= 0 for v in summary["timings"].values())
     markdown = (out / "report.md").read_text()
+    assert "| 4 per class |" in markdown and "| 25 per class |" in markdown
+    assert "beat both baselines with" in markdown or "Raw pixels win in every protocol" in markdown
     assert "FID and KID skipped" in markdown or "FID " in markdown
     for section in ("## Likelihood", "## Samples", "## Completions", "## Surprise", "## Linear probe", "## Timings"):
         assert section in markdown

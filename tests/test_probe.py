@@ -11,7 +11,19 @@ import torch
 
 from igpt.errors import IgptError
 from igpt.model import ImageGPT, ImageGPTConfig
-from igpt.probe import LogisticRegression, Split, Standardizer, extract_features, linear_probe, parse_layers
+from igpt.probe import (
+    LogisticRegression,
+    Protocols,
+    Split,
+    Standardizer,
+    extract_features,
+    few_label_draws,
+    linear_probe,
+    parse_layers,
+    probe_features,
+    probe_few_labels,
+    summary,
+)
 
 
 def _digits_features(n_layer=2):
@@ -143,12 +155,30 @@ def test_probe_command(run_dir, tmp_path, capsys):
     assert "best layer" in capsys.readouterr().out
 
 
+def test_probe_command_protocols(run_dir, tmp_path, capsys):
+    from igpt.cli import main
+
+    out = tmp_path / "few.json"
+    assert main(["probe", "--ckpt", str(run_dir), "--out", str(out), "--max-train", "200", "--labels-per-class", "4,2",
+                 "--draws", "2", "--concat-layers", "1,2", "--no-baselines"]) == 0
+    report = json.loads(out.read_text())
+    assert report["concat"]["layer"] == [1, 2] and report["concat"]["test_acc"] > 0.9
+    assert [p["labels_per_class"] for p in report["few_label"]["protocols"]] == [2, 4]
+    assert all(len(row["test_accs"]) == 2 for p in report["few_label"]["protocols"] for row in p["layers"])
+    text = capsys.readouterr().out
+    assert "2 labels per class" in text and "layers 1+2 concatenated" in text
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--layers", "9"], "--layers must lie in 0..2"),
         (["--out", "probe.txt"], "must name a .json"),
         (["--data", "missing-folder/"], "missing-folder"),
+        (["--labels-per-class", "1"], "at least 2 images per class"),
+        (["--labels-per-class", "5000"], "lower it or raise --max-train"),
+        (["--concat-layers", "2"], "at least two layers"),
+        (["--concat-layers", "1,7"], "--layers must lie in 0..2"),
     ],
 )
 def test_probe_command_refusals(run_dir, tmp_path, capsys, monkeypatch, args, message):
@@ -159,6 +189,17 @@ def test_probe_command_refusals(run_dir, tmp_path, capsys, monkeypatch, args, me
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "probe.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [(["--labels-per-class", "4,x"], "comma-separated positive integers"),
+                                           (["--draws", "0"], "must be a positive integer")])
+def test_probe_command_refuses_bad_flags(run_dir, capsys, args, message):
+    from igpt.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["probe", "--ckpt", str(run_dir), *args])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_probe_needs_labels(run_dir, tmp_path, capsys):
@@ -228,3 +269,72 @@ def test_finetune_refuses_bad_options(run_dir, tmp_path, capsys):
         assert main(["finetune", "--ckpt", str(run_dir), "--out", str(out), *args]) == 1
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+# ---- the low-data protocol and concatenated layers -------------------------------------------------
+def test_few_label_draws_hold_k_of_every_class_and_are_seeded():
+    labels = np.repeat(np.arange(3), [10, 7, 12])
+    draws = few_label_draws(labels, 4, 3, draws=5, seed=1)
+    assert len(draws) == 5
+    for rows in draws:
+        assert len(set(rows)) == 12 and np.bincount(labels[rows]).tolist() == [4, 4, 4]
+    assert len({tuple(rows) for rows in draws}) > 1  # the draws differ
+    again = few_label_draws(labels, 4, 3, draws=5, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(draws, again))
+    with pytest.raises(IgptError, match="class 1 has 7"):
+        few_label_draws(labels, 8, 3, draws=2, seed=0)
+
+
+def test_few_label_probe_uses_only_the_drawn_labels():
+    _, _, pixels, labels = _digits_features()
+    x = pixels[..., 0].reshape(len(pixels), -1).astype(np.float32) / 255
+    train, y_train, test, y_test = x[:1200], labels[:1200], x[1200:], labels[1200:]
+    draws = few_label_draws(y_train, 4, 10, draws=2, seed=0)
+    result = probe_few_labels(train, y_train, test, y_test, 10, draws)
+    assert len(result["test_accs"]) == 2 and 0.5 < result["test_acc"] < 1.0  # 40 labels read digits well
+    assert result["test_std"] == pytest.approx(np.std(result["test_accs"]))
+    scrambled = y_train.copy()
+    outside = np.setdiff1d(np.arange(1200), np.concatenate(draws))
+    scrambled[outside] = np.random.default_rng(0).permutation(scrambled[outside])
+    assert probe_few_labels(train, scrambled, test, y_test, 10, draws) == result
+
+
+def test_linear_probe_protocols():
+    model, tokens, pixels, labels = _digits_features(n_layer=1)
+    parts = {"train": slice(0, 1000), "val": slice(1000, 1400), "test": slice(1400, None)}
+    splits = {name: Split(tokens[s], labels[s], pixels[s]) for name, s in parts.items()}
+    lines = []
+    report = linear_probe(model, splits, n_classes=10, protocols=Protocols((4,), draws=1, concat_layers="0,1"),
+                          log=lines.append)
+    assert report["concat"]["layer"] == [0, 1]
+    features = extract_features(model, tokens, [0, 1])
+    joined = np.concatenate([features[0], features[1]], 1)
+    by_hand = probe_features(*(a for s in parts.values() for a in (joined[s], labels[s])), n_classes=10)
+    assert report["concat"]["test_acc"] == pytest.approx(by_hand.test_acc)
+    few = report["few_label"]
+    assert few["draws"] == 1 and [p["labels_per_class"] for p in few["protocols"]] == [4]
+    (four,) = few["protocols"]
+    assert [row["layer"] for row in four["layers"]] == [0, 1]
+    best = max(four["layers"], key=lambda row: row["cv_acc"])
+    assert four["best_layer"] == best["layer"] and four["test_acc"] == best["test_acc"]
+    assert {"raw_pixels", "random_init", "concat"} <= set(four)
+    assert four["raw_pixels"]["test_acc"] < report["baselines"]["raw_pixels"]  # 40 labels, not 1000
+    assert "4 labels per class" in summary(report) and "concatenated" in summary(report)
+    with pytest.raises(IgptError, match="at least two layers"):
+        linear_probe(model, splits, n_classes=10, protocols=Protocols(concat_layers="1"), log=lines.append)
+    with pytest.raises(IgptError, match="at least 2 images per class"):
+        linear_probe(model, splits, n_classes=10, protocols=Protocols((1,)), log=lines.append)
+
+
+def test_batched_fits_match_separate_fits():
+    _, _, pixels, labels = _digits_features()
+    x = Standardizer.fit(pixels[:300, ..., 0].reshape(300, -1))(pixels[:300, ..., 0].reshape(300, -1))
+    y = torch.as_tensor(labels[:300])
+    l2s = torch.tensor([1e-1, 1e-2], dtype=torch.float64).view(2, 1, 1, 1)
+    keep = torch.stack([torch.arange(300) % 3 != 0, torch.ones(300, dtype=torch.bool)])
+    batched = LogisticRegression(l2s).fit(x, y, 10, weights=keep / keep.sum(-1, keepdim=True))
+    for g, l2 in enumerate((1e-1, 1e-2)):
+        for m in range(2):
+            alone = LogisticRegression(l2).fit(x[keep[m]], y[keep[m]], 10)
+            np.testing.assert_allclose(batched.weight[g, m], alone.weight, atol=2e-3)
+            np.testing.assert_allclose(batched.bias[g, m], alone.bias, atol=2e-3)

@@ -23,6 +23,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """"4,25,100" -> (4, 25, 100)."""
+    try:
+        return tuple(sorted({_positive_int(part) for part in text.split(",")}))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text}") from None
+
+
 def _add_data_flags(p: argparse.ArgumentParser, *, from_run: bool = False) -> None:
     """The data description's flags; `from_run`: for commands that read the run's description unless told."""
     from igpt.config import add_flags
@@ -290,19 +298,20 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     from igpt.checkpoint import load_run
     from igpt.fileio import atomic_write_json
     from igpt.finetune import labelled_splits
-    from igpt.probe import Split, linear_probe, parse_layers, summary
+    from igpt.probe import Protocols, Split, linear_probe, parse_layers, summary
 
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise IgptError(f"--out {out} must name a .json file (probe.png is written beside it)")
     model, palette, info = load_run(args.ckpt, args.device)
     layers = parse_layers(args.layers, model.config.n_layer)  # a bad --layers fails before any data work
+    protocols = Protocols(args.labels_per_class, args.draws, args.concat_layers).check(model.config.n_layer)
     data = _run_data(args, info, model.config)
     tokensets = labelled_splits(data, palette)
     splits = {name: Split.of(s, args.max_train if name == "train" else None, args.seed) for name, s in tokensets.items()}
     classes = tokensets["train"].classes
-    report = linear_probe(model, splits, n_classes=len(classes), layers=layers, batch_size=args.batch_size,
-                          precision=args.precision, baselines=not args.no_baselines, seed=args.seed,
+    report = linear_probe(model, splits, n_classes=len(classes), layers=layers, protocols=protocols,
+                          batch_size=args.batch_size, precision=args.precision, baselines=not args.no_baselines, seed=args.seed,
                           progress=True)
     report.update(ckpt=str(args.ckpt), data=data.name, classes=list(classes), objective=model.config.objective)
     atomic_write_json(out, report)
@@ -493,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--layers", default="all", help="all, or comma-separated layers such as 0,4,8")
     probe.add_argument("--max-train", type=_positive_int, default=None, help="cap the training images (seeded subset)")
     probe.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass")
+    probe.add_argument("--labels-per-class", type=_positive_ints, default=(), metavar="K[,K...]",
+                       help="also the low-data probe: K labelled training images per class, such as 4,25,100")
+    probe.add_argument("--draws", type=_positive_int, default=5, help="seeded draws per K (default: %(default)s)")
+    probe.add_argument("--concat-layers", default=(), metavar="L,L[,...]",
+                       help="also probe these layers' features concatenated, such as 2,3,4")
     probe.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init probes")
     probe.add_argument("--device", default=None)
     probe.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")

@@ -61,8 +61,16 @@ def learning_curve(records: list[dict], path: str | Path, baselines: dict[str, f
 
 
 def probe_accuracy(report: dict, path: str | Path) -> Path:
-    """Linear-probe accuracy against layer, best layer marked, baselines as horizontal lines."""
-    plt, fig, ax = _figure()
+    """Linear-probe accuracy against layer, best layer marked, baselines as horizontal lines; with the
+    low-data protocol, a second panel of accuracy against labels per class beside it."""
+    few = report.get("few_label", {}).get("protocols", [])
+    if few:
+        plt, fig, axes = _figure(11.0, 3.8, rows=1, columns=2)
+        ax = axes[0, 0]
+        for panel in axes[0]:
+            panel.grid(True, alpha=0.3)
+    else:
+        plt, fig, ax = _figure()
     layers = [row["layer"] for row in report["layers"]]
     ax.plot(layers, [100 * row["test_acc"] for row in report["layers"]], "o-", label="probe (test)", color="tab:blue")
     ax.plot(layers, [100 * row["val_acc"] for row in report["layers"]], "o:", label="probe (validation)",
@@ -82,9 +90,35 @@ def probe_accuracy(report: dict, path: str | Path) -> Path:
         ax.axhline(100 * baselines["chance"], linestyle=":", color="black", linewidth=1, label="chance")
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"all {report['n_train']:,} training labels", fontsize=9)
     ax.set_xticks(layers if len(layers) <= 25 else layers[:: math.ceil(len(layers) / 25)])
     ax.legend(loc="lower right", fontsize=7)
+    if few:
+        _few_label_panel(axes[0, 1], few)
     return _save(plt, fig, path)
+
+
+def _few_label_panel(ax, protocols: list[dict]) -> None:
+    """Test accuracy (mean +- std over the draws) against labels per class, each feature set a line."""
+    ks = [p["labels_per_class"] for p in protocols]
+    lines = [("pretrained, best layer", lambda p: p, "tab:blue", "o-"),
+             ("layers concatenated", lambda p: p.get("concat"), "tab:purple", "d-"),
+             ("raw pixels", lambda p: p.get("raw_pixels"), "tab:green", "s--"),
+             ("random-init model", lambda p: p.get("random_init"), "tab:gray", "s-")]
+    for name, pick, colour, style in lines:
+        points = [(k, pick(p)) for k, p in zip(ks, protocols) if pick(p) is not None]
+        if points:
+            ax.errorbar([k for k, _ in points], [100 * r["test_acc"] for _, r in points],
+                        yerr=[100 * r["test_std"] for _, r in points], fmt=style, color=colour, capsize=3,
+                        markersize=4, label=name)
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("labelled training images per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("few labels (mean +- std over seeded draws)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
 
 
 def curves_against_time(curves: dict[str, list[tuple[float, float]]], path: str | Path,

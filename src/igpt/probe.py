@@ -21,6 +21,8 @@ from igpt.errors import IgptError
 from igpt.model import ImageGPT
 
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6)  # strongest first, each fit warm-starting the next
+# A few hundred labelled images: below 1e-4 the fit is as good as unregularised, and the slowest to converge.
+FEW_LABEL_L2_GRID = L2_GRID[:7]
 
 
 # ---- features ---------------------------------------------------------------------------------
@@ -92,43 +94,51 @@ class LogisticRegression:
     """Multinomial logistic regression: mean cross-entropy + l2/2 * |W|^2 (bias unpenalised).
 
     The same optimum as scikit-learn's LogisticRegression(C=1 / (l2 * n_samples)), found by
-    full-batch L-BFGS with a strong-Wolfe line search in float64.
+    full-batch L-BFGS with a strong-Wolfe line search in float64. Hand-written rather than
+    scikit-learn's for speed: the gradient in closed form on torch's threaded matmuls, warm
+    starts along the L2 grid, and a whole cross-validation grid fitted as one batched problem.
     """
 
-    def __init__(self, l2: float, max_iter: int = 300):
+    def __init__(self, l2: float | torch.Tensor, max_iter: int = 300):
         self.l2, self.max_iter = l2, max_iter
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor, n_classes: int,
-            init: "LogisticRegression | None" = None) -> "LogisticRegression":
-        d = x.shape[1]
+    def fit(self, x: torch.Tensor, y: torch.Tensor, n_classes: int, init: "LogisticRegression | None" = None,
+            weights: torch.Tensor | None = None) -> "LogisticRegression":
+        """Fit on (n, d) features. `weights` (..., n), each row summing to 1 (default: 1/n each), and an `l2`
+        tensor of shape (..., 1, 1) make a batch of independent problems on the same x, fitted at once."""
+        weights = torch.full((len(x),), 1.0 / len(x), dtype=x.dtype) if weights is None else weights.to(x.dtype)
+        l2 = torch.as_tensor(self.l2, dtype=x.dtype)
+        batch = torch.broadcast_shapes(weights.shape[:-1], l2.shape[:-2] if l2.dim() >= 2 else ())
         if init is not None and init.weight is not None:
             w, b = init.weight.clone(), init.bias.clone()
         else:
-            w, b = torch.zeros(d, n_classes, dtype=x.dtype), torch.zeros(n_classes, dtype=x.dtype)
+            w, b = torch.zeros(*batch, x.shape[1], n_classes, dtype=x.dtype), torch.zeros(*batch, n_classes, dtype=x.dtype)
         optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=self.max_iter, history_size=20,
                                       tolerance_grad=1e-5, tolerance_change=1e-9, line_search_fn="strong_wolfe")
         onehot = F.one_hot(y, n_classes).to(x.dtype)
-        n = len(x)
+        weights = weights.unsqueeze(-1)
+
+        def across(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # a @ m[i] for every problem i, as one GEMM
+            return (a @ m.movedim(-2, 0).reshape(m.shape[-2], -1)).view(len(a), *batch, -1).movedim(0, -2)
 
         def closure():  # loss and its gradient in closed form: no autograd graph per evaluation
-            logits = torch.addmm(b, x, w)
-            logp = logits.log_softmax(1)
-            residual = (logp.exp() - onehot) / n
-            w.grad = torch.addmm(w, x.T, residual, beta=self.l2)
-            b.grad = residual.sum(0)
-            return float(-(logp * onehot).sum() / n + 0.5 * self.l2 * (w * w).sum())
+            logp = (across(x, w) + b.unsqueeze(-2)).log_softmax(-1)
+            residual = (logp.exp() - onehot) * weights
+            w.grad = (across(x.T, residual) + l2 * w).contiguous()
+            b.grad = residual.sum(-2)
+            return float(-(logp * onehot * weights).sum() + 0.5 * (l2 * w * w).sum())
 
         optimizer.step(closure)
         self.weight, self.bias = w.detach(), b.detach()
         return self
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight + self.bias
+        return x @ self.weight + self.bias.unsqueeze(-2)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return float((self.logits(x).argmax(1) == y).double().mean())
+        return float((self.logits(x).argmax(-1) == y).double().mean())
 
 
 @dataclass
@@ -163,6 +173,60 @@ def probe_features(
     return LayerProbe(val_acc=best_acc, test_acc=best.accuracy(xs, ys), l2=best.l2)
 
 
+def few_label_draws(labels: np.ndarray, per_class: int, n_classes: int, draws: int, seed: int) -> list[np.ndarray]:
+    """`draws` seeded sets of row indices holding `per_class` training images of every class."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels, minlength=n_classes)
+    if counts.min() < per_class:
+        raise IgptError(f"--labels-per-class {per_class} needs {per_class} training images of every class, but class "
+                        f"{int(counts.argmin())} has {int(counts.min())}: lower it or raise --max-train")
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in range(n_classes)]
+    return [np.sort(np.concatenate([rng.choice(rows, per_class, replace=False) for rows in by_class]))
+            for _ in range(draws)]
+
+
+def _fold_of(labels: np.ndarray, folds: int) -> np.ndarray:
+    """Each image's fold: its rank among the images of its class, modulo `folds` (every fold holds every class)."""
+    fold = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        fold[rows] = np.arange(len(rows)) % folds
+    return fold
+
+
+def probe_few_labels(
+    train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray, n_classes: int,
+    draws: Sequence[np.ndarray], scale: Standardizer | None = None, grid: Sequence[float] = FEW_LABEL_L2_GRID,
+) -> dict:
+    """The low-data probe (docs/reference.md §6.1): for each draw of a few labelled training images, fit on
+    them alone and score on the whole test split; mean and spread over the draws.
+
+    The L2 strength is chosen by stratified cross-validation inside the draw (min(per class, 5)
+    folds), so no label beyond the draw's is used; standardisation may use the statistics of
+    all training features (`scale`), which need no labels.
+    """
+    scale = scale or Standardizer.fit(train)
+    xs, ys = scale(test), torch.tensor(np.asarray(y_test), dtype=torch.int64)
+    strengths = torch.tensor(list(grid), dtype=torch.float64).view(-1, 1, 1, 1)
+    cv_accs, test_accs, chosen = [], [], []
+    for rows in draws:
+        x, y = scale(np.asarray(train)[rows]), torch.tensor(np.asarray(y_train)[rows], dtype=torch.int64)
+        fold = torch.as_tensor(_fold_of(y.numpy(), min(5, int(np.bincount(y.numpy()).max()))))
+        folds = int(fold.max()) + 1
+        fitted = torch.stack([fold != f for f in range(folds)] + [torch.ones_like(fold, dtype=torch.bool)])
+        # one batched fit: every strength x (each fold's complement, then all the draw's images)
+        fit = LogisticRegression(strengths).fit(x, y, n_classes, weights=fitted / fitted.sum(-1, keepdim=True))
+        correct = fit.logits(x)[:, :folds].argmax(-1) == y  # (strengths, folds, images)
+        cv = (correct & ~fitted[:folds]).sum((1, 2)).double() / len(y)  # every image is held out once
+        best = int(cv.argmax())  # the strongest of the tied
+        cv_accs.append(float(cv[best]))
+        test_accs.append(float(((xs @ fit.weight[best, -1] + fit.bias[best, -1]).argmax(-1) == ys).double().mean()))
+        chosen.append(float(grid[best]))
+    return {"cv_acc": float(np.mean(cv_accs)), "test_acc": float(np.mean(test_accs)),
+            "test_std": float(np.std(test_accs)), "test_accs": test_accs, "l2s": chosen}
+
+
 # ---- the whole probe --------------------------------------------------------------------------
 @dataclass
 class Split:
@@ -183,8 +247,30 @@ class Split:
                    np.asarray(tokenset.images.images[rows]))
 
 
-def _layer_sweep(model, splits: dict[str, Split], layers, n_classes, batch_size, precision, log, progress,
-                 desc: str) -> list[dict]:
+@dataclass
+class Protocols:
+    """Which probes run on each feature set: the full-label sweep always; the low-data probe with
+    `labels_per_class`, over `draws` seeded draws; one more probe on the concatenated `concat_layers`."""
+
+    labels_per_class: tuple[int, ...] = ()
+    draws: int = 5
+    concat_layers: tuple[int, ...] | str = ()
+
+    def check(self, n_layer: int) -> "Protocols":
+        if any(k < 2 for k in self.labels_per_class):
+            raise IgptError("--labels-per-class needs at least 2 images per class (its L2 is cross-validated)")
+        if self.draws < 1:
+            raise IgptError(f"--draws must be positive, got {self.draws}")
+        if self.concat_layers:
+            layers = parse_layers(self.concat_layers, n_layer)
+            if len(layers) < 2:
+                raise IgptError(f"--concat-layers needs at least two layers, got {self.concat_layers!r}")
+            self.concat_layers = tuple(layers)
+        return self
+
+
+def _features(model, splits: dict[str, Split], layers, batch_size, precision, progress, desc: str):
+    """{split: {layer: (N, d)}} for every layer in `layers`, one forward pass per batch."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -192,27 +278,46 @@ def _layer_sweep(model, splits: dict[str, Split], layers, n_classes, batch_size,
         bar = tqdm(total=sum(len(s.labels) for s in splits.values()), desc=desc, unit="img", dynamic_ncols=True,
                    leave=False)
     try:
-        features = {
-            name: extract_features(model, split.tokens, layers, batch_size=batch_size, precision=precision,
-                                   on_batch=bar.update if bar is not None else None)
-            for name, split in splits.items()
-        }
+        return {name: extract_features(model, split.tokens, layers, batch_size=batch_size, precision=precision,
+                                       on_batch=bar.update if bar is not None else None)
+                for name, split in splits.items()}
     finally:
         if bar is not None:
             bar.close()
-    rows = []
-    for layer in layers:
-        result = probe_features(
-            features["train"][layer], splits["train"].labels, features["val"][layer], splits["val"].labels,
-            features["test"][layer], splits["test"].labels, n_classes,
-        )
-        rows.append({"layer": layer, "val_acc": result.val_acc, "test_acc": result.test_acc, "l2": result.l2})
-        log(f"  layer {layer:3d}: val {100 * result.val_acc:5.1f}%  test {100 * result.test_acc:5.1f}%")
-    return rows
 
 
-def _best(rows: list[dict]) -> dict:
-    return max(rows, key=lambda row: (row["val_acc"], -row["layer"]))
+def _full(features: dict[str, np.ndarray], splits: dict[str, Split], n_classes: int) -> dict:
+    result = probe_features(features["train"], splits["train"].labels, features["val"], splits["val"].labels,
+                            features["test"], splits["test"].labels, n_classes)
+    return {"val_acc": result.val_acc, "test_acc": result.test_acc, "l2": result.l2}
+
+
+def _few(features: dict[str, np.ndarray], splits: dict[str, Split], n_classes: int, draws) -> dict:
+    return probe_few_labels(features["train"], splits["train"].labels, features["test"], splits["test"].labels,
+                            n_classes, draws, scale=Standardizer.fit(features["train"]))
+
+
+def _probe_sets(sets: dict, splits: dict[str, Split], n_classes: int, draws: dict[int, list], log,
+                name: Callable[[object], str]) -> tuple[list[dict], dict[int, list[dict]]]:
+    """Full-label rows and, per labels-per-class K, few-label rows for each feature set {key: {split: (N, d)}}."""
+    full, few = [], {k: [] for k in draws}
+    for key, features in sets.items():
+        row = {"layer": key, **_full(features, splits, n_classes)}
+        text = f"  {name(key)}: val {100 * row['val_acc']:5.1f}%  test {100 * row['test_acc']:5.1f}%"
+        full.append(row)
+        for k, chosen in draws.items():
+            few[k].append({"layer": key, **_few(features, splits, n_classes, chosen)})
+            text += f"  | {k}/class {100 * few[k][-1]['test_acc']:5.1f}% +- {100 * few[k][-1]['test_std']:.1f}"
+        log(text)
+    return full, few
+
+
+def _best(rows: list[dict], score: str = "val_acc") -> dict:
+    return max(rows, key=lambda row: (row[score], -row["layer"]))
+
+
+def _by_layer(features: dict[str, dict[int, np.ndarray]], layers) -> dict[int, dict[str, np.ndarray]]:
+    return {layer: {split: f[layer] for split, f in features.items()} for layer in layers}
 
 
 def linear_probe(
@@ -221,6 +326,7 @@ def linear_probe(
     *,
     n_classes: int,
     layers: Sequence[int] | None = None,
+    protocols: Protocols | None = None,
     batch_size: int = 256,
     precision: str = "fp32",
     baselines: bool = True,
@@ -231,36 +337,65 @@ def linear_probe(
     """Probe every layer in `layers` (default: all) and, with `baselines`, raw pixels and a random-init model.
 
     `splits` maps "train", "val" and "test" to labelled Splits. The layer whose validation
-    accuracy is highest is the best layer; its test accuracy is the probe's result.
+    accuracy is highest is the best layer; its test accuracy is the probe's result. With
+    `protocols`, also the low-data probe of every feature set (its best layer chosen by
+    cross-validated accuracy on the draws, never by test) and the concatenated layers.
     """
     missing = {"train", "val", "test"} - set(splits)
     if missing:
         raise IgptError(f"the probe needs train, val and test splits; missing {', '.join(sorted(missing))}")
     layers = parse_layers(layers, model.config.n_layer)
-    log(f"probing {len(layers)} layers on {len(splits['train'].labels):,} training images")
-    rows = _layer_sweep(model, splits, layers, n_classes, batch_size, precision, log, progress, "features")
+    protocols = (protocols or Protocols()).check(model.config.n_layer)
+    labels = splits["train"].labels
+    draws = {k: few_label_draws(labels, k, n_classes, protocols.draws, seed) for k in protocols.labels_per_class}
+    log(f"probing {len(layers)} layers on {len(labels):,} training images"
+        + (f"; {', '.join(map(str, draws))} labels per class, {protocols.draws} draws each" if draws else ""))
+    concat = list(protocols.concat_layers)
+    features = _features(model, splits, sorted(set(layers) | set(concat)), batch_size, precision, progress, "features")
+    rows, few = _probe_sets(_by_layer(features, layers), splits, n_classes, draws, log, lambda k: f"layer {k:3d}")
     best = _best(rows)
     report = {"layers": rows, "best_layer": best["layer"], "best_test_acc": best["test_acc"], "n_classes": n_classes,
-              "n_train": len(splits["train"].labels), "n_val": len(splits["val"].labels),
-              "n_test": len(splits["test"].labels)}
+              "n_train": len(labels), "n_val": len(splits["val"].labels), "n_test": len(splits["test"].labels)}
+    concat_full, concat_few = {}, {}
+    if concat:
+        joined = {split: np.concatenate([f[layer] for layer in concat], 1) for split, f in features.items()}
+        (concat_full,), concat_few = _probe_sets({0: joined}, splits, n_classes, draws, log,
+                                                 lambda _: "layers " + "+".join(map(str, concat)))
+        report["concat"] = {**concat_full, "layer": concat}
+    del features
+    raw_full, raw_few, random_rows, random_few = {}, {}, [], {}
     if baselines:
         log("baseline: raw pixels")
         flat = {name: s.pixels.reshape(len(s.pixels), -1).astype(np.float32) / 255.0 for name, s in splits.items()}
-        raw = probe_features(flat["train"], splits["train"].labels, flat["val"], splits["val"].labels,
-                             flat["test"], splits["test"].labels, n_classes)
-        log(f"  raw pixels: val {100 * raw.val_acc:5.1f}%  test {100 * raw.test_acc:5.1f}%")
+        (raw_full,), raw_few = _probe_sets({-1: flat}, splits, n_classes, draws, log, lambda _: "raw pixels")
         log("baseline: randomly initialised model of the same shape")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             random_model = ImageGPT(model.config).to(next(model.parameters()).device)
-        random_rows = _layer_sweep(random_model, splits, layers, n_classes, batch_size, precision, log, progress,
-                                   "random-init features")
+        random_features = _features(random_model, splits, layers, batch_size, precision, progress,
+                                    "random-init features")
+        random_rows, random_few = _probe_sets(_by_layer(random_features, layers), splits, n_classes, draws, log,
+                                              lambda k: f"random-init layer {k:3d}")
         random_best = _best(random_rows)
         report["baselines"] = {
-            "raw_pixels": raw.test_acc, "raw_pixels_val": raw.val_acc,
+            "raw_pixels": raw_full["test_acc"], "raw_pixels_val": raw_full["val_acc"],
             "random_init": random_best["test_acc"], "random_init_layer": random_best["layer"],
             "random_init_layers": random_rows, "chance": 1.0 / n_classes,
         }
+    if draws:
+        report["few_label"] = {"draws": protocols.draws, "seed": seed, "protocols": []}
+        for k in draws:
+            chosen = _best(few[k], "cv_acc")
+            entry = {"labels_per_class": k, "best_layer": chosen["layer"], "test_acc": chosen["test_acc"],
+                     "test_std": chosen["test_std"], "layers": few[k]}
+            if concat:
+                entry["concat"] = {**concat_few[k][0], "layer": concat}
+            if baselines:
+                entry["raw_pixels"] = {key: raw_few[k][0][key] for key in ("test_acc", "test_std", "test_accs")}
+                random_chosen = _best(random_few[k], "cv_acc")
+                entry["random_init"] = {"layer": random_chosen["layer"], "test_acc": random_chosen["test_acc"],
+                                        "test_std": random_chosen["test_std"]}
+            report["few_label"]["protocols"].append(entry)
     return report
 
 
@@ -274,5 +409,22 @@ def summary(report: dict) -> str:
         b = report["baselines"]
         lines.append(f"baselines: raw pixels {100 * b['raw_pixels']:.1f}%, random-init model "
                      f"{100 * b['random_init']:.1f}% (layer {b['random_init_layer']}), chance {100 * b['chance']:.1f}%")
+    if "concat" in report:
+        c = report["concat"]
+        lines.append(f"layers {'+'.join(map(str, c['layer']))} concatenated: test accuracy {100 * c['test_acc']:.1f}% "
+                     f"(val {100 * c['val_acc']:.1f}%)")
+    for few in report.get("few_label", {}).get("protocols", []):
+        line = (f"{few['labels_per_class']} labels per class: layer {few['best_layer']} "
+                f"{_mean_spread(few)}")
+        if "concat" in few:
+            line += f", concatenated {_mean_spread(few['concat'])}"
+        if "raw_pixels" in few:
+            line += (f"; raw pixels {_mean_spread(few['raw_pixels'])}, random-init "
+                     f"{_mean_spread(few['random_init'])}")
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _mean_spread(result: dict) -> str:
+    return f"{100 * result['test_acc']:.1f}% +- {100 * result['test_std']:.1f}"
 
