@@ -1,0 +1,163 @@
+"""Issue 15's study: what raises linear-probe accuracy per CPU-minute of pretraining.
+
+    python bench/probe_study.py --data cifar10 --data-dir ../shared/datasets/cifar10 --minutes 10 [--only base bert]
+    python bench/probe_study.py --data fashion-mnist --data-dir ../shared/datasets/fashion-mnist --minutes 30
+
+Every variant is the base recipe (the demo's plan for the data set: `tiny`, batch 64, lr 3e-3,
+a fitted palette) with one thing changed. Each gets the same wall-clock budget of optimizer
+steps: its step is timed alone first (after a warm-up, best of 3) and the run takes
+budget / step time steps, so the schedule completes inside the budget on this machine. Then
+`igpt probe` measures the layer sweep with all labels and the low-data protocol
+(--labels-per-class), and the table gives the best validation bits/pixel, the best layer's
+test accuracy and its layer, and the few-label accuracies. Baselines (raw pixels, random-init
+network) are probed for the base run only: the other variants share its data and, apart from
+the architecture rows, its network. Finished runs are kept and reused, so a study can be
+stopped and continued. The plot puts best-layer accuracy against validation bits/pixel,
+the paper's "better generative models learn better representations" at this scale
+(bits/pixel compare only between runs of one palette and resolution: those are marked apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from igpt.demo import PLANS, time_step
+from igpt.pretrain import PretrainConfig
+
+BASE = {"model": "tiny", "batch_size": 64, "lr": 3e-3}
+VARIANTS = {  # name: changes to the base (PretrainConfig fields, and "resolution")
+    "base": {},
+    "2d positions": {"positions": "2d"},
+    "strided-2d": {"positions": "2d", "attention": "strided"},
+    "local-2d R=2": {"positions": "2d", "attention": "local", "window_rows": 2},
+    "bert": {"objective": "bert"},
+    "deep 8x96": {"n_layer": 8, "n_embd": 96, "n_head": 4},
+    "wide 2x192": {"n_layer": 2, "n_embd": 192, "n_head": 4},
+    "lr 1e-3": {"lr": 1e-3},
+    "lr 1e-2": {"lr": 1e-2},
+    "no warm-up": {"warmup": 0},
+    "batch 16": {"batch_size": 16},
+    "batch 256": {"batch_size": 256},
+    "augment": {"augment": True},
+    "resolution 32": {"resolution": 32},
+    "palette 16": {"clusters": 16},
+    "palette 512": {"clusters": 512},
+}
+SAME_TOKENS = {"resolution", "clusters"}  # variants whose bits/pixel are not comparable with the base's
+
+
+def flags(changes: dict) -> list[str]:
+    out = []
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def folder_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name)
+
+
+def run_variant(name: str, args, out: Path) -> Path:
+    """Train and probe one variant into out/<name>, each step only when its result is missing."""
+    resolution, clusters, _ = PLANS[args.data]
+    changes = {**BASE, "clusters": clusters, "resolution": resolution, **VARIANTS[name]}
+    resolution = changes.pop("resolution")
+    run = out / folder_name(name)
+    data = ["--data", args.data] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    igpt = [sys.executable, "-m", "igpt.cli"]
+    if not (run / "study.json").exists():
+        import torch
+
+        config = PretrainConfig(**changes).model_config(changes["clusters"], resolution)
+        seconds = min(time_step(config, changes["batch_size"], torch.device("cpu"), "fp32", steps=2)
+                      for _ in range(3))
+        steps = max(10, int(args.minutes * 60 / seconds))
+        print(f"== {name}: {seconds:.3f} s/step alone, {steps} steps for {args.minutes:g} minutes", flush=True)
+        subprocess.run(igpt + ["train", *data, "--resolution", str(resolution), *flags(changes), "--steps", str(steps),
+                               "--eval-every", str(max(1, steps // 10)), "--eval-batches", "8", "--save-every",
+                               str(steps), "--sample-every", str(steps), "--device", "cpu", "--out", str(run)],
+                       check=True)
+        (run / "study.json").write_text(json.dumps({"name": name, "changes": VARIANTS[name], "seconds_per_step":
+                                                    seconds, "steps": steps, "minutes": args.minutes}))
+    if not (run / "probe.json").exists():
+        subprocess.run(igpt + ["probe", "--ckpt", str(run), "--max-train", str(args.probe_train), "--labels-per-class",
+                               args.labels_per_class, "--out", str(run / "probe.json")]
+                       + ([] if name == "base" else ["--no-baselines"]), check=True)
+    return run
+
+
+def row(run: Path) -> dict:
+    study = json.loads((run / "study.json").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    probe = json.loads((run / "probe.json").read_text())
+    few = {p["labels_per_class"]: p for p in probe.get("few_label", {}).get("protocols", [])}
+    return {**study, "val_bits_per_pixel": min(r["val_bits_per_pixel"] for r in records if "val_bits_per_pixel" in r),
+            "best_layer": probe["best_layer"], "best_test_acc": probe["best_test_acc"], "few": few,
+            "baselines": probe.get("baselines"), "comparable": not SAME_TOKENS & set(study["changes"])}
+
+
+def table(rows: list[dict]) -> str:
+    ks = sorted({k for r in rows for k in r["few"]})
+    head = ["variant", "s/step", "steps", "val bits/pixel", "best layer", "test acc %"] + [f"{k}/class %" for k in ks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        few = [f"{100 * r['few'][k]['test_acc']:.1f} ± {100 * r['few'][k]['test_std']:.1f}" if k in r["few"] else "-"
+               for k in ks]
+        lines.append("| " + " | ".join([r["name"], f"{r['seconds_per_step']:.3f}", str(r["steps"]),
+                                        f"{r['val_bits_per_pixel']:.3f}" + ("" if r["comparable"] else " *"),
+                                        str(r["best_layer"]), f"{100 * r['best_test_acc']:.1f}"] + few) + " |")
+    base = next((r for r in rows if r["baselines"]), None)
+    if base:
+        b = base["baselines"]
+        lines.append(f"\nBaselines (base run's splits): raw pixels {100 * b['raw_pixels']:.1f}%, random-init network "
+                     f"{100 * b['random_init']:.1f}% (layer {b['random_init_layer']}); few labels: " + ", ".join(
+                         f"{k}/class raw {100 * p['raw_pixels']['test_acc']:.1f}%, random-init "
+                         f"{100 * p['random_init']['test_acc']:.1f}%" for k, p in sorted(base["few"].items())))
+    lines.append("* another palette or resolution: its bits/pixel count other tokens and compare with no other row.")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    from igpt.plots import _figure, _save
+
+    plt, fig, ax = _figure()
+    for r in rows:
+        style = "o" if r["comparable"] else "x"
+        ax.plot(r["val_bits_per_pixel"], 100 * r["best_test_acc"], style, color="tab:blue" if r["comparable"]
+                else "tab:gray")
+        ax.annotate(r["name"], (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
+                    textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("best validation bits per pixel (x: another palette or resolution)")
+    ax.set_ylabel("best-layer probe, test accuracy (%)")
+    _save(plt, fig, path)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="cifar10", choices=sorted(PLANS))
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--minutes", type=float, default=10.0, help="optimizer-step budget per run, on this CPU")
+    parser.add_argument("--only", nargs="*", default=None, choices=sorted(VARIANTS), help="these variants only")
+    parser.add_argument("--out", default=None, help="default: runs/study-<data>-<minutes>min")
+    parser.add_argument("--probe-train", type=int, default=15_000, help="training images for the probe")
+    parser.add_argument("--labels-per-class", default="4,25")
+    parser.add_argument("--plot", default=None, help="default: <out>/probe-vs-bpp.png")
+    args = parser.parse_args()
+    out = Path(args.out or f"runs/study-{args.data}-{args.minutes:g}min")
+    names = ["base"] + [n for n in (args.only or VARIANTS) if n != "base"]
+    rows = [row(run_variant(name, args, out)) for name in names]
+    print(table(rows))
+    plot(rows, args.plot or str(out / "probe-vs-bpp.png"))
+
+
+if __name__ == "__main__":
+    main()
