@@ -23,6 +23,9 @@ from igpt.model import ImageGPT
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6)  # strongest first, each fit warm-starting the next
 # A few hundred labelled images: below 1e-4 the fit is as good as unregularised, and the slowest to converge.
 FEW_LABEL_L2_GRID = L2_GRID[:7]
+# Iterations of the batched few-label fit: past this the cross-validated choice and the test accuracy move by
+# well under the spread between draws, and the iterations cost the same for every problem in the batch.
+FEW_LABEL_MAX_ITER = 100
 
 
 # ---- features ---------------------------------------------------------------------------------
@@ -216,7 +219,8 @@ def probe_few_labels(
         folds = int(fold.max()) + 1
         fitted = torch.stack([fold != f for f in range(folds)] + [torch.ones_like(fold, dtype=torch.bool)])
         # one batched fit: every strength x (each fold's complement, then all the draw's images)
-        fit = LogisticRegression(strengths).fit(x, y, n_classes, weights=fitted / fitted.sum(-1, keepdim=True))
+        fit = LogisticRegression(strengths, FEW_LABEL_MAX_ITER).fit(x, y, n_classes,
+                                                                    weights=fitted / fitted.sum(-1, keepdim=True))
         correct = fit.logits(x)[:, :folds].argmax(-1) == y  # (strengths, folds, images)
         cv = (correct & ~fitted[:folds]).sum((1, 2)).double() / len(y)  # every image is held out once
         best = int(cv.argmax())  # the strongest of the tied
