@@ -14,7 +14,8 @@ network) are probed for the base run only: the other variants share its data and
 the architecture rows, its network. Finished runs are kept and reused, so a study can be
 stopped and continued. The plot puts best-layer accuracy against validation bits/pixel,
 the paper's "better generative models learn better representations" at this scale
-(bits/pixel compare only between runs of one palette and resolution: those are marked apart).
+(bits/pixel compare only between autoregressive runs of one palette and resolution: the others are
+marked apart).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ VARIANTS = {  # name: changes to the base (PretrainConfig fields, and "resolutio
     "palette 16": {"clusters": 16},
     "palette 512": {"clusters": 512},
 }
-SAME_TOKENS = {"resolution", "clusters"}  # variants whose bits/pixel are not comparable with the base's
+# Variants whose bits/pixel do not compare with the base's: other tokens, or BERT's masked-pixel loss.
+INCOMPARABLE = {"resolution", "clusters", "objective"}
 
 
 def flags(changes: dict) -> list[str]:
@@ -101,7 +103,7 @@ def row(run: Path) -> dict:
     few = {p["labels_per_class"]: p for p in probe.get("few_label", {}).get("protocols", [])}
     return {**study, "val_bits_per_pixel": min(r["val_bits_per_pixel"] for r in records if "val_bits_per_pixel" in r),
             "best_layer": probe["best_layer"], "best_test_acc": probe["best_test_acc"], "few": few,
-            "baselines": probe.get("baselines"), "comparable": not SAME_TOKENS & set(study["changes"])}
+            "baselines": probe.get("baselines"), "comparable": not INCOMPARABLE & set(study["changes"])}
 
 
 def table(rows: list[dict]) -> str:
@@ -121,7 +123,7 @@ def table(rows: list[dict]) -> str:
                      f"{100 * b['random_init']:.1f}% (layer {b['random_init_layer']}); few labels: " + ", ".join(
                          f"{k}/class raw {100 * p['raw_pixels']['test_acc']:.1f}%, random-init "
                          f"{100 * p['random_init']['test_acc']:.1f}%" for k, p in sorted(base["few"].items())))
-    lines.append("* another palette or resolution: its bits/pixel count other tokens and compare with no other row.")
+    lines.append("* another palette or resolution, or BERT's masked-pixel loss: compares with no other row.")
     return "\n".join(lines)
 
 
@@ -135,7 +137,7 @@ def plot(rows: list[dict], path: str) -> None:
                 else "tab:gray")
         ax.annotate(r["name"], (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
                     textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("best validation bits per pixel (x: another palette or resolution)")
+    ax.set_xlabel("best validation bits per pixel (x: another palette, resolution or objective)")
     ax.set_ylabel("best-layer probe, test accuracy (%)")
     _save(plt, fig, path)
     print(f"plot: {path}")
