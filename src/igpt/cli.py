@@ -311,8 +311,8 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     splits = {name: Split.of(s, args.max_train if name == "train" else None, args.seed) for name, s in tokensets.items()}
     classes = tokensets["train"].classes
     report = linear_probe(model, splits, n_classes=len(classes), layers=layers, protocols=protocols,
-                          batch_size=args.batch_size, precision=args.precision, baselines=not args.no_baselines, seed=args.seed,
-                          progress=True)
+                          batch_size=args.batch_size, precision=args.precision, baselines=not args.no_baselines,
+                          seed=args.seed, progress=True)
     report.update(ckpt=str(args.ckpt), data=data.name, classes=list(classes), objective=model.config.objective)
     atomic_write_json(out, report)
     plots.probe_accuracy(report, out.with_suffix(".png"))

@@ -153,14 +153,14 @@ class LayerProbe:
 
 def probe_features(
     train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray, test: np.ndarray,
-    y_test: np.ndarray, n_classes: int, grid: Sequence[float] = L2_GRID,
+    y_test: np.ndarray, n_classes: int, grid: Sequence[float] = L2_GRID, scale: Standardizer | None = None,
 ) -> LayerProbe:
     """Fit on train for L2 strengths along `grid`, keep the best on val, score it on test.
 
     The grid runs strongest first, each fit warm-started from the last, and stops once two
     weaker strengths in a row have not beaten the best: the weakest fits are the slowest.
     """
-    scale = Standardizer.fit(train)
+    scale = scale or Standardizer.fit(train)
     xt, xv, xs = scale(train), scale(val), scale(test)
     yt, yv, ys = (torch.tensor(np.asarray(y), dtype=torch.int64) for y in (y_train, y_val, y_test))
     best, best_acc, previous, worse = None, -1.0, None, 0
@@ -290,27 +290,21 @@ def _features(model, splits: dict[str, Split], layers, batch_size, precision, pr
             bar.close()
 
 
-def _full(features: dict[str, np.ndarray], splits: dict[str, Split], n_classes: int) -> dict:
-    result = probe_features(features["train"], splits["train"].labels, features["val"], splits["val"].labels,
-                            features["test"], splits["test"].labels, n_classes)
-    return {"val_acc": result.val_acc, "test_acc": result.test_acc, "l2": result.l2}
-
-
-def _few(features: dict[str, np.ndarray], splits: dict[str, Split], n_classes: int, draws) -> dict:
-    return probe_few_labels(features["train"], splits["train"].labels, features["test"], splits["test"].labels,
-                            n_classes, draws, scale=Standardizer.fit(features["train"]))
-
-
 def _probe_sets(sets: dict, splits: dict[str, Split], n_classes: int, draws: dict[int, list], log,
                 name: Callable[[object], str]) -> tuple[list[dict], dict[int, list[dict]]]:
     """Full-label rows and, per labels-per-class K, few-label rows for each feature set {key: {split: (N, d)}}."""
     full, few = [], {k: [] for k in draws}
+    train, test = splits["train"].labels, splits["test"].labels
     for key, features in sets.items():
-        row = {"layer": key, **_full(features, splits, n_classes)}
+        scale = Standardizer.fit(features["train"])  # one per feature set, shared by every protocol
+        result = probe_features(features["train"], train, features["val"], splits["val"].labels, features["test"],
+                                test, n_classes, scale=scale)
+        row = {"layer": key, "val_acc": result.val_acc, "test_acc": result.test_acc, "l2": result.l2}
         text = f"  {name(key)}: val {100 * row['val_acc']:5.1f}%  test {100 * row['test_acc']:5.1f}%"
         full.append(row)
         for k, chosen in draws.items():
-            few[k].append({"layer": key, **_few(features, splits, n_classes, chosen)})
+            few[k].append({"layer": key, **probe_few_labels(features["train"], train, features["test"], test,
+                                                            n_classes, chosen, scale=scale)})
             text += f"  | {k}/class {100 * few[k][-1]['test_acc']:5.1f}% +- {100 * few[k][-1]['test_std']:.1f}"
         log(text)
     return full, few
@@ -360,14 +354,12 @@ def linear_probe(
     best = _best(rows)
     report = {"layers": rows, "best_layer": best["layer"], "best_test_acc": best["test_acc"], "n_classes": n_classes,
               "n_train": len(labels), "n_val": len(splits["val"].labels), "n_test": len(splits["test"].labels)}
-    concat_full, concat_few = {}, {}
     if concat:
         joined = {split: np.concatenate([f[layer] for layer in concat], 1) for split, f in features.items()}
         (concat_full,), concat_few = _probe_sets({0: joined}, splits, n_classes, draws, log,
                                                  lambda _: "layers " + "+".join(map(str, concat)))
         report["concat"] = {**concat_full, "layer": concat}
     del features
-    raw_full, raw_few, random_rows, random_few = {}, {}, [], {}
     if baselines:
         log("baseline: raw pixels")
         flat = {name: s.pixels.reshape(len(s.pixels), -1).astype(np.float32) / 255.0 for name, s in splits.items()}
