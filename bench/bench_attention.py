@@ -133,6 +133,8 @@ def serve_training(spec: dict) -> None:
         config = pattern.config(spec["dims"], side)
         model = ImageGPT(config).to(device)
         optimizer = make_optimizer(model.parameters(), lr=1e-3)
+        if spec["compile"]:  # as `igpt train --compile`: the optimizer holds the same parameters
+            model = torch.compile(model)
         batch = Batch(torch.randint(0, config.vocab_size, (rows, config.n_ctx), device=device))
 
         def step() -> None:
@@ -199,13 +201,13 @@ class Worker:
 
 
 def train_side(side: int, batch: int, pats: list[Pattern], dims: dict, device: str, repeat: int,
-               peak: float) -> list[dict]:
+               peak: float, compile: bool = False) -> list[dict]:
     """Every pattern at one resolution: tokens/s (best of `repeat` steps, taken in turns) and peak memory."""
     workers = {}
     try:
         for p in pats:  # imports run side by side; the warm-ups one at a time
             workers[p.name] = Worker(p.name, {"pattern": vars(p), "dims": dims, "side": side, "batch": batch,
-                                              "device": device})
+                                              "device": device, "compile": compile})
         for worker in workers.values():
             worker.answer()  # ready
         for worker in workers.values():
@@ -365,6 +367,8 @@ def main() -> None:
     parser.add_argument("--sample-repeat", type=int, default=3, help="timed sampling runs per configuration, in turns")
     parser.add_argument("--quick", action="store_true", help=f"{' and '.join(QUICK)} (side:batch), one repeat: "
                         "checks the script in under a minute")
+    parser.add_argument("--compile", action="store_true", help="training: torch.compile each model first, as "
+                        "`igpt train --compile` (fuses the element-wise operations that a local step is left with)")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one training configuration
     add_device_options(parser)
     args = parser.parse_args()
@@ -399,11 +403,12 @@ def main() -> None:
 
     training: list[dict] = []
     if train:
-        print(f"\ntraining: igpt.train.train_step, fp32, forward + backward + AdamW, random tokens; one process per "
+        print(f"\ntraining: igpt.train.train_step, fp32{', torch.compile' if args.compile else ''}, forward + backward "
+              "+ AdamW, random tokens; one process per "
               f"configuration, best of {args.repeat} steps taken in turns")
         print("  side    batch  pattern      tokens/s  x dense   ms/step  peak MiB  x dense  MFLOP/token  of peak")
         for side, batch in train:
-            rows = train_side(side, batch, pats, dims, args.device, args.repeat, peak)
+            rows = train_side(side, batch, pats, dims, args.device, args.repeat, peak, args.compile)
             print_training(rows)
             training += rows
         print(f"  ({time.perf_counter() - began:.0f} s so far)")

@@ -1,10 +1,11 @@
 """Issue 15's study: what raises linear-probe accuracy per CPU-minute of pretraining.
 
-    python bench/probe_study.py --data cifar10 --data-dir ../shared/datasets/cifar10 --minutes 10 [--only base bert]
-    python bench/probe_study.py --data fashion-mnist --data-dir ../shared/datasets/fashion-mnist --minutes 30
+    python bench/probe_study.py --plan cifar10 --data ../shared/datasets/cifar10/cifar10-jpeg.tar.gz --minutes 10 \
+        [--only base bert]
+    python bench/probe_study.py --plan fashion-mnist --data-dir ../shared/datasets/fashion-mnist --minutes 30
 
 Every variant is the base recipe (the demo's plan for the data set: `tiny`, batch 64, lr 3e-3,
-a fitted palette) with one thing changed. Each gets the same wall-clock budget of optimizer
+a fitted palette, the paper's 1-D positions and dense attention) with one thing changed. Each gets the same wall-clock budget of optimizer
 steps: its step is timed alone first (after a warm-up, best of 3) and the run takes
 budget / step time steps, so the schedule completes inside the budget on this machine. Then
 `igpt probe` measures the layer sweep with all labels and the low-data protocol
@@ -29,7 +30,7 @@ from pathlib import Path
 from igpt.demo import PLANS, time_step
 from igpt.pretrain import PretrainConfig
 
-BASE = {"model": "tiny", "batch_size": 64, "lr": 3e-3}
+BASE = {"model": "tiny", "batch_size": 64, "lr": 3e-3, "positions": "1d", "attention": "dense"}  # the paper's
 VARIANTS = {  # name: changes to the base (PretrainConfig fields, and "resolution")
     "base": {},
     "2d positions": {"positions": "2d"},
@@ -69,11 +70,11 @@ def folder_name(name: str) -> str:
 
 def run_variant(name: str, args, out: Path) -> Path:
     """Train and probe one variant into out/<name>, each step only when its result is missing."""
-    resolution, clusters, _ = PLANS[args.data]
+    resolution, clusters, _ = PLANS[args.plan]
     changes = {**BASE, "clusters": clusters, "resolution": resolution, **VARIANTS[name]}
     resolution = changes.pop("resolution")
     run = out / folder_name(name)
-    data = ["--data", args.data] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    data = ["--data", args.data or args.plan] + (["--data-dir", args.data_dir] if args.data_dir else [])
     igpt = [sys.executable, "-m", "igpt.cli"]
     if not (run / "study.json").exists():
         import torch
@@ -145,8 +146,11 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="cifar10", choices=sorted(PLANS))
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--plan", default="cifar10", choices=sorted(PLANS), help="the demo plan: data set, resolution, "
+                        "palette size")
+    parser.add_argument("--data", default=None, help="another copy of the plan's data (an image folder or archive); "
+                        "default: the named data set")
+    parser.add_argument("--data-dir", default=None, help="folder holding existing copies of the named data set")
     parser.add_argument("--minutes", type=float, default=10.0, help="optimizer-step budget per run, on this CPU")
     parser.add_argument("--only", nargs="*", default=None, choices=sorted(VARIANTS), help="these variants only")
     parser.add_argument("--out", default=None, help="default: runs/study-<data>-<minutes>min")
@@ -154,7 +158,7 @@ def main() -> None:
     parser.add_argument("--labels-per-class", default="4,25")
     parser.add_argument("--plot", default=None, help="default: <out>/probe-vs-bpp.png")
     args = parser.parse_args()
-    out = Path(args.out or f"runs/study-{args.data}-{args.minutes:g}min")
+    out = Path(args.out or f"runs/study-{args.plan}-{args.minutes:g}min")
     names = ["base"] + [n for n in (args.only or VARIANTS) if n != "base"]
     rows = [row(run_variant(name, args, out)) for name in names]
     print(table(rows))

@@ -11,7 +11,10 @@ import shutil
 import pytest
 
 TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2}  # a two-layer, width-32 model: seconds to train
-TINY_RUN = dict(batch_size=32, steps=12, lr=3e-3, eval_every=6, save_every=4, sample_every=12, eval_batches=2, **TINY)
+PAPER = {"positions": "1d", "attention": "dense"}  # the paper's architecture; the defaults are 2-D and strided
+PAPER_FLAGS = ["--positions", "1d", "--attention", "dense"]  # the same, for `igpt train` runs that meet TINY_RUN's
+TINY_RUN = dict(batch_size=32, steps=12, lr=3e-3, eval_every=6, save_every=4, sample_every=12, eval_batches=2, **TINY,
+                **PAPER)
 
 
 @pytest.fixture(scope="session", autouse=True)

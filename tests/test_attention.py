@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import TINY_RUN, random_model
+from conftest import PAPER, TINY_RUN, random_model
 from igpt import IgptError
 from igpt.decoding import Decoder
 from igpt.model import ImageGPT, ImageGPTConfig, band_attention, column_attention
@@ -151,12 +151,26 @@ def test_a_config_written_before_the_patterns_loads_as_the_paper(tmp_path):
     del old["n_head"]
     with pytest.raises(IgptError, match="lacks fields: n_head"):
         ImageGPTConfig.from_dict(old)
-    task = Pretraining(DataConfig(name="digits", resolution=8), PretrainConfig())
-    record = task.record()
+    paper = Pretraining(DataConfig(name="digits", resolution=8), PretrainConfig(positions="1d", attention="dense"))
+    record = paper.record()
     record["config"] = {k: v for k, v in record["config"].items() if k not in ("positions", "attention", "window_rows")}
-    assert task.differences(record) == []  # a run saved before the patterns resumes
+    assert paper.differences(record) == []  # a run saved before the patterns resumes with the paper's flags
+    default = Pretraining(DataConfig(name="digits", resolution=8), PretrainConfig())
+    assert default.differences(record) == ["positions '1d' (run) vs '2d' (now)",  # today's defaults are not the paper's
+                                           "attention 'dense' (run) vs None (now)"]
     record["config"]["attention"] = "local"
-    assert task.differences(record) == ["attention 'local' (run) vs 'dense' (now)"]
+    assert paper.differences(record) == ["attention 'local' (run) vs 'dense' (now)"]
+
+
+def test_the_default_recipe_is_strided_2d_for_ar_and_dense_for_bert():
+    from igpt.pretrain import PretrainConfig
+
+    ar = PretrainConfig().model_config(16, 8)
+    assert (ar.positions, ar.attention) == ("2d", "strided")
+    bert = PretrainConfig(objective="bert").model_config(16, 8)
+    assert (bert.positions, bert.attention) == ("2d", "dense")
+    with pytest.raises(IgptError, match="needs attention 'dense'"):
+        PretrainConfig(objective="bert", attention="strided").model_config(16, 8)
 
 
 def test_refused_combinations_and_exports(tmp_path):
@@ -261,13 +275,12 @@ def test_a_decoding_step_reads_only_what_its_pattern_reads(static):
         assert flops["dense"] - flops[attention] == 2 * 4 * batch * width * (n - side), attention
 
 
-def test_every_command_runs_a_model_with_2d_positions_and_strided_attention(tmp_path, capsys):
+def test_every_command_runs_the_default_model_with_2d_positions_and_strided_attention(tmp_path, capsys):
     from igpt.cli import main
 
     run = tmp_path / "run"
-    flags = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items()]
-    assert main(["train", "--data", "digits", "--resolution", "8", "--out", str(run), *flags,
-                 "--positions", "2d", "--attention", "strided"]) == 0
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in TINY_RUN.items() if name not in PAPER]
+    assert main(["train", "--data", "digits", "--resolution", "8", "--out", str(run), *flags]) == 0
     config = json.loads((run / "config.json").read_text())
     assert (config["positions"], config["attention"]) == ("2d", "strided")
     assert main(["sample", "--ckpt", str(run), "--n", "2", "--out", str(tmp_path / "s.png")]) == 0

@@ -23,7 +23,7 @@ from igpt import IgptError
 from igpt.checkpoint import TRAIN_STATE, RunFolder
 from igpt.palette import Palette
 from igpt.train import Trainer
-from conftest import pretraining
+from conftest import PAPER_FLAGS, pretraining
 
 TRAIN_ARGS = ["train", "--data", "digits", "--resolution", "8", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
               "--batch-size", "16", "--eval-every", "1000", "--sample-every", "1000", "--eval-batches", "1"]
@@ -139,7 +139,8 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path, capsys):
     (out / TRAIN_STATE).write_bytes(buffer.getvalue())
     args = ["train", "--data", "digits", "--resolution", "8", "--clusters", "16", "--n-layer", "1", "--n-embd", "16",
             "--n-head", "2", "--batch-size", "16", "--steps", "2", "--eval-every", "1000", "--save-every", "2",
-            "--sample-every", "1000", "--eval-batches", "1", "--out", str(out), "--resume"]
+            "--sample-every", "1000", "--eval-batches", "1", *PAPER_FLAGS, "--out", str(out),
+            "--resume"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "cannot be loaded safely" in err and len(err.strip().splitlines()) == 1

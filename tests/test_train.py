@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import KILLED_AT_STEP_10, pretraining
+from conftest import KILLED_AT_STEP_10, PAPER_FLAGS, pretraining
 from conftest import train as train_into
 from igpt import IgptError
 from igpt.batches import Batches
@@ -73,7 +73,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_run, tmp_pat
     full = step_losses(tiny_run)
     args = ["train", "--data", "digits", "--resolution", "8", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
             "--batch-size", "32", "--steps", "12", "--eval-every", "6", "--save-every", "4", "--sample-every", "12",
-            "--eval-batches", "2", "--out", str(tmp_path / "cut")]
+            "--eval-batches", "2", *PAPER_FLAGS, "--out", str(tmp_path / "cut")]
     killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP_10, *args], capture_output=True, env=os.environ)
     assert killed.returncode == -9
     assert RunFolder(tmp_path / "cut").saved_step() == 8
@@ -150,7 +150,7 @@ def test_eval_command_writes_exact_json(tiny_run, tmp_path):
 def test_two_gloo_processes_match_one(tmp_path, sharding):
     common = ["--data", "digits", "--resolution", "8", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
               "--batch-size", "32", "--steps", "4", "--eval-every", "4", "--sample-every", "4", "--eval-batches", "2",
-              "--device", "cpu"]
+              "--device", "cpu", *PAPER_FLAGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "igpt.cli", "train", *common, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env)

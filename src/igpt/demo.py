@@ -65,7 +65,7 @@ OTHER = (16, 256, 20.0)  # folders and archives of any images, centre-cropped to
 
 def plan_for(spec: str, budget_minutes: float | None = None, data_dir: str | None = None,
              **architecture) -> Plan:
-    """`architecture`: PretrainConfig's positions, attention and window_rows (default: the paper's)."""
+    """`architecture`: PretrainConfig's positions, attention and window_rows (default: PretrainConfig's)."""
     resolution, clusters, budget = PLANS.get(spec, OTHER)
     if budget_minutes is not None:
         if not budget_minutes > 0:
@@ -111,15 +111,18 @@ def time_step(config: ImageGPTConfig, batch_size: int, device: torch.device, pre
 
 def run_demo(spec: str = "digits", out: str | Path | None = None, *, budget_minutes: float | None = None,
              steps: int | None = None, device: str | None = None, seed: int = 0, data_dir: str | None = None,
-             positions: str = "1d", attention: str = "dense", window_rows: int = 2, log=print,
-             progress: bool = True) -> dict:
-    """Run every stage into `out` and return the summary (also written as `summary.json`)."""
+             positions: str | None = None, attention: str | None = None, window_rows: int | None = None,
+             log=print, progress: bool = True) -> dict:
+    """Run every stage into `out` and return the summary (also written as `summary.json`).
+
+    positions, attention, window_rows: PretrainConfig's, whose defaults stand for None."""
     from igpt.finetune import labelled_splits
     from igpt.probe import Protocols, Split, linear_probe, summary
     from igpt.sample import completion_rows, sample, save_grid
     from igpt.train import Trainer
 
-    plan = plan_for(spec, budget_minutes, data_dir, positions=positions, attention=attention, window_rows=window_rows)
+    architecture = {"positions": positions, "attention": attention, "window_rows": window_rows}
+    plan = plan_for(spec, budget_minutes, data_dir, **{k: v for k, v in architecture.items() if v is not None})
     if steps is not None and steps <= 0:
         raise IgptError(f"--steps must be positive, got {steps}")
     dev = resolve_device(device)

@@ -26,6 +26,9 @@ from igpt.precision import autocast
 from igpt.train import Task, TrainConfig
 
 
+DEFAULT_ATTENTION = {"ar": "strided", "bert": "dense"}  # without --attention
+
+
 @dataclass
 class PretrainConfig(TrainConfig):
     """Pretraining's settings: the loop's, plus the palette, the model and the objective."""
@@ -37,11 +40,13 @@ class PretrainConfig(TrainConfig):
     n_embd: int | None = option(None, "override the preset's width")
     n_head: int | None = option(None, "override the preset's head count")
     objective: str = option("ar", "ar (next pixel) | bert (masked pixels)", choices=OBJECTIVES)
-    positions: str = option("1d", "1d (one learned vector per pixel, the paper) | 2d (learned row + column vectors)",
+    # The defaults are not the paper's: 2-D positions and strided attention learned the best features per
+    # CPU-minute in the study of docs/design.md ("Defaults"); --positions 1d --attention dense is the paper.
+    positions: str = option("2d", "2d (learned row + column vectors) | 1d (one learned vector per pixel, the paper)",
                             choices=POSITIONS)
-    attention: str = option("dense", "dense (the paper) | local (the --window-rows rows before each pixel) | "
-                            "strided (Sparse Transformer: last row's width, then the pixel's column)",
-                            choices=ATTENTIONS)
+    attention: str | None = option(None, "strided (Sparse Transformer: last row's width, then the pixel's column; "
+                                   "the default for ar) | dense (the paper; the default for bert, which sees every "
+                                   "pixel) | local (the --window-rows rows before each pixel)", choices=ATTENTIONS)
     window_rows: int = option(2, "local attention: rows of earlier pixels each pixel sees")
     augment: bool = option(False, "random resized crops of the training images")
     sample_every: int = option(500, "steps between sample grids (ar)")
@@ -57,7 +62,8 @@ class PretrainConfig(TrainConfig):
                  if getattr(self, name) is not None}
         return ImageGPTConfig.from_preset(self.model, vocab_size=palette_size, n_ctx=resolution**2,
                                           objective=self.objective, positions=self.positions,
-                                          attention=self.attention, window_rows=self.window_rows, **shape)
+                                          attention=self.attention or DEFAULT_ATTENTION[self.objective],
+                                          window_rows=self.window_rows, **shape)
 
 
 def resolve_palette(cfg: PretrainConfig, data: DataConfig, log) -> Palette:
@@ -86,9 +92,9 @@ class Pretraining(Task):
         cfg.model_config(1, data.resolution)  # a bad preset or override fails before any file
 
     def differences(self, saved: dict) -> list[str]:
-        """A run saved before the model fields of ADDED_AFTER_0_1 existed used their defaults: it may resume."""
+        """A run saved before the model fields of ADDED_AFTER_0_1 existed had the paper's: it may resume with them."""
         if isinstance(saved.get("config"), dict):
-            defaults = {name: PretrainConfig.__dataclass_fields__[name].default for name in ADDED_AFTER_0_1}
+            defaults = {name: ImageGPTConfig.__dataclass_fields__[name].default for name in ADDED_AFTER_0_1}
             saved = {**saved, "config": {**defaults, **saved["config"]}}
         return super().differences(saved)
 
