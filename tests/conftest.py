@@ -12,7 +12,7 @@ import pytest
 
 TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2}  # a two-layer, width-32 model: seconds to train
 PAPER = {"positions": "1d", "attention": "dense"}  # the paper's architecture; the defaults are 2-D and strided
-PAPER_FLAGS = ["--positions", "1d", "--attention", "dense"]  # the same, for `igpt train` runs that meet TINY_RUN's
+PAPER_FLAGS = [arg for name, value in PAPER.items() for arg in (f"--{name}", value)]  # for `igpt train` beside TINY_RUN
 TINY_RUN = dict(batch_size=32, steps=12, lr=3e-3, eval_every=6, save_every=4, sample_every=12, eval_batches=2, **TINY,
                 **PAPER)
 
