@@ -33,7 +33,13 @@ def test_every_numeric_metric_becomes_a_scalar(tmp_path):
     assert logged["loss"] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
 
 
-def test_a_resumed_run_replaces_the_steps_past_its_checkpoint(tmp_path):
+def test_a_resumed_run_replaces_the_steps_past_its_checkpoint(tmp_path, monkeypatch):
+    """Even within the same second and process: event file names end in a per-process counter, and counter 10
+    sorts before 9, so TensorBoard would read the resumed file first and the killed run's steps 3 and 4 after
+    its purge (this test failed now and then in the full suite until the writer waited for the next second)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
     with RunFolder(tmp_path) as killed:
         for step in (1, 2, 3, 4):
             killed.log_metrics(record(step))
@@ -41,6 +47,8 @@ def test_a_resumed_run_replaces_the_steps_past_its_checkpoint(tmp_path):
         resumed.trim_metrics(2)  # the checkpoint was at step 2
         for step in (3, 4):
             resumed.log_metrics({**record(step), "loss": 10.0 * step})
+    names = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert names[-1].endswith(".10")  # the resumed run's file is read last
     assert scalars(tmp_path)["loss"] == [(1, 1.0), (2, 0.5), (3, 30.0), (4, 40.0)]
 
 

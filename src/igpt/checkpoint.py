@@ -223,9 +223,21 @@ class RunFolder:
                 _log.warning("igpt: no TensorBoard event files for this run; pip install 'igpt[tensorboard]' "
                              "enables them (metrics.jsonl has the same numbers)")
                 return None
+            if self._purge_from is not None:
+                self._wait_to_sort_after_earlier_event_files()
             self._tensorboard = SummaryWriter(self.path, purge_step=self._purge_from)
             self._tensorboard_closer = weakref.finalize(self, self._tensorboard.close)
         return self._tensorboard
+
+    def _wait_to_sort_after_earlier_event_files(self) -> None:
+        """TensorBoard reads a folder's event files in name order, and a name is the second it was opened, then host,
+        PID and a per-process counter. A resumed run's purge only drops the steps read before it, so its file must
+        sort after every earlier one: opened in a later second (a wait only when resuming within a second)."""
+        seconds = [int(p.name.split(".")[3]) for p in self.path.glob("events.out.tfevents.*")
+                   if p.name.split(".")[3].isdigit()]
+        if seconds:
+            while time.time() < max(seconds) + 1:
+                time.sleep(max(seconds) + 1 - time.time())
 
     def trim_metrics(self, step: int) -> None:
         """On resume, drop records past the checkpoint: they will be logged again."""
