@@ -157,7 +157,12 @@ def test_a_config_written_before_the_patterns_loads_as_the_paper(tmp_path):
     assert paper.differences(record) == []  # a run saved before the patterns resumes with the paper's flags
     default = Pretraining(DataConfig(name="digits", resolution=8), PretrainConfig())
     assert default.differences(record) == ["positions '1d' (run) vs '2d' (now)",  # today's defaults are not the paper's
-                                           "attention 'dense' (run) vs None (now)"]
+                                           "attention 'dense' (run) vs 'strided' (now)"]
+    made_by_default = default.record()
+    assert made_by_default["config"]["attention"] == "strided"  # run.json names the pattern the model has
+    explicit = Pretraining(DataConfig(name="digits", resolution=8), PretrainConfig(attention="strided"))
+    assert explicit.differences(made_by_default) == default.differences({**made_by_default, "config": {
+        **made_by_default["config"], "attention": None}}) == []  # either way, with or without --attention strided
     record["config"]["attention"] = "local"
     assert paper.differences(record) == ["attention 'local' (run) vs 'dense' (now)"]
 

@@ -29,6 +29,11 @@ from igpt.train import Task, TrainConfig
 DEFAULT_ATTENTION = {"ar": "strided", "bert": "dense"}  # without --attention
 
 
+def resolve_attention(attention: str | None, objective: str) -> str:
+    """--attention as given, else the objective's default: what the model, run.json and resume checks see."""
+    return attention or DEFAULT_ATTENTION[objective]
+
+
 @dataclass
 class PretrainConfig(TrainConfig):
     """Pretraining's settings: the loop's, plus the palette, the model and the objective."""
@@ -62,7 +67,7 @@ class PretrainConfig(TrainConfig):
                  if getattr(self, name) is not None}
         return ImageGPTConfig.from_preset(self.model, vocab_size=palette_size, n_ctx=resolution**2,
                                           objective=self.objective, positions=self.positions,
-                                          attention=self.attention or DEFAULT_ATTENTION[self.objective],
+                                          attention=resolve_attention(self.attention, self.objective),
                                           window_rows=self.window_rows, **shape)
 
 
@@ -91,11 +96,19 @@ class Pretraining(Task):
         self.data, self.cfg = data, cfg
         cfg.model_config(1, data.resolution)  # a bad preset or override fails before any file
 
+    def record(self) -> dict:
+        """With the attention the model has, so that a run made without --attention resumes with it given."""
+        record = super().record()
+        record["config"]["attention"] = resolve_attention(self.cfg.attention, self.cfg.objective)
+        return record
+
     def differences(self, saved: dict) -> list[str]:
         """A run saved before the model fields of ADDED_AFTER_0_1 existed had the paper's: it may resume with them."""
         if isinstance(saved.get("config"), dict):
             defaults = {name: ImageGPTConfig.__dataclass_fields__[name].default for name in ADDED_AFTER_0_1}
-            saved = {**saved, "config": {**defaults, **saved["config"]}}
+            config = {**defaults, **saved["config"]}
+            config["attention"] = resolve_attention(config["attention"], config.get("objective", "ar"))
+            saved = {**saved, "config": config}
         return super().differences(saved)
 
     def prepare(self, folder: RunFolder, resume: bool, world: World, log) -> None:
