@@ -178,7 +178,7 @@ def test_probe_command_protocols(run_dir, tmp_path, capsys):
         (["--labels-per-class", "1"], "at least 2 images per class"),
         (["--labels-per-class", "5000"], "lower it or raise --max-train"),
         (["--concat-layers", "2"], "at least two layers"),
-        (["--concat-layers", "1,7"], "--layers must lie in 0..2"),
+        (["--concat-layers", "1,7"], "--concat-layers must lie in 0..2"),
     ],
 )
 def test_probe_command_refusals(run_dir, tmp_path, capsys, monkeypatch, args, message):

@@ -29,16 +29,16 @@ FEW_LABEL_MAX_ITER = 100
 
 
 # ---- features ---------------------------------------------------------------------------------
-def parse_layers(text: str | Iterable[int] | None, n_layer: int) -> list[int]:
-    """`all` (or None) -> 0..n_layer; "0,4,8" -> [0, 4, 8]; checked against the model's depth."""
+def parse_layers(text: str | Iterable[int] | None, n_layer: int, flag: str = "--layers") -> list[int]:
+    """`all` (or None) -> 0..n_layer; "0,4,8" -> [0, 4, 8]; checked against the model's depth (errors name `flag`)."""
     if text is None or text == "all":
         return list(range(n_layer + 1))
     try:
         layers = sorted({int(part) for part in (text.split(",") if isinstance(text, str) else text)})
     except ValueError:
-        raise IgptError(f"--layers must be 'all' or comma-separated integers, got {text!r}") from None
+        raise IgptError(f"{flag} must be 'all' or comma-separated integers, got {text!r}") from None
     if not layers or layers[0] < 0 or layers[-1] > n_layer:
-        raise IgptError(f"--layers must lie in 0..{n_layer} for this {n_layer}-layer model, got {text!r}")
+        raise IgptError(f"{flag} must lie in 0..{n_layer} for this {n_layer}-layer model, got {text!r}")
     return layers
 
 
@@ -266,7 +266,7 @@ class Protocols:
         if self.draws < 1:
             raise IgptError(f"--draws must be positive, got {self.draws}")
         if self.concat_layers:
-            layers = parse_layers(self.concat_layers, n_layer)
+            layers = parse_layers(self.concat_layers, n_layer, "--concat-layers")
             if len(layers) < 2:
                 raise IgptError(f"--concat-layers needs at least two layers, got {self.concat_layers!r}")
             self.concat_layers = tuple(layers)
