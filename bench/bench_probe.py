@@ -4,8 +4,9 @@
 
 Features: igpt.probe.extract_features (every layer from one pass) against Hugging Face's
 ImageGPTModel with output_hidden_states=True, whose hidden states then go through each
-block's ln_1 (and ln_f for the last) and a mean over positions to give the same SPEC 6
-features; the two are checked to agree.
+block's ln_1 (and ln_f for the last) and a mean over positions to give the same
+features (docs/reference.md §6.1); the two are checked to agree. Each side's rate is also given as a fraction of the
+matmul peak measured in the same run (forward FLOPs: a third of common.pattern_train_flops_per_token).
 
 Fits: the whole L2 grid (igpt.probe.L2_GRID, strongest first) on both sides, each fit
 warm-started from the previous strength's solution as igpt's probe sweeps it: igpt's float64
@@ -23,7 +24,8 @@ import argparse
 import numpy as np
 import torch
 
-from common import autocast, best_of, exported_to_hf, hf_input_ids, machine, precisions
+from common import (autocast, best_of, exported_to_hf, hf_input_ids, machine, matmul_peak,
+                    pattern_train_flops_per_token, peak_name, precisions)
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.probe import L2_GRID, LogisticRegression, Standardizer, extract_features
 
@@ -83,8 +85,12 @@ def main() -> None:
             "hugging face": lambda: hf_features(hf, tokens, sos, args.batch_size, precision),
         })
         rows.update({(who, precision): s for who, s in seconds.items()})
+    peak = matmul_peak()
+    forward_flops = pattern_train_flops_per_token(model.config) / 3 * model.config.n_ctx  # per image, no head
     for (who, precision), seconds in rows.items():
-        print(f"  {who:13s} {precision}: {args.images / seconds:8.1f} images/s")
+        print(f"  {who:13s} {precision}: {args.images / seconds:8.1f} images/s, "
+              f"{forward_flops * args.images / seconds / peak:.0%} of the {peak_name()} matmul peak")
+    print(f"  ({forward_flops / 1e6:.0f} MFLOP per image; matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s)")
     best_ours = min(v for (who, _), v in rows.items() if who == "igpt")
     best_hf = min(v for (who, _), v in rows.items() if who != "igpt")
     print(f"  ratio best vs best: {best_hf / best_ours:.2f}x")
