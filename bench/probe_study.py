@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from igpt.cli import reuse_freed_memory
 from igpt.demo import PLANS, time_step
 from igpt.pretrain import PretrainConfig
 
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--labels-per-class", default="4,25")
     parser.add_argument("--plot", default=None, help="default: <out>/probe-vs-bpp.png")
     args = parser.parse_args()
+    reuse_freed_memory()  # as in the `igpt train` it times the step for
     out = Path(args.out or f"runs/study-{args.plan}-{args.minutes:g}min")
     names = ["base"] + [n for n in (args.only or VARIANTS) if n != "base"]
     rows = [row(run_variant(name, args, out)) for name in names]

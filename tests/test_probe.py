@@ -17,6 +17,7 @@ from igpt.probe import (
     Split,
     Standardizer,
     extract_features,
+    feature_batch_size,
     few_label_draws,
     linear_probe,
     parse_layers,
@@ -69,6 +70,12 @@ def test_extract_features_streams_the_same_numbers_as_one_pass():
     for layer in (0, 1, 2):
         assert streamed[layer].dtype == np.float32 and streamed[layer].shape == (50, 32)
         np.testing.assert_allclose(streamed[layer], whole[layer].numpy(), atol=1e-5)
+
+
+def test_the_default_pass_is_sized_by_pixels_on_a_cpu_and_by_images_on_a_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [feature_batch_size(side * side, cpu) for side in (8, 16, 32, 64, 128, 256)] == [128, 32, 8, 2, 1, 1]
+    assert feature_batch_size(32 * 32, gpu) == feature_batch_size(8 * 8, gpu) == 256
 
 
 def test_bert_models_are_probed_unmasked():

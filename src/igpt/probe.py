@@ -42,21 +42,34 @@ def parse_layers(text: str | Iterable[int] | None, n_layer: int, flag: str = "--
     return layers
 
 
+CPU_PIXELS_PER_PASS = 8192
+GPU_IMAGES_PER_PASS = 256
+
+
+def feature_batch_size(n_ctx: int, device: torch.device) -> int:
+    """Images per forward pass when none is asked for. On a CPU a pass of about CPU_PIXELS_PER_PASS pixels:
+    larger ones spill their activations out of the caches and into fresh pages of memory, and ran at half the
+    speed (README, "Speed"); a GPU wants the largest batch that fits."""
+    return GPU_IMAGES_PER_PASS if device.type == "cuda" else max(1, CPU_PIXELS_PER_PASS // n_ctx)
+
+
 @torch.no_grad()
 def extract_features(
     model: ImageGPT,
     tokens: np.ndarray,
     layers: Sequence[int],
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     precision: str = "fp32",
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[int, np.ndarray]:
     """{layer: float32 (N, n_embd)} of the probe features (docs/reference.md §6.1) for every row of `tokens`, one pass per batch.
 
-    BERT-objective models see their input unmasked, as the paper probes them.
+    BERT-objective models see their input unmasked, as the paper probes them. `batch_size`: images per
+    pass (default: `feature_batch_size`).
     """
     device = next(model.parameters()).device
+    batch_size = batch_size or feature_batch_size(model.config.n_ctx, device)
     was_training = model.training
     model.eval()
     n, width = len(tokens), model.config.n_embd
@@ -325,7 +338,7 @@ def linear_probe(
     n_classes: int,
     layers: Sequence[int] | None = None,
     protocols: Protocols | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     precision: str = "fp32",
     baselines: bool = True,
     seed: int = 0,
