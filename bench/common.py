@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from igpt.cli import reuse_freed_memory
 from igpt.distributed import synchronize  # noqa: F401  (re-exported for the benchmarks)
+
+reuse_freed_memory()  # every benchmark process runs with the allocator settings of the igpt command it measures
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 CIFAR10 = SHARED_DATASETS / "cifar10" / "cifar10-jpeg.tar.gz"
