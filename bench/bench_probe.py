@@ -1,6 +1,6 @@
 """Probe throughput: feature extraction and the logistic-regression fits, against the references.
 
-    python bench/bench_probe.py [--model mini] [--side 16] [--images 512] [--train 5000]
+    python bench/bench_probe.py [--model mini] [--side 16] [--images 512] [--batch-size N] [--train 5000]
 
 Features: igpt.probe.extract_features (every layer from one pass) against Hugging Face's
 ImageGPTModel with output_hidden_states=True, whose hidden states then go through each
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from common import (autocast, best_of, exported_to_hf, hf_input_ids, machine, matmul_peak,
-                    pattern_train_flops_per_token, peak_name, precisions)
+                    pattern_train_flops_per_token, precisions)
 from igpt.model import ImageGPT, ImageGPTConfig
-from igpt.probe import L2_GRID, LogisticRegression, Standardizer, extract_features
+from igpt.probe import L2_GRID, LogisticRegression, Standardizer, extract_features, feature_batch_size
 
 GRADIENT_TOLERANCE = 1e-5  # igpt's L-BFGS stops at max |gradient| below this; scikit-learn's tol tests the same
 MAX_ITER = 300  # igpt.probe.LogisticRegression's default cap
@@ -60,13 +60,15 @@ def main() -> None:
     parser.add_argument("--model", default="mini")
     parser.add_argument("--side", type=int, default=16)
     parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per pass on both sides "
+                        "(default: igpt's, igpt.probe.feature_batch_size)")
     parser.add_argument("--train", type=int, default=5000, help="samples for the logistic-regression fits")
     args = parser.parse_args()
     from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 
     torch.manual_seed(0)
     model = ImageGPT(ImageGPTConfig.from_preset(args.model, vocab_size=512, n_ctx=args.side**2)).eval()
+    args.batch_size = args.batch_size or feature_batch_size(model.config.n_ctx, torch.device("cpu"))
     hf = exported_to_hf(model, "ImageGPTModel")
     sos = model.config.vocab_size
     tokens = np.random.default_rng(0).integers(0, 512, (args.images, args.side**2)).astype(np.uint16)
@@ -85,12 +87,14 @@ def main() -> None:
             "hugging face": lambda: hf_features(hf, tokens, sos, args.batch_size, precision),
         })
         rows.update({(who, precision): s for who, s in seconds.items()})
-    peak = matmul_peak()
+    peaks = {precision: matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+             for precision in precisions()}
     forward_flops = pattern_train_flops_per_token(model.config) / 3 * model.config.n_ctx  # per image, no head
     for (who, precision), seconds in rows.items():
         print(f"  {who:13s} {precision}: {args.images / seconds:8.1f} images/s, "
-              f"{forward_flops * args.images / seconds / peak:.0%} of the {peak_name()} matmul peak")
-    print(f"  ({forward_flops / 1e6:.0f} MFLOP per image; matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s)")
+              f"{forward_flops * args.images / seconds / peaks[precision]:.0%} of the {precision} matmul peak")
+    print(f"  ({forward_flops / 1e6:.0f} MFLOP per image; matmul peaks measured in this run: "
+          + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()) + ")")
     best_ours = min(v for (who, _), v in rows.items() if who == "igpt")
     best_hf = min(v for (who, _), v in rows.items() if who != "igpt")
     print(f"  ratio best vs best: {best_hf / best_ours:.2f}x")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 
@@ -19,13 +21,30 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
 def test_the_command_line_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
-    def faults(mode: str) -> int:
+    untuned = {k: v for k, v in os.environ.items()
+               if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+
+    def faults(mode: str, env: dict) -> int:
         out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_SECOND_TENSOR, mode], capture_output=True, text=True,
-                             check=True)
+                             check=True, env=env)
         return int(out.stdout)
 
     pages = (64 << 20) // 4096
-    assert faults("default") > pages // 2  # glibc maps the 64 MiB afresh: every page faults again
-    assert faults("reuse") < pages // 10  # the heap kept the first tensor's pages
+    assert faults("default", untuned) > pages // 2  # glibc maps the 64 MiB afresh: every page faults again
+    assert faults("reuse", untuned) < pages // 10  # the heap kept the first tensor's pages
+
+
+def test_a_users_own_allocator_settings_are_left_alone(monkeypatch):
+    from igpt.cli import reuse_freed_memory
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert reuse_freed_memory() is False
+
+
+def test_the_igpt_executable_is_the_command_with_its_process_settings():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "igpt"]
+    assert script.value == "igpt.cli:command"

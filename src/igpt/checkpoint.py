@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 import weakref
@@ -41,6 +42,7 @@ TRAIN_STATE = "train_state.pt"
 RUN_CONFIG = "run.json"
 BEST = "best"
 METRICS = "metrics.jsonl"
+EVENT_FILE_SECOND = re.compile(r"events\.out\.tfevents\.(\d{10})\.")  # TensorBoard: the second a file was opened
 LOCK = ".lock"
 
 _log = logging.getLogger(__name__)
@@ -232,12 +234,13 @@ class RunFolder:
     def _wait_to_sort_after_earlier_event_files(self) -> None:
         """TensorBoard reads a folder's event files in name order, and a name is the second it was opened, then host,
         PID and a per-process counter. A resumed run's purge only drops the steps read before it, so its file must
-        sort after every earlier one: opened in a later second (a wait only when resuming within a second)."""
-        seconds = [int(p.name.split(".")[3]) for p in self.path.glob("events.out.tfevents.*")
-                   if p.name.split(".")[3].isdigit()]
-        if seconds:
-            while time.time() < max(seconds) + 1:
-                time.sleep(max(seconds) + 1 - time.time())
+        sort after every earlier one: opened in a later second. The wait is for a resume within the same second;
+        a file stamped further ahead (another host's clock) is not waited for."""
+        stamps = [int(m.group(1)) for p in self.path.glob("events.out.tfevents.*")
+                  if (m := EVENT_FILE_SECOND.match(p.name))]
+        wait = max(stamps, default=0) + 1 - time.time()
+        if 0 < wait <= 2:
+            time.sleep(wait)
 
     def trim_metrics(self, step: int) -> None:
         """On resume, drop records past the checkpoint: they will be logged again."""

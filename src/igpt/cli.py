@@ -549,20 +549,23 @@ def _warn_emulated_bf16(args: argparse.Namespace) -> None:
 
 
 def reuse_freed_memory() -> bool:
-    """Have glibc keep the memory PyTorch frees for its next tensors (True where it could).
+    """Have glibc keep the memory PyTorch frees for its next tensors (True where it did).
 
     By default glibc maps every large allocation afresh and unmaps it on free, so each step's activations are
     page-faulted in and zeroed by the kernel again; training steps and the probe's passes ran measurably faster
     without that (README, "Speed"). PyTorch's CPU guides give the same reason for jemalloc or tcmalloc, which pip
     cannot install: these are glibc's own settings (no large allocation by mmap; give memory back only past 1 GiB
-    free). Only the command line does it, since it owns its process; other platforms keep their allocator.
+    free). Left alone where the allocator is not glibc's or the user has tuned or replaced it.
     """
     import ctypes
-    import ctypes.util
+    import os
+    import platform
 
+    chosen = {"LD_PRELOAD", "GLIBC_TUNABLES"} | {k for k in os.environ if k.startswith("MALLOC_")}
+    if platform.libc_ver()[0] != "glibc" or chosen & set(os.environ):
+        return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
@@ -575,7 +578,6 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help() if args.command is None else parser.parse_args([args.command, "--help"])
         return 2
-    reuse_freed_memory()
     try:
         _warn_emulated_bf16(args)
         args.func(args)
@@ -588,5 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def command() -> int:
+    """The `igpt` executable: main() in a process of its own, so its allocator settings are the command's to make."""
+    reuse_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -31,7 +31,7 @@ DEFAULT_ATTENTION = {"ar": "strided", "bert": "dense"}  # without --attention
 
 def resolve_attention(attention: str | None, objective: str) -> str:
     """--attention as given, else the objective's default: what the model, run.json and resume checks see."""
-    return attention or DEFAULT_ATTENTION[objective]
+    return attention or DEFAULT_ATTENTION.get(objective, "dense")
 
 
 @dataclass

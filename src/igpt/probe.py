@@ -49,7 +49,7 @@ GPU_IMAGES_PER_PASS = 256
 def feature_batch_size(n_ctx: int, device: torch.device) -> int:
     """Images per forward pass when none is asked for. On a CPU a pass of about CPU_PIXELS_PER_PASS pixels:
     larger ones spill their activations out of the caches and into fresh pages of memory, and ran at half the
-    speed (README, "Speed"); a GPU wants the largest batch that fits."""
+    speed (README, "Speed"); a GPU wants large batches."""
     return GPU_IMAGES_PER_PASS if device.type == "cuda" else max(1, CPU_PIXELS_PER_PASS // n_ctx)
 
 
@@ -69,7 +69,7 @@ def extract_features(
     pass (default: `feature_batch_size`).
     """
     device = next(model.parameters()).device
-    batch_size = batch_size or feature_batch_size(model.config.n_ctx, device)
+    batch_size = feature_batch_size(model.config.n_ctx, device) if batch_size is None else batch_size
     was_training = model.training
     model.eval()
     n, width = len(tokens), model.config.n_embd
