@@ -88,7 +88,7 @@ def main() -> None:
         })
         rows.update({(who, precision): s for who, s in seconds.items()})
     peaks = {precision: matmul_peak({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
-             for precision in precisions()}
+             for precision in {p for _, p in rows}}
     forward_flops = pattern_train_flops_per_token(model.config) / 3 * model.config.n_ctx  # per image, no head
     for (who, precision), seconds in rows.items():
         print(f"  {who:13s} {precision}: {args.images / seconds:8.1f} images/s, "
