@@ -561,8 +561,8 @@ def reuse_freed_memory() -> bool:
     import os
     import platform
 
-    chosen = {"LD_PRELOAD", "GLIBC_TUNABLES"} | {k for k in os.environ if k.startswith("MALLOC_")}
-    if platform.libc_ver()[0] != "glibc" or chosen & set(os.environ):
+    chosen = any(k in ("LD_PRELOAD", "GLIBC_TUNABLES") or k.startswith("MALLOC_") for k in os.environ)
+    if platform.libc_ver()[0] != "glibc" or chosen:
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
