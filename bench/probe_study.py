@@ -129,18 +129,45 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
+def finished(out: Path) -> list[dict]:
+    """The rows of every trained and probed variant in a study folder, base first."""
+    runs = [run for run in sorted(out.iterdir()) if (run / "study.json").exists() and (run / "probe.json").exists()]
+    return sorted((row(run) for run in runs), key=lambda r: r["name"] != "base")
+
+
+def rank_correlation(rows: list[dict]) -> float | None:
+    """Spearman's rho between -bits/pixel and probe accuracy over the comparable rows (None below 3)."""
+    import numpy as np
+
+    rows = [r for r in rows if r["comparable"]]
+    if len(rows) < 3:
+        return None
+    ranks = [np.argsort(np.argsort(v)) for v in ([-r["val_bits_per_pixel"] for r in rows],
+                                                 [r["best_test_acc"] for r in rows])]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def plot(studies: dict[str, list[dict]], path: str) -> None:
+    """One panel per study: best-layer accuracy against validation bits/pixel, one point per variant."""
     from igpt.plots import _figure, _save
 
-    plt, fig, ax = _figure()
-    for r in rows:
-        style = "o" if r["comparable"] else "x"
-        ax.plot(r["val_bits_per_pixel"], 100 * r["best_test_acc"], style, color="tab:blue" if r["comparable"]
-                else "tab:gray")
-        ax.annotate(r["name"], (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
-                    textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("best validation bits per pixel (x: another palette, resolution or objective)")
-    ax.set_ylabel("best-layer probe, test accuracy (%)")
+    plt, fig, axes = _figure(width=5.0 * len(studies), height=3.8, rows=1, columns=len(studies))
+    for ax, (title, rows) in zip(axes[0], studies.items()):
+        ax.grid(True, alpha=0.3)
+        for r in rows:
+            style = "o" if r["comparable"] else "x"
+            ax.plot(r["val_bits_per_pixel"], 100 * r["best_test_acc"], style, color="tab:blue" if r["comparable"]
+                    else "tab:gray")
+            ax.annotate(r["name"], (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
+                        textcoords="offset points", xytext=(3, 3))
+        base = next((r["baselines"] for r in rows if r["baselines"]), None)
+        if base:
+            ax.axhline(100 * base["raw_pixels"], color="tab:red", linestyle="--", linewidth=1, label="raw pixels")
+            ax.legend(fontsize=7, loc="best")
+        rho = rank_correlation(rows)
+        ax.set_title(title + ("" if rho is None else f" (rank correlation {rho:+.2f})"), fontsize=8)
+        ax.set_xlabel("best validation bits per pixel (x: not comparable)", fontsize=8)
+        ax.set_ylabel("best-layer probe, test accuracy (%)", fontsize=8)
     _save(plt, fig, path)
     print(f"plot: {path}")
 
@@ -158,13 +185,19 @@ def main() -> None:
     parser.add_argument("--probe-train", type=int, default=15_000, help="training images for the probe")
     parser.add_argument("--labels-per-class", default="4,25")
     parser.add_argument("--plot", default=None, help="default: <out>/probe-vs-bpp.png")
+    parser.add_argument("--plot-with", nargs="*", default=[], help="other studies' folders: their finished variants "
+                        "get a panel each beside this study's")
     args = parser.parse_args()
     reuse_freed_memory()  # as in the `igpt train` it times the step for
     out = Path(args.out or f"runs/study-{args.plan}-{args.minutes:g}min")
     names = ["base"] + [n for n in (args.only or VARIANTS) if n != "base"]
     rows = [row(run_variant(name, args, out)) for name in names]
     print(table(rows))
-    plot(rows, args.plot or str(out / "probe-vs-bpp.png"))
+    rho = rank_correlation(rows)
+    if rho is not None:
+        print(f"rank correlation of -bits/pixel and probe accuracy over the comparable rows: {rho:+.2f}")
+    studies = {out.name: rows, **{Path(other).name: finished(Path(other)) for other in args.plot_with}}
+    plot(studies, args.plot or str(out / "probe-vs-bpp.png"))
 
 
 if __name__ == "__main__":
