@@ -16,7 +16,8 @@ the architecture rows, its network. Finished runs are kept and reused, so a stud
 stopped and continued. The plot puts best-layer accuracy against validation bits/pixel,
 the paper's "better generative models learn better representations" at this scale
 (bits/pixel compare only between autoregressive runs of one palette and resolution: the others are
-marked apart).
+marked apart), with the rank correlation of the two over the comparable runs; `--plot-with`
+adds a panel for each other finished study.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ VARIANTS = {  # name: changes to the base (PretrainConfig fields, and "resolutio
     "resolution 32": {"resolution": 32},
     "palette 16": {"clusters": 16},
     "palette 512": {"clusters": 512},
+    "strided-2d batch 16": {"positions": "2d", "attention": "strided", "batch_size": 16},  # two winners together
 }
 # Variants whose bits/pixel do not compare with the base's: other tokens, or BERT's masked-pixel loss.
 INCOMPARABLE = {"resolution", "clusters", "objective"}
