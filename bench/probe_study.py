@@ -15,8 +15,8 @@ network) are probed for the base run only: the other variants share its data and
 the architecture rows, its network. Finished runs are kept and reused, so a study can be
 stopped and continued. The plot puts best-layer accuracy against validation bits/pixel,
 the paper's "better generative models learn better representations" at this scale
-(bits/pixel compare only between autoregressive runs of one palette and resolution: the others are
-marked apart), with the rank correlation of the two over the comparable runs; `--plot-with`
+(bits/pixel compare only between autoregressive runs of one palette and resolution: the others
+stay in the table only), with the rank correlation of the two over the comparable runs; `--plot-with`
 adds a panel for each other finished study.
 """
 
@@ -150,16 +150,14 @@ def rank_correlation(rows: list[dict]) -> float | None:
 
 
 def plot(studies: dict[str, list[dict]], path: str) -> None:
-    """One panel per study: best-layer accuracy against validation bits/pixel, one point per variant."""
+    """One panel per study: best-layer accuracy against validation bits/pixel, a point per comparable variant."""
     from igpt.plots import _figure, _save
 
     plt, fig, axes = _figure(width=5.0 * len(studies), height=3.8, rows=1, columns=len(studies))
     for ax, (title, rows) in zip(axes[0], studies.items()):
         ax.grid(True, alpha=0.3)
-        for r in rows:
-            style = "o" if r["comparable"] else "x"
-            ax.plot(r["val_bits_per_pixel"], 100 * r["best_test_acc"], style, color="tab:blue" if r["comparable"]
-                    else "tab:gray")
+        for r in (r for r in rows if r["comparable"]):  # the others' bits/pixel count other tokens or pixels
+            ax.plot(r["val_bits_per_pixel"], 100 * r["best_test_acc"], "o", color="tab:blue")
             ax.annotate(r["name"], (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
         base = next((r["baselines"] for r in rows if r["baselines"]), None)
@@ -168,7 +166,7 @@ def plot(studies: dict[str, list[dict]], path: str) -> None:
             ax.legend(fontsize=7, loc="best")
         rho = rank_correlation(rows)
         ax.set_title(title + ("" if rho is None else f" (rank correlation {rho:+.2f})"), fontsize=8)
-        ax.set_xlabel("best validation bits per pixel (x: not comparable)", fontsize=8)
+        ax.set_xlabel("best validation bits per pixel (autoregressive runs of the study's palette)", fontsize=8)
         ax.set_ylabel("best-layer probe, test accuracy (%)", fontsize=8)
     _save(plt, fig, path)
     print(f"plot: {path}")
