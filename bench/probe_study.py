@@ -110,6 +110,11 @@ def row(run: Path) -> dict:
             "baselines": probe.get("baselines"), "comparable": not INCOMPARABLE & set(study["changes"])}
 
 
+def base_row(rows: list[dict]) -> dict | None:
+    """The row probed with the baselines (the study's base run), where there is one."""
+    return next((r for r in rows if r["baselines"]), None)
+
+
 def table(rows: list[dict]) -> str:
     ks = sorted({k for r in rows for k in r["few"]})
     head = ["variant", "s/step", "steps", "val bits/pixel", "best layer", "test acc %"] + [f"{k}/class %" for k in ks]
@@ -120,7 +125,7 @@ def table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([r["name"], f"{r['seconds_per_step']:.3f}", str(r["steps"]),
                                         f"{r['val_bits_per_pixel']:.3f}" + ("" if r["comparable"] else " *"),
                                         str(r["best_layer"]), f"{100 * r['best_test_acc']:.1f}"] + few) + " |")
-    base = next((r for r in rows if r["baselines"]), None)
+    base = base_row(rows)
     if base:
         b = base["baselines"]
         lines.append(f"\nBaselines (base run's splits): raw pixels {100 * b['raw_pixels']:.1f}%, random-init network "
@@ -160,9 +165,9 @@ def plot(studies: dict[str, list[dict]], path: str) -> None:
             ax.plot(r["val_bits_per_pixel"], 100 * r["best_test_acc"], "o", color="tab:blue")
             ax.annotate(r["name"], (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
-        base = next((r["baselines"] for r in rows if r["baselines"]), None)
+        base = base_row(rows)
         if base:
-            ax.axhline(100 * base["raw_pixels"], color="tab:red", linestyle="--", linewidth=1, label="raw pixels")
+            ax.axhline(100 * base["baselines"]["raw_pixels"], color="tab:red", linestyle="--", linewidth=1, label="raw pixels")
             ax.legend(fontsize=7, loc="best")
         rho = rank_correlation(rows)
         ax.set_title(title + ("" if rho is None else f" (rank correlation {rho:+.2f})"), fontsize=8)

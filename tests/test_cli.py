@@ -24,8 +24,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
 def test_the_command_line_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
-    untuned = {k: v for k, v in os.environ.items()
-               if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+    from igpt.cli import sets_the_allocator
+
+    untuned = {k: v for k, v in os.environ.items() if not sets_the_allocator(k)}
 
     def faults(mode: str, env: dict) -> int:
         out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_LATER_TENSOR, mode], capture_output=True, text=True,

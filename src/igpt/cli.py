@@ -548,6 +548,11 @@ def _warn_emulated_bf16(args: argparse.Namespace) -> None:
             print(f"igpt: {warning}", file=sys.stderr)
 
 
+def sets_the_allocator(name: str) -> bool:
+    """Whether environment variable `name` is a user's choice of, or for, the C allocator."""
+    return name in ("LD_PRELOAD", "GLIBC_TUNABLES") or name.startswith("MALLOC_")
+
+
 def reuse_freed_memory() -> bool:
     """Have glibc keep the memory PyTorch frees for its next tensors (True where it did).
 
@@ -561,8 +566,7 @@ def reuse_freed_memory() -> bool:
     import os
     import platform
 
-    chosen = any(k in ("LD_PRELOAD", "GLIBC_TUNABLES") or k.startswith("MALLOC_") for k in os.environ)
-    if platform.libc_ver()[0] != "glibc" or chosen:
+    if platform.libc_ver()[0] != "glibc" or any(map(sets_the_allocator, os.environ)):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
