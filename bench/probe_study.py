@@ -11,8 +11,8 @@ budget / step time steps, so the schedule completes inside the budget on this ma
 `igpt probe` measures the layer sweep with all labels and the low-data protocol
 (--labels-per-class), and the table gives the best validation bits/pixel, the best layer's
 test accuracy and its layer, and the few-label accuracies. Baselines (raw pixels, random-init
-network) are probed for the base run only: the other variants share its data and, apart from
-the architecture rows, its network. Finished runs are kept and reused, so a study can be
+network) are probed for the base run only (or, with --no-base, the first variant): the other
+variants share its data and, apart from the architecture rows, its network. Finished runs are kept and reused, so a study can be
 stopped and continued. The plot puts best-layer accuracy against validation bits/pixel,
 the paper's "better generative models learn better representations" at this scale
 (bits/pixel compare only between autoregressive runs of one palette and resolution: the others
@@ -71,8 +71,10 @@ def folder_name(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name)
 
 
-def run_variant(name: str, args, out: Path) -> Path:
-    """Train and probe one variant into out/<name>, each step only when its result is missing."""
+def run_variant(name: str, args, out: Path, baselines: bool) -> Path:
+    """Train and probe one variant into out/<name>, each step only when its result is missing.
+
+    baselines: probe raw pixels and the random-init network beside it (one row per study does)."""
     resolution, clusters, _ = PLANS[args.plan]
     changes = {**BASE, "clusters": clusters, "resolution": resolution, **VARIANTS[name]}
     resolution = changes.pop("resolution")
@@ -96,7 +98,7 @@ def run_variant(name: str, args, out: Path) -> Path:
     if not (run / "probe.json").exists():
         subprocess.run(igpt + ["probe", "--ckpt", str(run), "--max-train", str(args.probe_train), "--labels-per-class",
                                args.labels_per_class, "--out", str(run / "probe.json")]
-                       + ([] if name == "base" else ["--no-baselines"]), check=True)
+                       + ([] if baselines else ["--no-baselines"]), check=True)
     return run
 
 
@@ -189,14 +191,19 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default: runs/study-<data>-<minutes>min")
     parser.add_argument("--probe-train", type=int, default=15_000, help="training images for the probe")
     parser.add_argument("--labels-per-class", default="4,25")
+    parser.add_argument("--no-base", action="store_true", help="leave the base run out (a long budget spent on "
+                        "the winners only); the first variant then carries the baselines")
     parser.add_argument("--plot", default=None, help="default: <out>/probe-vs-bpp.png")
     parser.add_argument("--plot-with", nargs="*", default=[], help="other studies' folders: their finished variants "
                         "get a panel each beside this study's")
     args = parser.parse_args()
+    for other in args.plot_with:
+        if not Path(other).is_dir():
+            parser.error(f"--plot-with {other}: no such study folder (a runs/study-<data>-<minutes>min)")
     reuse_freed_memory()  # as in the `igpt train` it times the step for
     out = Path(args.out or f"runs/study-{args.plan}-{args.minutes:g}min")
-    names = ["base"] + [n for n in (args.only or VARIANTS) if n != "base"]
-    rows = [row(run_variant(name, args, out)) for name in names]
+    names = ([] if args.no_base else ["base"]) + [n for n in (args.only or VARIANTS) if n != "base"]
+    rows = [row(run_variant(name, args, out, baselines=name == names[0])) for name in names]
     print(table(rows))
     rho = rank_correlation(rows)
     if rho is not None:
