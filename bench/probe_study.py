@@ -17,7 +17,7 @@ stopped and continued. The plot puts best-layer accuracy against validation bits
 the paper's "better generative models learn better representations" at this scale
 (bits/pixel compare only between autoregressive runs of one palette and resolution: the others
 stay in the table only), with the rank correlation of the two over the comparable runs; `--plot-with`
-adds a panel for each other finished study.
+adds the finished runs of other studies: a panel per data set, its budgets together.
 """
 
 from __future__ import annotations
@@ -156,22 +156,35 @@ def rank_correlation(rows: list[dict]) -> float | None:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
+def panels(studies: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The studies' rows by data set: a study folder is runs/study-<data>-<minutes>min, and the budgets
+    of one data set share its palette, resolution and validation images, so their bits/pixel compare."""
+    by_data: dict[str, list[dict]] = {}
+    for folder, rows in studies.items():
+        by_data.setdefault(folder.removeprefix("study-").rsplit("-", 1)[0], []).extend(rows)
+    return by_data
+
+
 def plot(studies: dict[str, list[dict]], path: str) -> None:
-    """One panel per study: best-layer accuracy against validation bits/pixel, a point per comparable variant."""
+    """One panel per data set: best-layer accuracy against validation bits/pixel, a point per comparable variant."""
     from igpt.plots import _figure, _save
 
-    plt, fig, axes = _figure(width=5.0 * len(studies), height=3.8, rows=1, columns=len(studies))
-    for ax, (title, rows) in zip(axes[0], studies.items()):
+    by_data = panels(studies)
+    plt, fig, axes = _figure(width=5.0 * len(by_data), height=3.8, rows=1, columns=len(by_data))
+    for ax, (data, rows) in zip(axes[0], by_data.items()):
+        budgets = sorted({r["minutes"] for r in rows})
         ax.grid(True, alpha=0.3)
         for r in (r for r in rows if r["comparable"]):  # the others' bits/pixel count other tokens or pixels
+            label = r["name"] + (f", {r['minutes']:g} min" if len(budgets) > 1 else "")
             ax.plot(r["val_bits_per_pixel"], 100 * r["best_test_acc"], "o", color="tab:blue")
-            ax.annotate(r["name"], (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
+            ax.annotate(label, (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
         base = base_row(rows)
         if base:
             ax.axhline(100 * base["baselines"]["raw_pixels"], color="tab:red", linestyle="--", linewidth=1, label="raw pixels")
             ax.legend(fontsize=7, loc="best")
         rho = rank_correlation(rows)
+        title = f"{data}, {', '.join(f'{m:g}' for m in budgets)} min"
         ax.set_title(title + ("" if rho is None else f" (rank correlation {rho:+.2f})"), fontsize=8)
         ax.set_xlabel("best validation bits per pixel (autoregressive runs of the study's palette)", fontsize=8)
         ax.set_ylabel("best-layer probe, test accuracy (%)", fontsize=8)
@@ -205,10 +218,11 @@ def main() -> None:
     names = ([] if args.no_base else ["base"]) + [n for n in (args.only or VARIANTS) if n != "base"]
     rows = [row(run_variant(name, args, out, baselines=name == names[0])) for name in names]
     print(table(rows))
-    rho = rank_correlation(rows)
-    if rho is not None:
-        print(f"rank correlation of -bits/pixel and probe accuracy over the comparable rows: {rho:+.2f}")
     studies = {out.name: rows, **{Path(other).name: finished(Path(other)) for other in args.plot_with}}
+    for data, panel in panels(studies).items():
+        rho = rank_correlation(panel)
+        if rho is not None:
+            print(f"{data}: rank correlation of -bits/pixel and probe accuracy over the comparable rows: {rho:+.2f}")
     plot(studies, args.plot or str(out / "probe-vs-bpp.png"))
 
 
