@@ -174,15 +174,17 @@ def plot(studies: dict[str, list[dict]], path: str) -> None:
     for ax, (data, rows) in zip(axes[0], by_data.items()):
         budgets = sorted({r["minutes"] for r in rows})
         ax.grid(True, alpha=0.3)
+        colours = dict(zip(budgets, ["tab:blue", "tab:green", "tab:purple", "tab:orange"]))
+        for minutes in budgets:
+            ax.plot([], [], "o", color=colours[minutes], label=f"{minutes:g} minutes")
         for r in (r for r in rows if r["comparable"]):  # the others' bits/pixel count other tokens or pixels
-            label = r["name"] + (f", {r['minutes']:g} min" if len(budgets) > 1 else "")
-            ax.plot(r["val_bits_per_pixel"], 100 * r["best_test_acc"], "o", color="tab:blue")
-            ax.annotate(label, (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
+            ax.plot(r["val_bits_per_pixel"], 100 * r["best_test_acc"], "o", color=colours[r["minutes"]])
+            ax.annotate(r["name"], (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
         base = base_row(rows)
         if base:
             ax.axhline(100 * base["baselines"]["raw_pixels"], color="tab:red", linestyle="--", linewidth=1, label="raw pixels")
-            ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="best")
         rho = rank_correlation(rows)
         title = f"{data}, {', '.join(f'{m:g}' for m in budgets)} min"
         ax.set_title(title + ("" if rho is None else f" (rank correlation {rho:+.2f})"), fontsize=8)
