@@ -12,8 +12,8 @@ budget / step time steps, so the schedule completes inside the budget on this ma
 (--labels-per-class), and the table gives the best validation bits/pixel, the best layer's
 test accuracy and its layer, and the few-label accuracies. Baselines (raw pixels, random-init
 network) are probed for the base run only (or, with --no-base, the first variant): the other
-variants share its data and, apart from the architecture rows, its network. Finished runs are kept and reused, so a study can be
-stopped and continued. The plot puts best-layer accuracy against validation bits/pixel,
+variants share its data and, apart from the architecture rows, its network. Finished runs are
+kept and reused, so a study can be stopped and continued. The plot puts best-layer accuracy against validation bits/pixel,
 the paper's "better generative models learn better representations" at this scale
 (bits/pixel compare only between autoregressive runs of one palette and resolution: the others
 stay in the table only), with the rank correlation of the two over the comparable runs; `--plot-with`
@@ -106,8 +106,9 @@ def row(run: Path) -> dict:
     study = json.loads((run / "study.json").read_text())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     probe = json.loads((run / "probe.json").read_text())
+    data = json.loads((run / "run.json").read_text())["data"]
     few = {p["labels_per_class"]: p for p in probe.get("few_label", {}).get("protocols", [])}
-    return {**study, "val_bits_per_pixel": min(r["val_bits_per_pixel"] for r in records if "val_bits_per_pixel" in r),
+    return {**study, "data": (Path(data["name"]).name.split(".")[0], data["resolution"]), "val_bits_per_pixel": min(r["val_bits_per_pixel"] for r in records if "val_bits_per_pixel" in r),
             "best_layer": probe["best_layer"], "best_test_acc": probe["best_test_acc"], "few": few,
             "baselines": probe.get("baselines"), "comparable": not INCOMPARABLE & set(study["changes"])}
 
@@ -156,37 +157,37 @@ def rank_correlation(rows: list[dict]) -> float | None:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
-def panels(studies: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """The studies' rows by data set: a study folder is runs/study-<data>-<minutes>min, and the budgets
-    of one data set share its palette, resolution and validation images, so their bits/pixel compare."""
-    by_data: dict[str, list[dict]] = {}
-    for folder, rows in studies.items():
-        by_data.setdefault(folder.removeprefix("study-").rsplit("-", 1)[0], []).extend(rows)
+def panels(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """The rows by (data set, resolution), as their run.json records them: the budgets of one data set
+    share its palette and validation images, so their bits/pixel compare."""
+    by_data: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        by_data.setdefault(r["data"], []).append(r)
     return by_data
 
 
-def plot(studies: dict[str, list[dict]], path: str) -> None:
+def plot(rows: list[dict], path: str) -> None:
     """One panel per data set: best-layer accuracy against validation bits/pixel, a point per comparable variant."""
     from igpt.plots import _figure, _save
 
-    by_data = panels(studies)
+    by_data = panels(rows)
     plt, fig, axes = _figure(width=5.0 * len(by_data), height=3.8, rows=1, columns=len(by_data))
-    for ax, (data, rows) in zip(axes[0], by_data.items()):
-        budgets = sorted({r["minutes"] for r in rows})
+    for ax, ((data, resolution), panel) in zip(axes[0], by_data.items()):
+        budgets = sorted({r["minutes"] for r in panel})
         ax.grid(True, alpha=0.3)
-        colours = dict(zip(budgets, ["tab:blue", "tab:green", "tab:purple", "tab:orange"]))
+        colours = {m: f"C{i + (i >= 3)}" for i, m in enumerate(budgets)}  # C3 is the raw-pixel line's red
         for minutes in budgets:
             ax.plot([], [], "o", color=colours[minutes], label=f"{minutes:g} minutes")
-        for r in (r for r in rows if r["comparable"]):  # the others' bits/pixel count other tokens or pixels
+        for r in (r for r in panel if r["comparable"]):  # the others' bits/pixel count other tokens or pixels
             ax.plot(r["val_bits_per_pixel"], 100 * r["best_test_acc"], "o", color=colours[r["minutes"]])
             ax.annotate(r["name"], (r["val_bits_per_pixel"], 100 * r["best_test_acc"]), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
-        base = base_row(rows)
+        base = base_row(panel)
         if base:
             ax.axhline(100 * base["baselines"]["raw_pixels"], color="tab:red", linestyle="--", linewidth=1, label="raw pixels")
         ax.legend(fontsize=7, loc="best")
-        rho = rank_correlation(rows)
-        title = f"{data}, {', '.join(f'{m:g}' for m in budgets)} min"
+        rho = rank_correlation(panel)
+        title = f"{data} at {resolution}x{resolution}, {', '.join(f'{m:g}' for m in budgets)} min"
         ax.set_title(title + ("" if rho is None else f" (rank correlation {rho:+.2f})"), fontsize=8)
         ax.set_xlabel("best validation bits per pixel (autoregressive runs of the study's palette)", fontsize=8)
         ax.set_ylabel("best-layer probe, test accuracy (%)", fontsize=8)
@@ -210,7 +211,7 @@ def main() -> None:
                         "the winners only); the first variant then carries the baselines")
     parser.add_argument("--plot", default=None, help="default: <out>/probe-vs-bpp.png")
     parser.add_argument("--plot-with", nargs="*", default=[], help="other studies' folders: their finished variants "
-                        "get a panel each beside this study's")
+                        "join the plot, a panel per data set")
     args = parser.parse_args()
     for other in args.plot_with:
         if not Path(other).is_dir():
@@ -220,12 +221,12 @@ def main() -> None:
     names = ([] if args.no_base else ["base"]) + [n for n in (args.only or VARIANTS) if n != "base"]
     rows = [row(run_variant(name, args, out, baselines=name == names[0])) for name in names]
     print(table(rows))
-    studies = {out.name: rows, **{Path(other).name: finished(Path(other)) for other in args.plot_with}}
-    for data, panel in panels(studies).items():
+    rows += [r for other in args.plot_with for r in finished(Path(other))]
+    for (data, _), panel in panels(rows).items():
         rho = rank_correlation(panel)
         if rho is not None:
             print(f"{data}: rank correlation of -bits/pixel and probe accuracy over the comparable rows: {rho:+.2f}")
-    plot(studies, args.plot or str(out / "probe-vs-bpp.png"))
+    plot(rows, args.plot or str(out / "probe-vs-bpp.png"))
 
 
 if __name__ == "__main__":
