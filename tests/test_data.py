@@ -72,6 +72,37 @@ def test_digits_is_embedded_with_17_grey_levels():
     assert "seeded 10% of train" in train.describe()
 
 
+def test_shifted_digits_move_every_digit_and_keep_the_splits_apart():
+    native = sources.load_digits_dataset().splits["train"]
+    digits, digit_labels = native.images, native.labels
+    where = {}  # each sklearn digit's bytes -> its indices (a few digits have a twin)
+    for i, image in enumerate(digits):
+        where.setdefault(image.tobytes(), set()).add(i)
+    side = sources.SHIFTED_CANVAS
+    sources_of, places = {}, set()
+    for split in data.SPLITS:
+        images = data.load("shifted-digits", split)
+        assert images.images.shape[1:] == (side, side, 3) and images.classes == [str(i) for i in range(10)]
+        found = set()
+        for canvas, label in zip(images.images[..., 0], images.labels):
+            matches = [(top, left, where[canvas[top : top + 8, left : left + 8].tobytes()])
+                       for top in range(side - 7) for left in range(side - 7)
+                       if canvas[top : top + 8, left : left + 8].tobytes() in where
+                       and canvas.sum() == canvas[top : top + 8, left : left + 8].sum()]
+            assert matches, "every canvas holds one whole sklearn digit and nothing else"
+            places.update((top, left) for top, left, _ in matches)
+            found |= set().union(*(rows for _, _, rows in matches))
+            assert label in {int(digit_labels[i]) for i in matches[0][2]}
+        sources_of[split] = found
+    sizes = {s: len(data.load("shifted-digits", s)) for s in data.SPLITS}
+    held = sources.SHIFTED_HELD_OUT
+    assert sizes == {"train": (1797 - held["val"] - held["test"]) * sources.SHIFTED_COPIES, **held}
+    assert not sources_of["train"] & sources_of["test"] and not sources_of["train"] & sources_of["val"]
+    assert len(places) == (side - 7) ** 2  # every place is used
+    np.testing.assert_array_equal(sources.load_shifted_digits().splits["test"].images,
+                                  sources.load_shifted_digits().splits["test"].images)
+
+
 def test_splits_are_deterministic_and_disjoint():
     native = data.open_source("digits")
     rows = {s: data._plan(native, s, seed=0)[1] for s in data.SPLITS}

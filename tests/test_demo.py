@@ -1,4 +1,4 @@
-"""`igpt demo` end to end at a reduced budget on the built-in digits."""
+"""`igpt demo` end to end at a reduced budget on the built-in digits, and its default plan."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def test_demo_writes_a_sane_report(tmp_path, capsys):
     from igpt.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "80", "--seed", "0"]) == 0
+    assert main(["demo", "--data", "digits", "--out", str(out), "--steps", "80", "--seed", "0"]) == 0
     for name in ("samples.png", "completions.png", "learning_curve.png", "probe.png", "surprise.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
     assert (out / "samples.gif").read_bytes()[:6] == b"GIF89a"
@@ -32,6 +32,7 @@ def test_demo_writes_a_sane_report(tmp_path, capsys):
     markdown = (out / "report.md").read_text()
     assert "| 4 per class |" in markdown and "| 25 per class |" in markdown
     assert "beat both baselines with" in markdown or "Raw pixels win in every protocol" in markdown
+    assert "Centred 8x8 digits are close to linearly separable" in markdown  # what the data is, and why it matters
     assert "FID and KID skipped" in markdown or "FID " in markdown
     for section in ("## Likelihood", "## Samples", "## Completions", "## Surprise", "## Linear probe", "## Timings"):
         assert section in markdown
@@ -40,6 +41,18 @@ def test_demo_writes_a_sane_report(tmp_path, capsys):
     assert "not produced" not in html
     assert (out / "run" / "model.safetensors").is_file() and (out / "run" / "metrics.jsonl").is_file()
     assert "igpt demo finished" in capsys.readouterr().out
+
+
+def test_the_default_demo_is_shifted_digits_sized_for_five_minutes():
+    from igpt.cli import build_parser
+    from igpt.demo import DEFAULT_DATA, plan_for
+
+    args = build_parser().parse_args(["demo"])
+    assert args.name == DEFAULT_DATA == "shifted-digits" and args.budget_minutes is None
+    plan = plan_for(args.name)
+    assert (plan.data.resolution, plan.pretrain.clusters, plan.pretrain.batch_size, plan.probe_images) == (12, 16, 32, 1500)
+    assert plan.budget_minutes <= 4  # a minute of setup (venv, pip) on top: the README's first command fits five
+    assert plan_for("digits").pretrain.batch_size == 64 and plan_for("digits").probe_images == 10_000  # the defaults
 
 
 def test_demo_refuses_a_used_folder_and_bad_budget(tmp_path, capsys):

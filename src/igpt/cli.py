@@ -375,6 +375,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from igpt.config import add_flags
     from igpt.data import DataConfig
+    from igpt.demo import DEFAULT_DATA, budget_help
     from igpt.finetune import FinetuneConfig
     from igpt.pretrain import PretrainConfig
     from igpt.serve import MAX_UPLOAD_MB
@@ -384,10 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="the whole pipeline on a data set in a few minutes, with a report")
-    add_flags(demo, DataConfig, only=("name", "data_dir"))
+    add_flags(demo, DataConfig, only=("name", "data_dir"), defaults={"name": DEFAULT_DATA})
     demo.add_argument("--out", default=None, help="output folder (default: a new igpt-demo-<data> folder)")
     demo.add_argument("--budget-minutes", type=float, default=None,
-                      help="wall-time target (default: 5 for digits, 20 otherwise)")
+                      help=f"wall-time target in minutes (default: {budget_help()})")
     demo.add_argument("--steps", type=_positive_int, default=None, help="train exactly this many steps instead")
     add_flags(demo, PretrainConfig, only=("device", "seed", "positions", "attention", "window_rows"))
     demo.set_defaults(func=_cmd_demo)

@@ -34,8 +34,10 @@ def flag_name(field: dataclasses.Field) -> str:
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ...] | None = None,
-              skip: tuple[str, ...] = (), inherit: str | None = None) -> None:
+              skip: tuple[str, ...] = (), inherit: str | None = None, defaults: dict | None = None) -> None:
     """A flag for each field of `cls` (in `only`, when given, and not in `skip`).
+
+    `defaults`: this command's own defaults for some fields (the demo's data), in place of the field's.
 
     `inherit`: every default becomes None, shown as "default: <inherit>" (a later command that
     takes its settings from a run folder unless told otherwise); booleans then get --x/--no-x.
@@ -46,10 +48,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ..
             continue
         kind = _base_type(hints[field.name])
         help_text = field.metadata["help"]
+        default = (defaults or {}).get(field.name, field.default)
         if inherit is not None:
             help_text += f" (default: {inherit})"
-        elif field.default is not None and kind is not bool:
-            help_text += f" (default: {field.default})"
+        elif default is not None and kind is not bool:
+            help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": field.name, "help": help_text}
         if kind is bool:
             if inherit is not None or field.default:
@@ -61,7 +64,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ..
             for key in ("choices", "metavar"):
                 if key in field.metadata:
                     kwargs[key] = field.metadata[key]
-        kwargs["default"] = None if inherit is not None else field.default
+        kwargs["default"] = None if inherit is not None else default
         parser.add_argument(flag_name(field), **kwargs)
 
 

@@ -1,6 +1,6 @@
 """Data sets: `--data DATA` -> images (N, R, R, 3) uint8 and labels, per split, cached.
 
-DATA is a named data set (`digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`), an
+DATA is a named data set (`digits`, `shifted-digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`), an
 image folder (`class/file` or `split/class/file`), a `.tar`/`.tar.gz`/`.zip` of one, or a
 `.npz` with `x_train`, `y_train`, `x_test`, `y_test`. Splits are `train`, `val`, `test`;
 where the source has no `val` (or `test`), a seeded 10% of train is held out for it.
@@ -75,7 +75,7 @@ class DataConfig:
     change only what they are told; the resolution then follows the model.
     """
 
-    name: str = option("digits", "digits | mnist | fashion-mnist | cifar10 | cifar100 | an image folder, "
+    name: str = option("digits", "digits | shifted-digits | mnist | fashion-mnist | cifar10 | cifar100 | an image folder, "
                        ".tar/.tar.gz/.zip of one, or a .npz", flag="--data")
     data_dir: str | None = option(None, "folder holding existing copies of a named data set")
     crop: bool = option(False, "centre-crop images to square before resizing")

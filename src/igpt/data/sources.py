@@ -1,6 +1,7 @@
 """Named data sets in their canonical formats, and downloading them with checksums.
 
-`digits` is bundled with scikit-learn; MNIST and Fashion-MNIST are gzipped IDX files;
+`digits` is bundled with scikit-learn (`shifted-digits` places them at random on a larger
+canvas); MNIST and Fashion-MNIST are gzipped IDX files;
 CIFAR-10/100 are the python-version pickles, read with an unpickler that admits only
 the numpy types the files hold, so a doctored file cannot run code.
 """
@@ -248,8 +249,36 @@ def load_digits_dataset() -> Native:
     return Native({"train": Split(images, bunch.target.astype(np.int64))}, [str(i) for i in range(10)], "digits")
 
 
+SHIFTED_CANVAS = 12  # side of the blank canvas each 8x8 digit is placed in: offsets 0-4 down and across
+SHIFTED_COPIES = 4  # placements of each training digit
+SHIFTED_HELD_OUT = {"test": 360, "val": 180}  # source digits per held-out split (of 1,797)
+
+
+def load_shifted_digits() -> Native:
+    """sklearn's digits, each pasted at a seeded random place on a 12x12 canvas: a digit that moves, as
+    objects do in photographs, so a linear classifier of raw pixels no longer separates the classes.
+
+    Split by source digit (no digit is in two splits); each training digit appears at SHIFTED_COPIES
+    places, each held-out digit at one. A fixed seed builds the same images on every machine."""
+    digits = load_digits_dataset().splits["train"]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(digits.images))
+    held = np.cumsum(list(SHIFTED_HELD_OUT.values()))
+    parts = dict(zip([*SHIFTED_HELD_OUT, "train"], np.split(order, held)))
+    splits = {}
+    for name, rows in parts.items():
+        rows = np.tile(rows, SHIFTED_COPIES if name == "train" else 1)
+        places = rng.integers(0, SHIFTED_CANVAS - 7, size=(len(rows), 2))
+        canvas = np.zeros((len(rows), SHIFTED_CANVAS, SHIFTED_CANVAS), np.uint8)
+        for image, row, (top, left) in zip(canvas, rows, places):
+            image[top : top + 8, left : left + 8] = digits.images[row]
+        splits[name] = Split(canvas, digits.labels[rows])
+    return Native(splits, [str(i) for i in range(10)], f"shifted-digits:{SHIFTED_CANVAS}x{SHIFTED_COPIES}")
+
+
 NAMED = {
     "digits": lambda data_dir: load_digits_dataset(),
+    "shifted-digits": lambda data_dir: load_shifted_digits(),
     "mnist": lambda data_dir: load_idx_dataset("mnist", data_dir),
     "fashion-mnist": lambda data_dir: load_idx_dataset("fashion-mnist", data_dir),
     "cifar10": lambda data_dir: load_cifar("cifar10", data_dir),
