@@ -75,8 +75,8 @@ def run_variant(name: str, args, out: Path, baselines: bool) -> Path:
     """Train and probe one variant into out/<name>, each step only when its result is missing.
 
     baselines: probe raw pixels and the random-init network beside it (one row per study does)."""
-    resolution, clusters, _ = PLANS[args.plan]
-    changes = {**BASE, "clusters": clusters, "resolution": resolution, **VARIANTS[name]}
+    plan = PLANS[args.plan]
+    changes = {**BASE, "clusters": plan.clusters, "resolution": plan.resolution, **VARIANTS[name]}
     resolution = changes.pop("resolution")
     run = out / folder_name(name)
     data = ["--data", args.data or args.plan] + (["--data-dir", args.data_dir] if args.data_dir else [])

@@ -32,7 +32,7 @@ def test_demo_writes_a_sane_report(tmp_path, capsys):
     markdown = (out / "report.md").read_text()
     assert "| 4 per class |" in markdown and "| 25 per class |" in markdown
     assert "beat both baselines with" in markdown or "Raw pixels win in every protocol" in markdown
-    assert "Centred 8x8 digits are close to linearly separable" in markdown  # what the data is, and why it matters
+    assert "8x8 digits, centred, on which a linear classifier" in markdown  # what the data is, and why it matters
     assert "FID and KID skipped" in markdown or "FID " in markdown
     for section in ("## Likelihood", "## Samples", "## Completions", "## Surprise", "## Linear probe", "## Timings"):
         assert section in markdown

@@ -20,6 +20,7 @@ from igpt.probe import (
     feature_batch_size,
     few_label_draws,
     linear_probe,
+    paired_gain,
     parse_layers,
     probe_features,
     probe_few_labels,
@@ -327,10 +328,21 @@ def test_linear_probe_protocols():
     assert {"raw_pixels", "random_init", "concat"} <= set(four)
     assert four["raw_pixels"]["test_acc"] < report["baselines"]["raw_pixels"]  # 40 labels, not 1000
     assert "4 labels per class" in summary(report) and "concatenated" in summary(report)
+    assert four["over_raw_pixels"]["mean"] == pytest.approx(four["test_acc"] - four["raw_pixels"]["test_acc"])
+    assert four["over_raw_pixels"]["won"] == int(four["test_acc"] > four["raw_pixels"]["test_acc"])
+    assert f"{four['over_raw_pixels']['won']} of 1 draws won" in summary(report)
     with pytest.raises(IgptError, match="at least two layers"):
         linear_probe(model, splits, n_classes=10, protocols=Protocols(concat_layers="1"), log=lines.append)
     with pytest.raises(IgptError, match="at least 2 images per class"):
         linear_probe(model, splits, n_classes=10, protocols=Protocols((1,)), log=lines.append)
+
+
+def test_paired_gain_over_a_baseline_on_the_same_draws():
+    gain = paired_gain([0.22, 0.25, 0.21, 0.24], [0.20, 0.24, 0.22, 0.21])
+    assert gain["mean"] == pytest.approx(0.0125) and gain["won"] == 3 and gain["draws"] == 4
+    assert gain["stderr"] == pytest.approx(np.std([0.02, 0.01, -0.01, 0.03], ddof=1) / 2)
+    steady = paired_gain([0.30, 0.40, 0.50], [0.29, 0.39, 0.49])  # spreads of 8 points, a sure gain of 1
+    assert steady["stderr"] == pytest.approx(0, abs=1e-12) and steady["won"] == 3
 
 
 def test_batched_fits_match_separate_fits():

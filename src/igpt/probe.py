@@ -401,11 +401,21 @@ def linear_probe(
                 entry["concat"] = {**concat_few[k][0], "layer": concat}
             if baselines:
                 entry["raw_pixels"] = {key: raw_few[k][0][key] for key in ("test_acc", "test_std", "test_accs")}
+                entry["over_raw_pixels"] = paired_gain(chosen["test_accs"], entry["raw_pixels"]["test_accs"])
                 random_chosen = _best(random_few[k], "cv_acc")
                 entry["random_init"] = {"layer": random_chosen["layer"], "test_acc": random_chosen["test_acc"],
                                         "test_std": random_chosen["test_std"]}
             report["few_label"]["protocols"].append(entry)
     return report
+
+
+def paired_gain(ours: Sequence[float], theirs: Sequence[float]) -> dict:
+    """Test accuracy gained over a baseline probed on the same draws of labels: the mean of the per-draw
+    differences, its standard error, and the draws won. Pairing removes the spread that comes from which
+    images were drawn (both probes see the same ones), so a gain smaller than either spread can still be sure."""
+    gains = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
+    stderr = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else float("nan")
+    return {"mean": float(gains.mean()), "stderr": stderr, "won": int((gains > 0).sum()), "draws": len(gains)}
 
 
 def summary(report: dict) -> str:
@@ -428,8 +438,11 @@ def summary(report: dict) -> str:
         if "concat" in few:
             line += f", concatenated {_mean_spread(few['concat'])}"
         if "raw_pixels" in few:
+            gain = few["over_raw_pixels"]
             line += (f"; raw pixels {_mean_spread(few['raw_pixels'])}, random-init "
-                     f"{_mean_spread(few['random_init'])}")
+                     f"{_mean_spread(few['random_init'])}; over raw pixels on the same draws "
+                     f"{100 * gain['mean']:+.1f} +- {100 * gain['stderr']:.1f} (standard error), "
+                     f"{gain['won']} of {gain['draws']} draws won")
         lines.append(line)
     return "\n".join(lines)
 
