@@ -19,6 +19,7 @@ from igpt.probe import (
     extract_features,
     feature_batch_size,
     few_label_draws,
+    gain_text,
     linear_probe,
     paired_gain,
     parse_layers,
@@ -343,6 +344,9 @@ def test_paired_gain_over_a_baseline_on_the_same_draws():
     assert gain["stderr"] == pytest.approx(np.std([0.02, 0.01, -0.01, 0.03], ddof=1) / 2)
     steady = paired_gain([0.30, 0.40, 0.50], [0.29, 0.39, 0.49])  # spreads of 8 points, a sure gain of 1
     assert steady["stderr"] == pytest.approx(0, abs=1e-12) and steady["won"] == 3
+    assert gain_text(gain) == "+1.2 +- 0.9 (standard error), 3 of 4 draws won"
+    single = paired_gain([0.3], [0.2])  # one draw has no spread: None, so probe.json stays valid JSON
+    assert single["stderr"] is None and gain_text(single) == "+10.0, 1 of 1 draws won"
 
 
 def test_batched_fits_match_separate_fits():

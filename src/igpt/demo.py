@@ -393,6 +393,8 @@ def _protocol_rows(probe: dict) -> list[list[str]]:
 
 def _probe_reading(probe: dict) -> str:
     """The probe in words: against the baselines in every protocol, and whether the paper's mid-depth peak shows."""
+    from igpt.probe import gain_text
+
     b, best = probe["baselines"], probe["best_test_acc"]
     last = probe["layers"][-1]
 
@@ -420,10 +422,9 @@ def _probe_reading(probe: dict) -> str:
                  "in pixel space, and a few minutes of pretraining on a few thousand images do not reach them; "
                  "the paper's finding shows on CIFAR-10 (see the README).")
     for few in probe.get("few_label", {}).get("protocols", []):
-        gain = few["over_raw_pixels"]
-        text += (f" With {few['labels_per_class']} per class, on the same draws, the pretrained probe is "
-                 f"{100 * gain['mean']:+.1f} ± {100 * gain['stderr']:.1f} points (standard error) from raw pixels, "
-                 f"ahead in {gain['won']} of {gain['draws']} draws.")
+        if "over_raw_pixels" in few:
+            text += (f" With {few['labels_per_class']} per class, the pretrained probe's gain over raw pixels on "
+                     f"the same draws, in points: {gain_text(few['over_raw_pixels'], '±')}.")
     return text
 
 

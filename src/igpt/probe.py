@@ -414,8 +414,14 @@ def paired_gain(ours: Sequence[float], theirs: Sequence[float]) -> dict:
     differences, its standard error, and the draws won. Pairing removes the spread that comes from which
     images were drawn (both probes see the same ones), so a gain smaller than either spread can still be sure."""
     gains = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
-    stderr = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else float("nan")
+    stderr = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else None  # one draw: no spread
     return {"mean": float(gains.mean()), "stderr": stderr, "won": int((gains > 0).sum()), "draws": len(gains)}
+
+
+def gain_text(gain: dict, plus_minus: str = "+-") -> str:
+    """A paired_gain in points: "+1.4 +- 0.4 (standard error), 15 of 20 draws won"."""
+    spread = f" {plus_minus} {100 * gain['stderr']:.1f} (standard error)" if gain["stderr"] is not None else ""
+    return f"{100 * gain['mean']:+.1f}{spread}, {gain['won']} of {gain['draws']} draws won"
 
 
 def summary(report: dict) -> str:
@@ -438,11 +444,10 @@ def summary(report: dict) -> str:
         if "concat" in few:
             line += f", concatenated {_mean_spread(few['concat'])}"
         if "raw_pixels" in few:
-            gain = few["over_raw_pixels"]
             line += (f"; raw pixels {_mean_spread(few['raw_pixels'])}, random-init "
-                     f"{_mean_spread(few['random_init'])}; over raw pixels on the same draws "
-                     f"{100 * gain['mean']:+.1f} +- {100 * gain['stderr']:.1f} (standard error), "
-                     f"{gain['won']} of {gain['draws']} draws won")
+                     f"{_mean_spread(few['random_init'])}")
+        if "over_raw_pixels" in few:
+            line += f"; over raw pixels on the same draws {gain_text(few['over_raw_pixels'])}"
         lines.append(line)
     return "\n".join(lines)
 
