@@ -4,8 +4,9 @@
         [--only base bert]
     python bench/probe_study.py --plan fashion-mnist --data-dir ../shared/datasets/fashion-mnist --minutes 30
 
-Every variant is the base recipe (the demo's plan for the data set: `tiny`, batch 64, lr 3e-3,
-a fitted palette, the paper's 1-D positions and dense attention) with one thing changed. Each gets the same wall-clock budget of optimizer
+Every variant is the base recipe (the demo plan's resolution and palette size for the data set,
+then the study's own base: `tiny`, batch 64, lr 3e-3, the paper's 1-D positions and dense
+attention) with one thing changed. Each gets the same wall-clock budget of optimizer
 steps: its step is timed alone first (after a warm-up, best of 3) and the run takes
 budget / step time steps, so the schedule completes inside the budget on this machine. Then
 `igpt probe` measures the layer sweep with all labels and the low-data protocol

@@ -31,8 +31,8 @@ def test_demo_writes_a_sane_report(tmp_path, capsys):
     assert summary["steps"] == 80 and all(math.isfinite(v) and v >= 0 for v in summary["timings"].values())
     markdown = (out / "report.md").read_text()
     assert "| 4 per class |" in markdown and "| 25 per class |" in markdown
-    assert "beat both baselines with" in markdown or "Raw pixels win in every protocol" in markdown
-    assert "8x8 digits, centred, on which a linear classifier" in markdown  # what the data is, and why it matters
+    assert "beat both baselines with" in markdown or "In no protocol do the pretrained features" in markdown
+    assert "8x8 digits, centred. Small, centred images are close to linearly separable" in markdown  # and why it matters
     assert "FID and KID skipped" in markdown or "FID " in markdown
     for section in ("## Likelihood", "## Samples", "## Completions", "## Surprise", "## Linear probe", "## Timings"):
         assert section in markdown

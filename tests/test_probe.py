@@ -339,14 +339,16 @@ def test_linear_probe_protocols():
 
 
 def test_paired_gain_over_a_baseline_on_the_same_draws():
-    gain = paired_gain([0.22, 0.25, 0.21, 0.24], [0.20, 0.24, 0.22, 0.21])
-    assert gain["mean"] == pytest.approx(0.0125) and gain["won"] == 3 and gain["draws"] == 4
-    assert gain["stderr"] == pytest.approx(np.std([0.02, 0.01, -0.01, 0.03], ddof=1) / 2)
+    gain = paired_gain([0.22, 0.25, 0.21, 0.25], [0.20, 0.24, 0.22, 0.21])
+    assert gain["mean"] == pytest.approx(0.015) and gain["won"] == 3 and gain["draws"] == 4
+    assert gain["stderr"] == pytest.approx(np.std([0.02, 0.01, -0.01, 0.04], ddof=1) / 2)
     steady = paired_gain([0.30, 0.40, 0.50], [0.29, 0.39, 0.49])  # spreads of 8 points, a sure gain of 1
     assert steady["stderr"] == pytest.approx(0, abs=1e-12) and steady["won"] == 3
-    assert gain_text(gain) == "+1.2 +- 0.9 (standard error), 3 of 4 draws won"
+    assert gain_text(gain) == "+1.5 +- 1.0 (standard error), 3 of 4 draws won"
     single = paired_gain([0.3], [0.2])  # one draw has no spread: None, so probe.json stays valid JSON
     assert single["stderr"] is None and gain_text(single) == "+10.0, 1 of 1 draws won"
+    with pytest.raises(ValueError, match="same draws"):
+        paired_gain([0.3, 0.4], [0.2])
 
 
 def test_batched_fits_match_separate_fits():

@@ -43,6 +43,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ..
     takes its settings from a run folder unless told otherwise); booleans then get --x/--no-x.
     """
     hints = typing.get_type_hints(cls)
+    unknown = set(defaults or {}) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"add_flags: {cls.__name__} has no field {', '.join(sorted(unknown))}")
     for field in dataclasses.fields(cls):
         if field.name in skip or (only is not None and field.name not in only) or "help" not in field.metadata:
             continue
@@ -55,7 +58,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ..
             help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": field.name, "help": help_text}
         if kind is bool:
-            if inherit is not None or field.default:
+            if inherit is not None or default:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["action"] = "store_true"

@@ -413,6 +413,8 @@ def paired_gain(ours: Sequence[float], theirs: Sequence[float]) -> dict:
     """Test accuracy gained over a baseline probed on the same draws of labels: the mean of the per-draw
     differences, its standard error, and the draws won. Pairing removes the spread that comes from which
     images were drawn (both probes see the same ones), so a gain smaller than either spread can still be sure."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"paired_gain needs the same draws: {len(ours)} results against {len(theirs)}")
     gains = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
     stderr = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else None  # one draw: no spread
     return {"mean": float(gains.mean()), "stderr": stderr, "won": int((gains > 0).sum()), "draws": len(gains)}

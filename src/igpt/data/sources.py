@@ -263,8 +263,8 @@ def load_shifted_digits() -> Native:
     digits = load_digits_dataset().splits["train"]
     rng = np.random.default_rng(0)
     order = rng.permutation(len(digits.images))
-    held = np.cumsum(list(SHIFTED_HELD_OUT.values()))
-    parts = dict(zip([*SHIFTED_HELD_OUT, "train"], np.split(order, held)))
+    ends = np.cumsum(list(SHIFTED_HELD_OUT.values()))
+    parts = dict(zip([*SHIFTED_HELD_OUT, "train"], np.split(order, ends)))
     splits = {}
     for name, rows in parts.items():
         rows = np.tile(rows, SHIFTED_COPIES if name == "train" else 1)
@@ -273,7 +273,8 @@ def load_shifted_digits() -> Native:
         for image, row, (top, left) in zip(canvas, rows, places):
             image[top : top + 8, left : left + 8] = digits.images[row]
         splits[name] = Split(canvas, digits.labels[rows])
-    return Native(splits, [str(i) for i in range(10)], f"shifted-digits:{SHIFTED_CANVAS}x{SHIFTED_COPIES}")
+    held = "+".join(map(str, SHIFTED_HELD_OUT.values()))  # the cache's key: any change here builds anew
+    return Native(splits, [str(i) for i in range(10)], f"shifted-digits:v1:{SHIFTED_CANVAS}x{SHIFTED_COPIES}:{held}")
 
 
 NAMED = {
