@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -105,10 +105,13 @@ def plan_for(spec: str, budget_minutes: float | None = None, data_dir: str | Non
             raise IgptError(f"--budget-minutes must be positive, got {budget_minutes}")
         budget = budget_minutes
     data = DataConfig(name=spec, data_dir=data_dir, resolution=sizing.resolution, crop=spec not in PLANS)
-    tuned = {"batch_size": sizing.batch_size} if sizing.batch_size is not None else {}
-    pretrain = PretrainConfig(clusters=sizing.clusters, **tuned, **architecture)
-    probes = {"probe_images": sizing.probe_images} if sizing.probe_images is not None else {}
-    return Plan(data, pretrain, budget, **probes)
+    pretrain = PretrainConfig(clusters=sizing.clusters, **given(batch_size=sizing.batch_size), **architecture)
+    return Plan(data, pretrain, budget, **given(probe_images=sizing.probe_images))
+
+
+def given(**values) -> dict:
+    """The values that are not None: the rest keep the defaults of the config they are passed to."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def budget_help() -> str:
@@ -168,8 +171,8 @@ def run_demo(spec: str = DEFAULT_DATA, out: str | Path | None = None, *, budget_
     from igpt.sample import completion_rows, sample, save_grid
     from igpt.train import Trainer
 
-    architecture = {"positions": positions, "attention": attention, "window_rows": window_rows}
-    plan = plan_for(spec, budget_minutes, data_dir, **{k: v for k, v in architecture.items() if v is not None})
+    plan = plan_for(spec, budget_minutes, data_dir,
+                    **given(positions=positions, attention=attention, window_rows=window_rows))
     if steps is not None and steps <= 0:
         raise IgptError(f"--steps must be positive, got {steps}")
     dev = resolve_device(device)
