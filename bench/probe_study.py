@@ -52,6 +52,8 @@ VARIANTS = {  # name: changes to the base (PretrainConfig fields, and "resolutio
     "palette 16": {"clusters": 16},
     "palette 512": {"clusters": 512},
     "strided-2d batch 16": {"positions": "2d", "attention": "strided", "batch_size": 16},  # two winners together
+    "strided-2d batch 16 wide 2x192": {"positions": "2d", "attention": "strided", "batch_size": 16,
+                                       "n_layer": 2, "n_embd": 192, "n_head": 4},  # and the width winner
 }
 # Variants whose bits/pixel do not compare with the base's: other tokens, or BERT's masked-pixel loss.
 INCOMPARABLE = {"resolution", "clusters", "objective"}
