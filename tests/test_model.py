@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import random_model
 from igpt import IgptError
-from igpt.model import PRESETS, ImageGPT, ImageGPTConfig, num_params
+from igpt.model import PRESETS, ImageGPT, ImageGPTConfig, num_params, quick_gelu
 
 PAPER_PARAMS = {"igpt-s": 76e6, "igpt-m": 455e6, "igpt-l": 1362e6, "igpt-xl": 6801e6}
 
@@ -60,6 +60,14 @@ def test_norm_is_gain_only_rms_and_activation_is_quick_gelu():
     torch.testing.assert_close(norm(x), expected)
     fc = model.blocks[0].mlp
     torch.testing.assert_close(fc(x), fc.proj(fc.fc(x) * torch.sigmoid(1.702 * fc.fc(x))))
+
+
+def test_quick_gelu_gradient_is_the_formulas():
+    x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(quick_gelu, (x,))
+    y = torch.randn(3, 40, requires_grad=True)
+    formula = torch.autograd.grad((y * torch.sigmoid(1.702 * y)).sum(), y)[0]
+    torch.testing.assert_close(torch.autograd.grad(quick_gelu(y).sum(), y)[0], formula)
 
 
 def test_ar_logits_at_i_depend_only_on_pixels_before_i():
@@ -120,6 +128,22 @@ def test_bf16_autocast_and_compile():
     assert (low.float() - model(tokens)).abs().max() < 0.1
     compiled = torch.compile(model)
     torch.testing.assert_close(compiled(tokens), model(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_training_gradients_equal_eager_for_a_local_model():
+    """`igpt train --compile` traces quick_gelu's own backward and the band's cached mask."""
+    torch.manual_seed(0)
+    model = ImageGPT(ImageGPTConfig(vocab_size=13, n_ctx=36, n_layer=2, n_embd=32, n_head=2, positions="2d",
+                                    attention="local", window_rows=2))
+    tokens = torch.randint(0, 13, (2, 36))
+
+    def gradients(net):
+        model.zero_grad()
+        net(tokens).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for eager, compiled in zip(gradients(model), gradients(torch.compile(model))):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
 
 
 def test_save_and_load_pretrained(tmp_path):
