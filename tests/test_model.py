@@ -131,7 +131,7 @@ def test_bf16_autocast_and_compile():
 
 
 def test_compiled_training_gradients_equal_eager_for_a_local_model():
-    """`igpt train --compile` traces quick_gelu's own backward and the band's cached mask."""
+    """`igpt train --compile` traces quick_gelu's own backward and the band's blocks."""
     torch.manual_seed(0)
     model = ImageGPT(ImageGPTConfig(vocab_size=13, n_ctx=36, n_layer=2, n_embd=32, n_head=2, positions="2d",
                                     attention="local", window_rows=2))

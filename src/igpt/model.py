@@ -193,9 +193,9 @@ class QuickGELU(torch.autograd.Function):
     """quick_gelu with a one-kernel backward.
 
     Its derivative is SiLU's at z = 1.702 x, so the backward is aten's fused silu_backward: one
-    pass over the (tokens, 4d) activation instead of the five element-wise passes autograd makes
-    through the formula, which are memory-bound and were a tenth of a `tiny` training step on a
-    CPU (bench/bench_train.py). The forward is the same formula, so outputs are unchanged.
+    pass over the block's largest activation, (tokens, 4d), instead of the five memory-bound
+    element-wise passes autograd makes through the formula (the A/B: README, Speed). The forward
+    is the same formula, so outputs are unchanged.
     """
 
     @staticmethod
@@ -240,25 +240,13 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         x = F.pad(x, (0, 0, before * block, tail)).reshape(b * h, before + blocks, block, hd)
         return torch.cat([x[:, i : i + blocks] for i in range(before + 1)], dim=2)
 
+    query = torch.arange(blocks * block, device=q.device).view(blocks, block, 1)
+    key = ((torch.arange(blocks, device=q.device) - before) * block).view(blocks, 1, 1) \
+        + torch.arange((before + 1) * block, device=q.device)
+    mask = ((key >= 0) & (key <= query) & (key > query - window))[None]  # 4-D: the CPU flash kernel needs it
     queries = F.pad(q, (0, 0, 0, tail)).reshape(b * h, blocks, block, hd)
-    band_mask = _band_mask.__wrapped__ if torch.compiler.is_compiling() else _band_mask  # compiled: folded in
-    mask = band_mask(blocks, block, before, window, q.device, q.dtype)
     y = F.scaled_dot_product_attention(queries, windows(k), windows(v), attn_mask=mask)
     return y.reshape(b, h, blocks * block, hd)[:, :, :t]
-
-
-@functools.lru_cache(maxsize=8)
-def _band_mask(blocks: int, block: int, before: int, window: int, device: torch.device, dtype: torch.dtype):
-    """band_attention's mask, (1, blocks, block, keys per block), additive (0 or -inf) in the queries' dtype.
-
-    Built once per shape, not per layer and step: the comparisons, and SDPA's conversion of a
-    boolean mask, were each call's own small passes."""
-    with torch.inference_mode(False):  # a cached tensor made under inference mode could not serve training
-        query = torch.arange(blocks * block, device=device).view(blocks, block, 1)
-        key = ((torch.arange(blocks, device=device) - before) * block).view(blocks, 1, 1) \
-            + torch.arange((before + 1) * block, device=device)
-        allowed = (key >= 0) & (key <= query) & (key > query - window)
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))[None]
 
 
 def flex_band_applies(q: torch.Tensor) -> bool:
