@@ -183,19 +183,20 @@ QUICK_GELU = 1.702
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(1.702 x), the released model's activation; under autograd through QuickGELU."""
+    """x * sigmoid(1.702 x), the released model's activation; under autograd through QuickGELUFunction."""
     if x.requires_grad and torch.is_grad_enabled():
-        return QuickGELU.apply(x)
+        return QuickGELUFunction.apply(x)
     return x * torch.sigmoid(QUICK_GELU * x)
 
 
-class QuickGELU(torch.autograd.Function):
+class QuickGELUFunction(torch.autograd.Function):
     """quick_gelu with a one-kernel backward.
 
     Its derivative is SiLU's at z = 1.702 x, so the backward is aten's fused silu_backward: one
     pass over the block's largest activation, (tokens, 4d), instead of the five memory-bound
     element-wise passes autograd makes through the formula (the A/B: README, Speed). The forward
-    is the same formula, so outputs are unchanged.
+    is the same formula, so outputs are unchanged. First derivatives only: training needs no
+    more, and a second backward through it raises rather than return a wrong one.
     """
 
     @staticmethod
