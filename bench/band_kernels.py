@@ -23,12 +23,12 @@ Run it when nothing else does: two cores shared with another process make every 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import machine, matmul_peak
+from common import machine, matmul_peak, seconds_per_call
+from flex_attention import fwd_bwd_ms
 from igpt.model import band_attention
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -74,27 +74,6 @@ class TwoTriangles(torch.autograd.Function):
         return dq.reshape(ctx.shape), dk.reshape(ctx.shape), dv.reshape(ctx.shape), None
 
 
-def fwd_bwd_ms(fn, q, k, v, grad, repeat: int) -> float:
-    best = float("inf")
-    for i in range(repeat + 1):
-        for x in (q, k, v):
-            x.grad = None
-        start = time.perf_counter()
-        fn(q, k, v).backward(grad)
-        if i:
-            best = min(best, (time.perf_counter() - start) * 1e3)
-    return best
-
-
-def forward_ms(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat + 1):
-        start = time.perf_counter()
-        fn()
-        best = min(best, (time.perf_counter() - start) * 1e3)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=64)
@@ -130,7 +109,7 @@ def main() -> None:
         gradients.append([out.detach(), q.grad, k.grad, v.grad])
     diff = max((a - b).abs().max().item() for a, b in zip(*gradients))
     per_query_head = args.batch * args.heads * t * 12 * args.head_dim  # FLOPs per key attended, all queries
-    times = {name: fwd_bwd_ms(fn, q, k, v, grad, args.repeat) for name, (fn, _) in contenders.items()}
+    times = {name: fwd_bwd_ms(fn, q, k, v, args.repeat) for name, (fn, _) in contenders.items()}
     reference = times["dense causal SDPA (reference)"]
     print(f"  {'kernel':30s} {'ms':>8s} {'vs dense':>9s} {'keys/query':>11s} {'useful GFLOP/s':>15s} {'of peak':>8s}")
     for name, (_, keys) in contenders.items():
@@ -140,8 +119,8 @@ def main() -> None:
               f"{rate / peak:8.1%}")
     print(f"  two triangles against the blocked band: max |difference| of outputs and gradients {diff:.1e}")
     blocks = torch.randn(args.batch * args.heads, t // window, window, args.head_dim)
-    causal = forward_ms(lambda: FLASH(blocks, blocks, blocks, 0.0, True), args.repeat)
-    full = forward_ms(lambda: FLASH(blocks, blocks, blocks, 0.0, False), args.repeat)
+    causal, full = (seconds_per_call(lambda c=c: FLASH(blocks, blocks, blocks, 0.0, c), min_time=1.0) * 1e3
+                    for c in (True, False))
     print(f"  CPU flash kernel, forward over {window}-position blocks: causal {causal:.2f} ms, full {full:.2f} ms "
           f"(causal/full {causal / full:.2f}: what skipping the masked triangle saves at this size)")
 
