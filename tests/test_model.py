@@ -120,6 +120,22 @@ def test_features_are_the_normalised_residual_stream_from_one_pass():
         model.features(tokens, [4])
 
 
+def test_grid_features_are_the_cell_means_of_the_image():
+    model = random_model()  # 5x5 image: a 2x2 grid has cells of 3 and 2 rows and columns
+    tokens = torch.randint(0, 13, (2, 25))
+    normed = model.blocks[1].ln_1(model.blocks[0](model.embed(tokens), True)).detach()
+    image = normed.reshape(2, 5, 5, -1)
+    cells = [image[:, rows, cols].mean((1, 2)) for rows in (slice(0, 3), slice(2, 5)) for cols in (slice(0, 3), slice(2, 5))]
+    grid = model.features(tokens, [1], grid=2)[1]
+    assert grid.shape == (2, 4 * model.config.n_embd)
+    torch.testing.assert_close(grid.reshape(2, -1, 4).permute(0, 2, 1), torch.stack(cells, 1))
+    whole = model.features(tokens, [1], grid=5)[1].reshape(2, -1, 25).mean(2)  # one cell per pixel
+    torch.testing.assert_close(whole, model.features(tokens, [1])[1])
+    for bad in (0, 6):
+        with pytest.raises(IgptError, match="--pool-grid must lie in 1..5"):
+            model.features(tokens, [1], grid=bad)
+
+
 def test_bf16_autocast_and_compile():
     model = random_model()
     tokens = torch.randint(0, 13, (2, 25))

@@ -178,6 +178,19 @@ def test_probe_command_protocols(run_dir, tmp_path, capsys):
     assert "2 labels per class" in text and "layers 1+2 concatenated" in text
 
 
+def test_probe_command_pools_over_a_grid(run_dir, tmp_path, capsys):
+    from igpt.cli import main
+
+    out = tmp_path / "grid.json"
+    assert main(["probe", "--ckpt", str(run_dir), "--out", str(out), "--max-train", "200", "--layers", "1",
+                 "--pool-grid", "2"]) == 0
+    report = json.loads(out.read_text())
+    assert report["pool_grid"] == 2 and report["best_layer"] == 1 and "random_init" in report["baselines"]
+    assert "pooled over a 2x2 grid" in capsys.readouterr().out
+    assert main(["probe", "--ckpt", str(run_dir), "--out", str(tmp_path / "bad.json"), "--pool-grid", "99"]) != 0
+    assert "--pool-grid must lie in 1.." in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -305,7 +305,7 @@ def _cmd_probe(args: argparse.Namespace) -> None:
         raise IgptError(f"--out {out} must name a .json file (probe.png is written beside it)")
     model, palette, info = load_run(args.ckpt, args.device)
     layers = parse_layers(args.layers, model.config.n_layer)  # a bad --layers fails before any data work
-    protocols = Protocols(args.labels_per_class, args.draws, args.concat_layers).check(model.config.n_layer)
+    protocols = Protocols(args.labels_per_class, args.draws, args.concat_layers, args.pool_grid).check(model.config)
     data = _run_data(args, info, model.config)
     tokensets = labelled_splits(data, palette)
     splits = {name: Split.of(s, args.max_train if name == "train" else None, args.seed) for name, s in tokensets.items()}
@@ -509,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--draws", type=_positive_int, default=5, help="seeded draws per K (default: %(default)s)")
     probe.add_argument("--concat-layers", default=(), metavar="L,L[,...]",
                        help="also probe these layers' features concatenated, such as 2,3,4")
+    probe.add_argument("--pool-grid", type=_positive_int, default=1, metavar="G",
+                       help="pool each layer over a GxG grid of image cells, G*G*n_embd features (default: 1, the "
+                       "paper's mean over all positions)")
     probe.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init probes")
     probe.add_argument("--device", default=None)
     probe.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")

@@ -360,6 +360,26 @@ class Block(nn.Module):
         return h + self.mlp(self.ln_2(h))
 
 
+def check_pool_grid(config: ImageGPTConfig, grid: int) -> None:
+    """A probe's pooling grid must be 1 (the paper's mean over positions) or fit the square image."""
+    if grid != 1 and not 1 <= grid <= config.side:
+        raise IgptError(f"--pool-grid must lie in 1..{config.side} for this {config.side}x{config.side} model, "
+                        f"got {grid}")
+
+
+def pool_positions(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, n, d) hidden states as float32 probe features: the mean over positions (grid 1), or the mean over
+    each cell of a grid x grid partition of the square image (adaptive pooling: cells differ by at most a
+    row or column when the side is not a multiple), flattened to (B, grid * grid * d). Input position i sits
+    at pixel i's place: under causal attention it has seen the pixels before it."""
+    if grid == 1:
+        return x.mean(1).float()
+    b, n, d = x.shape
+    side = math.isqrt(n)
+    image = x.transpose(1, 2).reshape(b, d, side, side)
+    return F.adaptive_avg_pool2d(image, grid).flatten(1).float()
+
+
 class ImageGPT(nn.Module):
     """`model(tokens)` -> logits (B, n, vocab); logits[:, i] predicts tokens[:, i] (the sos shift is inside)."""
 
@@ -472,26 +492,29 @@ class ImageGPT(nn.Module):
         """(generative logits, class logits from the mean-pooled final norm) from one pass."""
         return self(tokens, mask, classes=True)
 
-    def features(self, tokens: torch.Tensor, layers) -> dict[int, torch.Tensor]:
+    def features(self, tokens: torch.Tensor, layers, grid: int = 1) -> dict[int, torch.Tensor]:
         """The probe features of docs/reference.md §6.1 from one pass: f_l = mean over positions of norm(h_l).
 
         h_l is the residual stream after l blocks, normalised by block l+1's first norm
         (what its attention sees); for l = n_layer it is ln_f's output. l runs 0..n_layer.
+        With `grid` g > 1, the mean is taken over each cell of a g x g grid laid on the image
+        instead of over all of it: (B, g * g * n_embd) features (§6.1, "pooling grid").
         """
         wanted = sorted(set(int(l) for l in layers))
         if not wanted or wanted[0] < 0 or wanted[-1] > self.config.n_layer:
             raise IgptError(f"probe layers must lie in 0..{self.config.n_layer}, got {list(layers)}")
+        check_pool_grid(self.config, grid)
         out = {}
         h = self.embed(tokens)
         causal = self.config.objective == "ar"
         for i, block in enumerate(self.blocks):
             if i in wanted:
-                out[i] = block.ln_1(h).mean(1).float()
+                out[i] = pool_positions(block.ln_1(h), grid)
             if i >= wanted[-1]:
                 break
             h = block(h, causal)
         if self.config.n_layer in wanted:
-            out[self.config.n_layer] = self.ln_f(h).mean(1).float()
+            out[self.config.n_layer] = pool_positions(self.ln_f(h), grid)
         return {l: out[l] for l in wanted}
 
     # ---- files -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from igpt.errors import IgptError
-from igpt.model import ImageGPT
+from igpt.model import ImageGPT, ImageGPTConfig, check_pool_grid
 
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6)  # strongest first, each fit warm-starting the next
 # A few hundred labelled images: below 1e-4 the fit is as good as unregularised, and the slowest to converge.
@@ -61,24 +61,26 @@ def extract_features(
     *,
     batch_size: int | None = None,
     precision: str = "fp32",
+    grid: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[int, np.ndarray]:
-    """{layer: float32 (N, n_embd)} of the probe features (docs/reference.md §6.1) for every row of `tokens`, one pass per batch.
+    """{layer: float32 (N, grid * grid * n_embd)} of the probe features (docs/reference.md §6.1) for every row of
+    `tokens`, one pass per batch.
 
     BERT-objective models see their input unmasked, as the paper probes them. `batch_size`: images per
-    pass (default: `feature_batch_size`).
+    pass (default: `feature_batch_size`); `grid`: the pooling grid (1: the paper's mean over positions).
     """
     device = next(model.parameters()).device
     batch_size = feature_batch_size(model.config.n_ctx, device) if batch_size is None else batch_size
     was_training = model.training
     model.eval()
-    n, width = len(tokens), model.config.n_embd
+    n, width = len(tokens), grid * grid * model.config.n_embd
     out = {layer: np.empty((n, width), dtype=np.float32) for layer in layers}
     try:
         for start in range(0, n, batch_size):
             batch = torch.from_numpy(np.asarray(tokens[start : start + batch_size]).astype(np.int64)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                features = model.features(batch, layers)
+                features = model.features(batch, layers, grid)
             for layer, values in features.items():
                 out[layer][start : start + len(batch)] = values.float().cpu().numpy()
             if on_batch is not None:
@@ -267,27 +269,30 @@ class Split:
 @dataclass
 class Protocols:
     """Which probes run on each feature set: the full-label sweep always; the low-data probe with
-    `labels_per_class`, over `draws` seeded draws; one more probe on the concatenated `concat_layers`."""
+    `labels_per_class`, over `draws` seeded draws; one more probe on the concatenated `concat_layers`.
+    `pool_grid`: the network's features pool over each cell of this grid (1: the paper's mean over positions)."""
 
     labels_per_class: tuple[int, ...] = ()
     draws: int = 5
     concat_layers: tuple[int, ...] | str = ()
+    pool_grid: int = 1
 
-    def check(self, n_layer: int) -> "Protocols":
+    def check(self, config: ImageGPTConfig) -> "Protocols":
+        check_pool_grid(config, self.pool_grid)
         if any(k < 2 for k in self.labels_per_class):
             raise IgptError("--labels-per-class needs at least 2 images per class (its L2 is cross-validated)")
         if self.draws < 1:
             raise IgptError(f"--draws must be positive, got {self.draws}")
         if self.concat_layers:
-            layers = parse_layers(self.concat_layers, n_layer, "--concat-layers")
+            layers = parse_layers(self.concat_layers, config.n_layer, "--concat-layers")
             if len(layers) < 2:
                 raise IgptError(f"--concat-layers needs at least two layers, got {self.concat_layers!r}")
             self.concat_layers = tuple(layers)
         return self
 
 
-def _features(model, splits: dict[str, Split], layers, batch_size, precision, progress, desc: str):
-    """{split: {layer: (N, d)}} for every layer in `layers`, one forward pass per batch."""
+def _features(model, splits: dict[str, Split], layers, batch_size, precision, grid, progress, desc: str):
+    """{split: {layer: (N, grid * grid * d)}} for every layer in `layers`, one forward pass per batch."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -295,7 +300,7 @@ def _features(model, splits: dict[str, Split], layers, batch_size, precision, pr
         bar = tqdm(total=sum(len(s.labels) for s in splits.values()), desc=desc, unit="img", dynamic_ncols=True,
                    leave=False)
     try:
-        return {name: extract_features(model, split.tokens, layers, batch_size=batch_size, precision=precision,
+        return {name: extract_features(model, split.tokens, layers, batch_size=batch_size, precision=precision, grid=grid,
                                        on_batch=bar.update if bar is not None else None)
                 for name, split in splits.items()}
     finally:
@@ -356,16 +361,20 @@ def linear_probe(
     if missing:
         raise IgptError(f"the probe needs train, val and test splits; missing {', '.join(sorted(missing))}")
     layers = parse_layers(layers, model.config.n_layer)
-    protocols = (protocols or Protocols()).check(model.config.n_layer)
+    protocols = (protocols or Protocols()).check(model.config)
     labels = splits["train"].labels
     draws = {k: few_label_draws(labels, k, n_classes, protocols.draws, seed) for k in protocols.labels_per_class}
+    grid = protocols.pool_grid
     log(f"probing {len(layers)} layers on {len(labels):,} training images"
+        + (f", features pooled over a {grid}x{grid} grid" if grid > 1 else "")
         + (f"; {', '.join(map(str, draws))} labels per class, {protocols.draws} draws each" if draws else ""))
     concat = list(protocols.concat_layers)
-    features = _features(model, splits, sorted(set(layers) | set(concat)), batch_size, precision, progress, "features")
+    features = _features(model, splits, sorted(set(layers) | set(concat)), batch_size, precision, grid, progress,
+                         "features")
     rows, few = _probe_sets(_by_layer(features, layers), splits, n_classes, draws, log, lambda k: f"layer {k:3d}")
     best = _best(rows)
     report = {"layers": rows, "best_layer": best["layer"], "best_test_acc": best["test_acc"], "n_classes": n_classes,
+              "pool_grid": grid,
               "n_train": len(labels), "n_val": len(splits["val"].labels), "n_test": len(splits["test"].labels)}
     if concat:
         joined = {split: np.concatenate([f[layer] for layer in concat], 1) for split, f in features.items()}
@@ -381,7 +390,7 @@ def linear_probe(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             random_model = ImageGPT(model.config).to(next(model.parameters()).device)
-        random_features = _features(random_model, splits, layers, batch_size, precision, progress,
+        random_features = _features(random_model, splits, layers, batch_size, precision, grid, progress,
                                     "random-init features")
         random_rows, random_few = _probe_sets(_by_layer(random_features, layers), splits, n_classes, draws, log,
                                               lambda k: f"random-init layer {k:3d}")
@@ -430,8 +439,10 @@ def summary(report: dict) -> str:
     """A few lines for the terminal."""
     best = next(row for row in report["layers"] if row["layer"] == report["best_layer"])
     last = report["layers"][-1]
+    grid = report.get("pool_grid", 1)
     lines = [f"best layer {best['layer']}: test accuracy {100 * best['test_acc']:.1f}% "
-             f"(val {100 * best['val_acc']:.1f}%); layer {last['layer']}: {100 * last['test_acc']:.1f}%"]
+             f"(val {100 * best['val_acc']:.1f}%); layer {last['layer']}: {100 * last['test_acc']:.1f}%"
+             + (f" (features pooled over a {grid}x{grid} grid)" if grid > 1 else "")]
     if "baselines" in report:
         b = report["baselines"]
         lines.append(f"baselines: raw pixels {100 * b['raw_pixels']:.1f}%, random-init model "
