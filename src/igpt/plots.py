@@ -90,9 +90,9 @@ def probe_accuracy(report: dict, path: str | Path) -> Path:
         ax.axhline(100 * baselines["chance"], linestyle=":", color="black", linewidth=1, label="chance")
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("accuracy (%)")
-    grid = report.get("pool_grid", 1)
-    ax.set_title(f"all {report['n_train']:,} training labels" + (f", features pooled over a {grid}x{grid} grid"
-                                                                 if grid > 1 else ""), fontsize=9)
+    from igpt.probe import pooling_text
+
+    ax.set_title(f"all {report['n_train']:,} training labels" + pooling_text(report.get("pool_grid", 1)), fontsize=9)
     ax.set_xticks(layers if len(layers) <= 25 else layers[:: math.ceil(len(layers) / 25)])
     ax.legend(loc="lower right", fontsize=7)
     if few:

@@ -291,6 +291,11 @@ class Protocols:
         return self
 
 
+def pooling_text(grid: int) -> str:
+    """How a report names a pooling grid other than the paper's: "" for 1, else ", features pooled over a GxG grid"."""
+    return f", features pooled over a {grid}x{grid} grid" if grid > 1 else ""
+
+
 def _features(model, splits: dict[str, Split], layers, batch_size, precision, grid, progress, desc: str):
     """{split: {layer: (N, grid * grid * d)}} for every layer in `layers`, one forward pass per batch."""
     bar = None
@@ -366,7 +371,7 @@ def linear_probe(
     draws = {k: few_label_draws(labels, k, n_classes, protocols.draws, seed) for k in protocols.labels_per_class}
     grid = protocols.pool_grid
     log(f"probing {len(layers)} layers on {len(labels):,} training images"
-        + (f", features pooled over a {grid}x{grid} grid" if grid > 1 else "")
+        + pooling_text(grid)
         + (f"; {', '.join(map(str, draws))} labels per class, {protocols.draws} draws each" if draws else ""))
     concat = list(protocols.concat_layers)
     features = _features(model, splits, sorted(set(layers) | set(concat)), batch_size, precision, grid, progress,
@@ -439,10 +444,9 @@ def summary(report: dict) -> str:
     """A few lines for the terminal."""
     best = next(row for row in report["layers"] if row["layer"] == report["best_layer"])
     last = report["layers"][-1]
-    grid = report.get("pool_grid", 1)
     lines = [f"best layer {best['layer']}: test accuracy {100 * best['test_acc']:.1f}% "
              f"(val {100 * best['val_acc']:.1f}%); layer {last['layer']}: {100 * last['test_acc']:.1f}%"
-             + (f" (features pooled over a {grid}x{grid} grid)" if grid > 1 else "")]
+             + pooling_text(report.get("pool_grid", 1))]
     if "baselines" in report:
         b = report["baselines"]
         lines.append(f"baselines: raw pixels {100 * b['raw_pixels']:.1f}%, random-init model "
