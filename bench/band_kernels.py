@@ -16,7 +16,8 @@ takes as long for a causal block as for a full one at these sizes (the last line
 Prints, for the training direction (forward + backward), milliseconds, the ratio against dense
 causal SDPA (the paper's layer, the reference), and the rate of the useful work (the window's
 keys only: 12 x keys x head_dim FLOPs per query and head) against the fp32 matmul peak measured
-in the same run. The `tiny` preset's shapes by default (4 heads of 32) at 64x64, batch 1.
+in the same run. The `tiny` preset's shapes by default (4 heads of 32) at 64x64, batch 1; q, k and v come as the
+model makes them, (B, heads, t, head_dim) views of (B, t, heads, head_dim) tensors.
 Run it when nothing else does: two cores shared with another process make every figure noise.
 """
 
@@ -74,6 +75,11 @@ class TwoTriangles(torch.autograd.Function):
         return dq.reshape(ctx.shape), dk.reshape(ctx.shape), dv.reshape(ctx.shape), None
 
 
+def heads(attention):
+    """attention over (B, heads, t, head_dim) views of (B, t, heads, head_dim) tensors, as the model calls it."""
+    return lambda q, k, v: attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=64)
@@ -91,20 +97,20 @@ def main() -> None:
     print(f"{machine()}, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; {side}x{side}, "
           f"window {args.window_rows} rows ({window} keys), batch {args.batch}, {args.heads} heads of {args.head_dim}; "
           f"forward + backward of one layer's attention, best of {args.repeat}")
-    shape = (args.batch, args.heads, t, args.head_dim)
+    shape = (args.batch, t, args.heads, args.head_dim)  # the model's layout: (B, heads, t, head_dim) views of it
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape)
     contenders = {  # name: (attention, keys computed per query)
-        "dense causal SDPA (reference)": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "dense causal SDPA (reference)": (heads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
                                           (t + 1) / 2),
-        "blocked band (igpt)": (lambda q, k, v: band_attention(q, k, v, window, side), window + side),
-        "exact two triangles": (lambda q, k, v: TwoTriangles.apply(q, k, v, window), window),
+        "blocked band (igpt)": (heads(lambda q, k, v: band_attention(q, k, v, window, side)), window + side),
+        "exact two triangles": (heads(lambda q, k, v: TwoTriangles.apply(q, k, v, window)), window),
     }
     gradients = []
-    for fn in (lambda: TwoTriangles.apply(q, k, v, window), lambda: band_attention(q, k, v, window, side)):
+    for fn in (contenders["exact two triangles"][0], contenders["blocked band (igpt)"][0]):
         for x in (q, k, v):
             x.grad = None
-        out = fn()
+        out = fn(q, k, v)
         out.backward(grad)
         gradients.append([out.detach(), q.grad, k.grad, v.grad])
     diff = max((a - b).abs().max().item() for a, b in zip(*gradients))

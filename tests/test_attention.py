@@ -251,6 +251,32 @@ def test_training_flops_fall_as_the_patterns_promise():
     assert counted["column"] / counted["dense"] == side / n  # O(n x side)
 
 
+@pytest.mark.parametrize("t, window, block, layout", [(49, 14, 7, "model"), (50, 14, 7, "contiguous"),
+                                                      (17, 35, 5, "model"), (64, 8, 8, "contiguous")])
+def test_band_and_column_attention_equal_masked_dense_attention_forward_and_backward(t, window, block, layout):
+    """Outputs and the gradients of q, k and v against one dense SDPA call with the pattern's full
+    mask, for whole and ragged last rows and a window wider than the sequence; q, k and v as
+    the model makes them (views of one (B, t, 3 x width) product) or contiguous."""
+    b, h, hd = 2, 3, 4
+    qkv = torch.randn(b, t, 3 * h * hd, dtype=torch.float64)
+    grad = torch.randn(b, h, t, hd, dtype=torch.float64)
+    i, j = torch.arange(t)[:, None], torch.arange(t)
+    masks = {"band": (j <= i) & (j > i - window), "column": (j <= i) & ((i - j) % block == 0)}
+    for name, attend in (("band", lambda q, k, v: band_attention(q, k, v, window, block)),
+                         ("column", lambda q, k, v: column_attention(q, k, v, block))):
+        results = []
+        for fn in (attend, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=masks[name])):
+            x = qkv.clone().requires_grad_()
+            q, k, v = (y.view(b, t, h, hd).transpose(1, 2) for y in x.split(h * hd, dim=-1))
+            if layout == "contiguous":
+                q, k, v = (y.contiguous() for y in (q, k, v))
+            out = fn(q, k, v)
+            out.backward(grad)
+            results.append((out.detach(), x.grad))
+        for ours, dense in zip(*results):
+            torch.testing.assert_close(ours, dense, atol=1e-12, rtol=0, msg=name)
+
+
 def test_the_patterns_run_on_the_fused_kernel():
     """No path back to the math kernel, which would hold every block's scores in memory
     (a 3-D mask once sent band attention there)."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import random_model
 from igpt import IgptError
-from igpt.model import PRESETS, ImageGPT, ImageGPTConfig, num_params, quick_gelu
+from igpt.model import PRESETS, ImageGPT, ImageGPTConfig, RMSNorm, RMSNormFunction, num_params, quick_gelu
 
 PAPER_PARAMS = {"igpt-s": 76e6, "igpt-m": 455e6, "igpt-l": 1362e6, "igpt-xl": 6801e6}
 
@@ -69,6 +69,25 @@ def test_quick_gelu_gradient_matches_the_formula():
     y = torch.randn(3, 40, requires_grad=True)
     formula = torch.autograd.grad((y * torch.sigmoid(1.702 * y)).sum(), y)[0]
     torch.testing.assert_close(torch.autograd.grad(quick_gelu(y).sum(), y)[0], formula)
+
+
+def test_rms_norm_gradient_matches_pytorchs_and_its_forward_is_the_same_bits():
+    norm = RMSNorm(9, eps=1e-5).double()
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+    assert type(norm(x).grad_fn).__name__ == "RMSNormFunctionBackward"  # its own backward runs
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, norm.weight))
+    reference = torch.nn.RMSNorm(9, eps=1e-5).float()
+    y = torch.randn(4, 40, 9, requires_grad=True)
+    with torch.no_grad():
+        reference.weight.copy_(norm.weight)
+    ours = RMSNorm(9, eps=1e-5)
+    ours.load_state_dict(reference.state_dict())
+    assert torch.equal(ours(y), reference(y))
+    g = torch.randn(4, 40, 9)
+    grads = [torch.autograd.grad(module(y), (y, module.weight), g) for module in (ours, reference)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_ar_logits_at_i_depend_only_on_pixels_before_i():
