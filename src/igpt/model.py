@@ -263,8 +263,8 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
 
     The sequence is cut into blocks of `block` positions (one image row) and each query block
     attends to its own block and the window // block blocks before it, so work and memory grow
-    as t x window, not t^2. One small additive mask (blocks, 1, block, keys per block) marks the
-    exact band and the zero padding before the first block. The blocks are views of the
+    as t x window, not t^2. One small additive mask (B x blocks, 1, block, keys per block) marks
+    the exact band and the zero padding before the first block. The blocks are views of the
     attention's own (B, t, heads, head_dim) layout, so queries and outputs are not copied.
     """
     b, h, t, hd = q.shape
