@@ -222,19 +222,25 @@ def training_flops(model: ImageGPT, tokens: torch.Tensor) -> int:
 
 
 def test_training_flops_fall_as_the_patterns_promise():
-    """At 16x16 every attention matrix product runs over exactly the keys the blocks hold: per
-    query, n for dense (the full square), 3 x side for local with two rows (the query's row
-    block and two before it), 2 x side and side for strided's row and column layers.
-    Each of a layer's six products (two forward, four backward) costs 2 x tokens x keys x width."""
+    """At 16x16 every attention matrix product runs over exactly the keys the blocks hold. Keys
+    computed over the whole sequence: dense the full square, n^2; a band of w positions the w^2
+    square of its first w positions (plain causal attention) and then, per query, its row
+    block and the w // side blocks before it, (n - w) x (w + side); a column side x rows^2 =
+    n x side. Each of a layer's six products (two forward, four backward) costs 2 x keys x width,
+    summed over queries."""
     side, width, batch, layers = 16, 32, 2, 2
     n = side * side
     config = dict(vocab_size=VOCAB, n_ctx=n, n_embd=width, n_layer=layers, n_head=2)
     tokens = torch.randint(0, VOCAB, (batch, n))
     flops = {attention: training_flops(ImageGPT(ImageGPTConfig(**config, attention=attention)), tokens)
              for attention in ("dense", "local", "strided")}
-    keys = {"dense": [n, n], "local": [3 * side, 3 * side], "strided": [2 * side, side]}
+
+    def band(w: int) -> int:
+        return w * w + (n - w) * (w + side)
+
+    keys = {"dense": [n * n, n * n], "local": [band(2 * side), band(2 * side)], "strided": [band(side), n * side]}
     for attention in ("local", "strided"):
-        saved = sum(12 * batch * n * (dense - ours) * width for dense, ours in zip(keys["dense"], keys[attention]))
+        saved = sum(12 * batch * (dense - ours) * width for dense, ours in zip(keys["dense"], keys[attention]))
         assert flops["dense"] - flops[attention] == saved, attention
 
     q, k, v = (torch.randn(batch, 2, n, 16, requires_grad=True) for _ in range(3))
@@ -246,17 +252,20 @@ def test_training_flops_fall_as_the_patterns_promise():
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             attend().sum().backward()
         counted[name] = counter.get_total_flops()
-    assert counted["local"] / counted["dense"] == 3 * side / n  # 0.1875 at 16x16: O(n x window)
-    assert counted["row"] / counted["dense"] == 2 * side / n
+    assert counted["local"] / counted["dense"] == band(2 * side) / n**2  # 0.1797 at 16x16: O(n x window)
+    assert counted["row"] / counted["dense"] == band(side) / n**2
     assert counted["column"] / counted["dense"] == side / n  # O(n x side)
 
 
-@pytest.mark.parametrize("t, window, block, layout", [(49, 14, 7, "model"), (50, 14, 7, "contiguous"),
-                                                      (17, 35, 5, "model"), (64, 8, 8, "contiguous")])
+@pytest.mark.parametrize("t, window, block, layout", [(49, 14, 7, "model"), (50, 14, 7, "contiguous"), (23, 10, 5, "model"),
+                                                      (12, 14, 7, "model"), (17, 35, 5, "model"), (64, 8, 8, "contiguous")])
 def test_band_and_column_attention_equal_masked_dense_attention_forward_and_backward(t, window, block, layout):
     """Outputs and the gradients of q, k and v against one dense SDPA call with the pattern's full
     mask, for whole and ragged last rows and a window wider than the sequence; q, k and v as
-    the model makes them (views of one (B, t, 3 x width) product) or contiguous."""
+    the model makes them (views of one (B, t, 3 x width) product) or contiguous. A band attention
+    first called under inference mode still trains."""
+    with torch.inference_mode():
+        band_attention(*(torch.randn(2, 3, t, 4) for _ in range(3)), window, block)
     b, h, hd = 2, 3, 4
     qkv = torch.randn(b, t, 3 * h * hd, dtype=torch.float64)
     grad = torch.randn(b, h, t, hd, dtype=torch.float64)
