@@ -208,7 +208,7 @@ def settle() -> None:
     next process's step starts beside them; a short step loses the most. A pause outside the
     timing gives each configuration the machine to itself, as in a training run (two A/B rounds
     at 64x64 in one day: local R=2 against dense 2.83x and 2.74x without it, 2.99x and 2.86x with)."""
-    time.sleep(float(os.environ.get("SETTLE", "0.2")))
+    time.sleep(0.2)
 
 
 def train_side(side: int, batch: int, pats: list[Pattern], dims: dict, device: str, repeat: int,
@@ -223,11 +223,7 @@ def train_side(side: int, batch: int, pats: list[Pattern], dims: dict, device: s
             worker.answer()  # ready
         for worker in workers.values():
             worker.ask("warm")
-        best = {name: float("inf") for name in workers}
-        for _ in range(repeat):  # in turns, each after a pause (see settle)
-            for name, worker in workers.items():
-                settle()
-                best[name] = min(best[name], worker.step())
+        best = best_of({name: worker.step for name, worker in workers.items()}, repeat, pause=settle, own_time=True)
         peaks = {name: worker.finish() for name, worker in workers.items()}
     finally:
         for worker in workers.values():

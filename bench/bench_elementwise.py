@@ -21,11 +21,10 @@ run for a working set of that size. "of floor" is the floor's time over the meas
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from common import machine, read_bandwidth, synchronize
+from common import best_of, machine, read_bandwidth, synchronize
 from igpt.model import QUICK_GELU, RMSNorm, quick_gelu
 
 
@@ -35,16 +34,17 @@ def formula(x: torch.Tensor) -> torch.Tensor:
 
 def best_times(contenders: dict, x: torch.Tensor, grad: torch.Tensor, repeat: int) -> dict[str, float]:
     """Seconds per forward + backward of each contender on x, the best of `repeat` in turns."""
-    best = {}
-    for _ in range(repeat + 1):
-        for name, layer in contenders.items():
-            x.grad = None
-            synchronize(x.device.type)
-            start = time.perf_counter()
-            layer(x).backward(grad)
-            synchronize(x.device.type)
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
-    return best
+    device = x.device.type
+
+    def reset() -> None:
+        x.grad = None
+        synchronize(device)
+
+    def run(layer) -> None:
+        layer(x).backward(grad)
+        synchronize(device)
+
+    return best_of({name: lambda layer=layer: run(layer) for name, layer in contenders.items()}, repeat + 1, pause=reset)
 
 
 def report(title: str, best: dict[str, float], x: torch.Tensor) -> None:

@@ -57,18 +57,23 @@ def seconds_per_call(fn, warmup: int = 2, min_time: float = 3.0, min_calls: int 
     return (time.perf_counter() - start) / calls
 
 
-def best_of(contenders: dict, repeat: int = 3) -> dict[str, float]:
+def best_of(contenders: dict, repeat: int = 3, pause=None, own_time: bool = False) -> dict[str, float]:
     """Seconds per call of each contender: the fastest of `repeat` runs, taken in turns.
 
     Shared VMs drift by tens of percent over a minute; taking turns exposes every contender
-    to the same drift and the minimum discards the slow spells.
+    to the same drift and the minimum discards the slow spells. `pause`, when given, runs before
+    each call, outside the timing (a reset, a synchronisation, a rest for the machine). With
+    `own_time`, each call returns its own seconds (a step timed in another process), which count
+    instead of the wall time around it.
     """
     best = {name: float("inf") for name in contenders}
     for _ in range(repeat):
         for name, fn in contenders.items():
+            if pause is not None:
+                pause()
             start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            seconds = fn()
+            best[name] = min(best[name], seconds if own_time else time.perf_counter() - start)
     return best
 
 

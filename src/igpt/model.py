@@ -293,8 +293,8 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         return (F.pad(x, (0, 0, 0, 0, 0, tail)) if tail else x).reshape(b, -1, block, h, hd)
 
     def windows(x: torch.Tensor) -> torch.Tensor:  # every later block's window: (B x blocks, heads, keys, head_dim)
-        keys = band_windows(rows(x, 0), before) if torch.compiler.is_compiling() else BandWindows.apply(rows(x, 0), before)
-        return keys.reshape(b * blocks, (before + 1) * block, h, hd).transpose(1, 2)
+        gather = band_windows if torch.compiler.is_compiling() else BandWindows.apply
+        return gather(rows(x, 0), before).reshape(b * blocks, (before + 1) * block, h, hd).transpose(1, 2)
 
     query = torch.arange(block, device=q.device)[:, None]
     key = torch.arange((before + 1) * block, device=q.device)  # the own block's first key is key `window`
