@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
 from conftest import PAPER, TINY_RUN, random_model
 from igpt import IgptError
@@ -212,6 +212,19 @@ def test_bert_trains_with_dense_attention_and_either_positions(positions):
         assert (model(tokens)[:, 0] - model(other)[:, 0]).abs().max() > 1e-4  # bidirectional
     model.loss(tokens, generator=torch.Generator().manual_seed(0)).backward()
     assert all(p.grad is not None for name, p in model.named_parameters() if name != "sos")  # bert has no sos
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """PyTorch counts its CUDA flash kernel but not the CPU one, which igpt's BandAttention calls
+    directly: counted here as the math kernel's products over every (query, key) pair, two forward."""
+    return sdpa_flop_count(query, key, value)
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def cpu_flash_backward_flops(grad, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Four backward products, as the math kernel's (flash also recomputes the scores, in every pattern alike)."""
+    return 2 * sdpa_flop_count(query, key, value)
 
 
 def training_flops(model: ImageGPT, tokens: torch.Tensor) -> int:

@@ -276,62 +276,104 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     of `block` queries, each attending to its own block and the window // block blocks before
     it under one small mask (block, keys per block) that every block shares, so work and memory
     grow as t x window, not t^2. The blocks are views of the attention's own (B, t, heads,
-    head_dim) layout where t fills them, so queries and outputs are not copied.
+    head_dim) layout where t fills them, so queries and outputs are not copied. On a CPU, whole
+    rows go through BandAttention, which calls the same flash kernel with a backward of its own.
     """
     b, h, t, hd = q.shape
     if flex_band_applies(q):
         return _flex_attention()(q, k, v, block_mask=_band_block_mask(t, window, str(q.device)))
     head = min(t, window)
-    y = F.scaled_dot_product_attention(q[:, :, :head], k[:, :, :head], v[:, :, :head], is_causal=True)
     if head == t:
-        return y
-    before, blocks = window // block, -(-(t - head) // block)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if q.device.type == "cpu" and (t - head) % block == 0 and not torch.compiler.is_compiling():
+        return BandAttention.apply(q, k, v, window, block)
+    y = F.scaled_dot_product_attention(q[:, :, :head], k[:, :, :head], v[:, :, :head], is_causal=True)
+    blocks = -(-(t - head) // block)
     tail = blocks * block - (t - head)
 
     def rows(x: torch.Tensor, start: int) -> torch.Tensor:  # (B, rows, block, heads, head_dim) from position start
         x = x.transpose(1, 2)[:, start:]
         return (F.pad(x, (0, 0, 0, 0, 0, tail)) if tail else x).reshape(b, -1, block, h, hd)
 
-    def windows(x: torch.Tensor) -> torch.Tensor:  # every later block's window: (B x blocks, heads, keys, head_dim)
-        gather = band_windows if torch.compiler.is_compiling() else BandWindows.apply
-        return gather(rows(x, 0), before).reshape(b * blocks, (before + 1) * block, h, hd).transpose(1, 2)
-
-    query = torch.arange(block, device=q.device)[:, None]
-    key = torch.arange((before + 1) * block, device=q.device)  # the own block's first key is key `window`
-    mask = (key > query) & (key <= query + window)
     queries = rows(q, head).reshape(b * blocks, block, h, hd).transpose(1, 2)
-    rest = F.scaled_dot_product_attention(queries, windows(k), windows(v), attn_mask=mask[None, None])
+    keys, values = (band_windows(rows(x, 0), window, block) for x in (k, v))
+    rest = F.scaled_dot_product_attention(queries, keys, values, attn_mask=band_mask(window, block, q.device))
     rest = rest.transpose(1, 2).reshape(b, blocks * block, h, hd)[:, : t - head]
     return torch.cat([y.transpose(1, 2), rest], dim=1).transpose(1, 2)
 
 
-def band_windows(x: torch.Tensor, before: int) -> torch.Tensor:
-    """(B, before + blocks, block, ...) rows -> (B, blocks, before + 1, block, ...): block m's window is rows m..m + before."""
-    return torch.stack([x[:, i : x.shape[1] - before + i] for i in range(before + 1)], dim=2)
+def band_windows(rows: torch.Tensor, window: int, block: int) -> torch.Tensor:
+    """(B, rows, block, heads, head_dim) -> every block's keys past the first window: (B x blocks, heads, keys, head_dim).
+
+    Block m's keys are the rows m..m + window // block, as one stacked copy.
+    """
+    b, n, _, h, hd = rows.shape
+    before = window // block
+    stacked = torch.stack([rows[:, i : n - before + i] for i in range(before + 1)], dim=2)
+    return stacked.reshape(b * (n - before), (before + 1) * block, h, hd).transpose(1, 2)
 
 
-class BandWindows(torch.autograd.Function):
-    """band_windows with a backward that sums the window gradients straight into one tensor.
+def band_mask(window: int, block: int, device: torch.device) -> torch.Tensor:
+    """Which of its window + block keys each of a block's queries sees, as (1, 1, block, keys); the own block's first key is `window`."""
+    query = torch.arange(block, device=device)[:, None]
+    key = torch.arange(window + block, device=device)
+    return ((key > query) & (key <= query + window))[None, None]
 
-    Autograd through the windows' slices zero-fills a full copy of the rows per slice, which
-    measured about a tenth of an eager band layer's time on a CPU (README, Speed).
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class BandAttention(torch.autograd.Function):
+    """band_attention over whole rows on a CPU: PyTorch's flash kernel called directly, with a backward of its own.
+
+    Under autograd the general path pays for its views: every slice of q, k and v zero-fills a
+    full-size gradient, which is then added up, and the window copies fold back through one more
+    full tensor. This backward runs the flash kernel's own backward for the causal head and the
+    row blocks and writes each of q, k and v's gradients once (measured: README, Speed).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, before: int) -> torch.Tensor:
-        ctx.before = before
-        return band_windows(x, before)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int) -> torch.Tensor:
+        b, h, t, hd = q.shape
+        head = q[:, :, :window]
+        mask = q.new_zeros(1, 1, block, window + block).masked_fill_(~band_mask(window, block, q.device), -math.inf)
+        queries = q.transpose(1, 2)[:, window:].reshape(-1, block, h, hd).transpose(1, 2)
+        keys, values = (band_windows(x.transpose(1, 2).reshape(b, -1, block, h, hd), window, block) for x in (k, v))
+        first, first_lse = _FLASH(head, k[:, :, :window], v[:, :, :window], 0.0, True)
+        rest, rest_lse = _FLASH(queries, keys, values, 0.0, False, attn_mask=mask)
+        ctx.save_for_backward(q, k, v, queries, keys, values, mask, first, first_lse, rest, rest_lse)
+        ctx.window, ctx.block = window, block
+        return torch.cat([first.transpose(1, 2), rest.transpose(1, 2).reshape(b, t - window, h, hd)], 1).transpose(1, 2)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        before, blocks = ctx.before, grad.shape[1]
-        dx = grad.new_empty(grad.shape[0], before + blocks, *grad.shape[3:])
-        dx[:, :before] = 0
-        dx[:, before:] = grad[:, :, before]
-        for i in range(before):
-            dx[:, i : i + blocks] += grad[:, :, i]
-        return dx, None
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, queries, keys, values, mask, first, first_lse, rest, rest_lse = ctx.saved_tensors
+        window, block = ctx.window, ctx.block
+        b, h, t, hd = q.shape
+        before, blocks = window // block, (t - window) // block
+        grad_rest = grad.transpose(1, 2)[:, window:].reshape(-1, block, h, hd).transpose(1, 2)
+        dq_first, dk_first, dv_first = _FLASH_BACKWARD(grad[:, :, :window], q[:, :, :window], k[:, :, :window],
+                                                       v[:, :, :window], first, first_lse, 0.0, True)
+        dq_rest, dk_rest, dv_rest = _FLASH_BACKWARD(grad_rest, queries, keys, values, rest, rest_lse, 0.0, False,
+                                                    attn_mask=mask)
+        dq = torch.cat([dq_first.transpose(1, 2), dq_rest.transpose(1, 2).reshape(b, t - window, h, hd)], 1)
+
+        def fold(windows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+            """Every window's key gradients summed onto their rows, (B, t, heads, head_dim), plus the head's."""
+            windows = windows.transpose(1, 2).reshape(b, blocks, before + 1, block, h, hd)
+            dx = windows.new_empty(b, before + blocks, block, h, hd)
+            dx[:, :before] = 0
+            dx[:, before:] = windows[:, :, before]
+            for i in range(before):
+                dx[:, i : i + blocks] += windows[:, :, i]
+            dx = dx.view(b, t, h, hd)
+            dx[:, :window] += first.transpose(1, 2)
+            return dx
+
+        return (dq.transpose(1, 2), fold(dk_rest, dk_first).transpose(1, 2), fold(dv_rest, dv_first).transpose(1, 2),
+                None, None)
 
 
 def flex_band_applies(q: torch.Tensor) -> bool:
