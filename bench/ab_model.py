@@ -2,6 +2,7 @@
 
     git show HEAD~1:src/igpt/model.py > /tmp/model_before.py
     python bench/ab_model.py /tmp/model_before.py [--attention local] [--side 64] [--batch 1] [--rounds 16] [--compile]
+    python bench/ab_model.py /tmp/model_before.py --layer [--rounds 40]    # one band layer's attention alone
 
 For changes inside the model (a kernel, a layout, a backward): both versions build the same
 configuration (`tiny`, 2-D positions, window_rows 2, the same seed and weights) and step with
@@ -9,6 +10,8 @@ igpt.train.train_step on the same batch, alternating which goes first each round
 drift and the previous step's cache state fall on both alike. Separate processes (as
 bench_attention.py runs them) add their own noise between runs of the same code; this one
 isolates the model file. Prints each version's best and median step and the ratio of the medians.
+`--layer` times one band layer's attention instead (forward and backward of `band_attention`
+with `tiny`'s heads, q, k and v as the model makes them: views of one q/k/v product).
 The other file must import only what this checkout's igpt provides.
 """
 
@@ -44,10 +47,34 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--layer", action="store_true", help="one band layer's attention, not whole steps")
     args = parser.parse_args()
+    if args.layer and args.compile:
+        parser.error("--layer times the eager attention only")
+    other = load(args.other)
+    step = band_layers(other, args) if args.layer else training_steps(other, args)
+    times = {name: [] for name in step}
+    for i in range(args.rounds):
+        for name in (list(step) if i % 2 == 0 else list(reversed(step))):
+            start = time.perf_counter()
+            step[name]()
+            times[name].append(time.perf_counter() - start)
+    what = "one band layer (window_rows 2)" if args.layer else args.attention
+    print(f"{machine()}; {what} at {args.side}x{args.side}, batch {args.batch}, "
+          f"{'compiled' if args.compile else 'eager'}, {args.rounds} rounds")
+    median = {}
+    for name, seconds in times.items():
+        seconds.sort()
+        median[name] = seconds[len(seconds) // 2]
+        print(f"  {name:6s} best {seconds[0] * 1e3:7.2f} ms  median {median[name] * 1e3:7.2f} ms")
+    print(f"  this version runs {median['other'] / median['this']:.3f}x the other's speed (medians)")
+
+
+def training_steps(other, args) -> dict:
+    """Each version's whole training step on one batch, warmed up."""
     world = World(device=torch.device("cpu"))
     steppers = {}
-    for name, module in (("other", load(args.other)), ("this", this_model)):
+    for name, module in (("other", other), ("this", this_model)):
         torch.manual_seed(0)
         config = module.ImageGPTConfig.from_preset("tiny", vocab_size=512, n_ctx=args.side**2, positions="2d",
                                                    attention=args.attention, window_rows=2)
@@ -58,21 +85,31 @@ def main() -> None:
     for model, optimizer in steppers.values():
         for _ in range(3):  # AdamW's state, compilation, the allocator's first sizes
             train_step(model, optimizer, batch, world=world)
-    times = {name: [] for name in steppers}
-    for i in range(args.rounds):
-        for name in (list(steppers) if i % 2 == 0 else list(reversed(steppers))):
-            model, optimizer = steppers[name]
-            start = time.perf_counter()
-            train_step(model, optimizer, batch, world=world)
-            times[name].append(time.perf_counter() - start)
-    print(f"{machine()}; {args.attention} at {args.side}x{args.side}, batch {args.batch}, "
-          f"{'compiled' if args.compile else 'eager'}, {args.rounds} rounds")
-    median = {}
-    for name, seconds in times.items():
-        seconds.sort()
-        median[name] = seconds[len(seconds) // 2]
-        print(f"  {name:6s} best {seconds[0] * 1e3:7.1f} ms  median {median[name] * 1e3:7.1f} ms")
-    print(f"  this version runs {median['other'] / median['this']:.3f}x the other's speed (medians)")
+
+    def stepper(model, optimizer):
+        return lambda: train_step(model, optimizer, batch, world=world)
+
+    return {name: stepper(*pair) for name, pair in steppers.items()}
+
+
+def band_layers(other, args) -> dict:
+    """Each version's band_attention, forward and backward, on the same q/k/v product, warmed up."""
+    heads, head_dim, t = 4, 32, args.side**2
+    torch.manual_seed(0)
+    qkv = torch.randn(args.batch, t, 3 * heads * head_dim, requires_grad=True)
+    grad = torch.randn(args.batch, heads, t, head_dim)
+
+    def stepper(module):
+        def step() -> None:
+            qkv.grad = None
+            q, k, v = (x.view(args.batch, t, heads, head_dim).transpose(1, 2) for x in qkv.split(heads * head_dim, -1))
+            module.band_attention(q, k, v, 2 * args.side, args.side).backward(grad)
+
+        step()
+        step()
+        return step
+
+    return {"other": stepper(other), "this": stepper(this_model)}
 
 
 if __name__ == "__main__":
