@@ -279,38 +279,48 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     head_dim) layout where t fills them, so queries and outputs are not copied. On a CPU, whole
     rows go through BandAttention, which calls the same flash kernel with a backward of its own.
     """
-    b, h, t, hd = q.shape
+    t = q.shape[2]
     if flex_band_applies(q):
         return _flex_attention()(q, k, v, block_mask=_band_block_mask(t, window, str(q.device)))
-    head = min(t, window)
-    if head == t:
+    if t <= window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q.device.type == "cpu" and (t - head) % block == 0 and not torch.compiler.is_compiling():
+    if q.device.type == "cpu" and (t - window) % block == 0 and not torch.compiler.is_compiling():
         return BandAttention.apply(q, k, v, window, block)
-    y = F.scaled_dot_product_attention(q[:, :, :head], k[:, :, :head], v[:, :, :head], is_causal=True)
-    blocks = -(-(t - head) // block)
-    tail = blocks * block - (t - head)
-
-    def rows(x: torch.Tensor, start: int) -> torch.Tensor:  # (B, rows, block, heads, head_dim) from position start
-        x = x.transpose(1, 2)[:, start:]
-        return (F.pad(x, (0, 0, 0, 0, 0, tail)) if tail else x).reshape(b, -1, block, h, hd)
-
-    queries = rows(q, head).reshape(b * blocks, block, h, hd).transpose(1, 2)
-    keys, values = (band_windows(rows(x, 0), window, block) for x in (k, v))
-    rest = F.scaled_dot_product_attention(queries, keys, values, attn_mask=band_mask(window, block, q.device))
-    rest = rest.transpose(1, 2).reshape(b, blocks * block, h, hd)[:, : t - head]
-    return torch.cat([y.transpose(1, 2), rest], dim=1).transpose(1, 2)
+    first = F.scaled_dot_product_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True)
+    rest = F.scaled_dot_product_attention(*band_blocks(q, k, v, window, block),
+                                          attn_mask=band_mask(window, block, q.device))
+    return band_join(first, rest, t)
 
 
-def band_windows(rows: torch.Tensor, window: int, block: int) -> torch.Tensor:
-    """(B, rows, block, heads, head_dim) -> every block's keys past the first window: (B x blocks, heads, keys, head_dim).
+def band_rows(x: torch.Tensor, start: int, block: int) -> torch.Tensor:
+    """(B, heads, t, head_dim) from position `start` -> (B, rows, block, heads, head_dim), the last row
+    zero-padded: a view of the model's (B, t, heads, head_dim) layout where t fills the rows."""
+    b, h, t, hd = x.shape
+    x = x.transpose(1, 2)[:, start:]
+    tail = -(t - start) % block
+    return (F.pad(x, (0, 0, 0, 0, 0, tail)) if tail else x).reshape(b, -1, block, h, hd)
 
-    Block m's keys are the rows m..m + window // block, as one stacked copy.
-    """
-    b, n, _, h, hd = rows.shape
+
+def band_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row blocks after the first window: queries (B x blocks, heads, block, head_dim) and each
+    block's window of keys and values (B x blocks, heads, window + block, head_dim), one stacked copy."""
     before = window // block
-    stacked = torch.stack([rows[:, i : n - before + i] for i in range(before + 1)], dim=2)
-    return stacked.reshape(b * (n - before), (before + 1) * block, h, hd).transpose(1, 2)
+
+    def windows(x: torch.Tensor) -> torch.Tensor:
+        rows = band_rows(x, 0, block)
+        stacked = torch.stack([rows[:, i : rows.shape[1] - before + i] for i in range(before + 1)], dim=2)
+        return stacked.flatten(0, 1).flatten(1, 2).transpose(1, 2)
+
+    return band_rows(q, window, block).flatten(0, 1).transpose(1, 2), windows(k), windows(v)
+
+
+def band_join(first: torch.Tensor, rest: torch.Tensor, t: int) -> torch.Tensor:
+    """The causal head (B, heads, w, head_dim) and the row blocks (B x blocks, heads, block, head_dim)
+    back into one (B, heads, t, head_dim), laid out as (B, t, heads, head_dim)."""
+    b, h, w, hd = first.shape
+    rest = rest.transpose(1, 2).reshape(b, -1, h, hd)[:, : t - w]
+    return torch.cat([first.transpose(1, 2), rest], dim=1).transpose(1, 2)
 
 
 def band_mask(window: int, block: int, device: torch.device) -> torch.Tensor:
@@ -335,16 +345,13 @@ class BandAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int) -> torch.Tensor:
-        b, h, t, hd = q.shape
-        head = q[:, :, :window]
         mask = q.new_zeros(1, 1, block, window + block).masked_fill_(~band_mask(window, block, q.device), -math.inf)
-        queries = q.transpose(1, 2)[:, window:].reshape(-1, block, h, hd).transpose(1, 2)
-        keys, values = (band_windows(x.transpose(1, 2).reshape(b, -1, block, h, hd), window, block) for x in (k, v))
-        first, first_lse = _FLASH(head, k[:, :, :window], v[:, :, :window], 0.0, True)
+        queries, keys, values = band_blocks(q, k, v, window, block)
+        first, first_lse = _FLASH(q[:, :, :window], k[:, :, :window], v[:, :, :window], 0.0, True)
         rest, rest_lse = _FLASH(queries, keys, values, 0.0, False, attn_mask=mask)
         ctx.save_for_backward(q, k, v, queries, keys, values, mask, first, first_lse, rest, rest_lse)
         ctx.window, ctx.block = window, block
-        return torch.cat([first.transpose(1, 2), rest.transpose(1, 2).reshape(b, t - window, h, hd)], 1).transpose(1, 2)
+        return band_join(first, rest, q.shape[2])
 
     @staticmethod
     @once_differentiable
@@ -353,15 +360,14 @@ class BandAttention(torch.autograd.Function):
         window, block = ctx.window, ctx.block
         b, h, t, hd = q.shape
         before, blocks = window // block, (t - window) // block
-        grad_rest = grad.transpose(1, 2)[:, window:].reshape(-1, block, h, hd).transpose(1, 2)
         dq_first, dk_first, dv_first = _FLASH_BACKWARD(grad[:, :, :window], q[:, :, :window], k[:, :, :window],
                                                        v[:, :, :window], first, first_lse, 0.0, True)
+        grad_rest = band_rows(grad, window, block).flatten(0, 1).transpose(1, 2)
         dq_rest, dk_rest, dv_rest = _FLASH_BACKWARD(grad_rest, queries, keys, values, rest, rest_lse, 0.0, False,
                                                     attn_mask=mask)
-        dq = torch.cat([dq_first.transpose(1, 2), dq_rest.transpose(1, 2).reshape(b, t - window, h, hd)], 1)
 
         def fold(windows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-            """Every window's key gradients summed onto their rows, (B, t, heads, head_dim), plus the head's."""
+            """Every window's key gradients summed onto their rows, plus the head's: (B, heads, t, head_dim)."""
             windows = windows.transpose(1, 2).reshape(b, blocks, before + 1, block, h, hd)
             dx = windows.new_empty(b, before + blocks, block, h, hd)
             dx[:, :before] = 0
@@ -370,10 +376,9 @@ class BandAttention(torch.autograd.Function):
                 dx[:, i : i + blocks] += windows[:, :, i]
             dx = dx.view(b, t, h, hd)
             dx[:, :window] += first.transpose(1, 2)
-            return dx
+            return dx.transpose(1, 2)
 
-        return (dq.transpose(1, 2), fold(dk_rest, dk_first).transpose(1, 2), fold(dv_rest, dv_first).transpose(1, 2),
-                None, None)
+        return band_join(dq_first, dq_rest, t), fold(dk_rest, dk_first), fold(dv_rest, dv_first), None, None
 
 
 def flex_band_applies(q: torch.Tensor) -> bool:
