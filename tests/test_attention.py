@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from conftest import PAPER, TINY_RUN, random_model
 from igpt import IgptError
 from igpt.decoding import Decoder
+from igpt import model as model_module
 from igpt.model import ImageGPT, ImageGPTConfig, band_attention, column_attention
 from igpt.sample import sample
 
@@ -214,17 +215,21 @@ def test_bert_trains_with_dense_attention_and_either_positions(positions):
     assert all(p.grad is not None for name, p in model.named_parameters() if name != "sos")  # bert has no sos
 
 
-@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
 def cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     """PyTorch counts its CUDA flash kernel but not the CPU one, which igpt's BandAttention calls
     directly: counted here as the math kernel's products over every (query, key) pair, two forward."""
     return sdpa_flop_count(query, key, value)
 
 
-@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
 def cpu_flash_backward_flops(grad, query, key, value, *args, out_shape=None, **kwargs) -> int:
     """Four backward products, as the math kernel's (flash also recomputes the scores, in every pattern alike)."""
     return 2 * sdpa_flop_count(query, key, value)
+
+
+for op, formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, cpu_flash_flops),
+                    (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, cpu_flash_backward_flops)):
+    if op not in flop_registry:  # a later PyTorch may count them itself
+        register_flop_formula(op)(formula)
 
 
 def training_flops(model: ImageGPT, tokens: torch.Tensor) -> int:
@@ -272,11 +277,16 @@ def test_training_flops_fall_as_the_patterns_promise():
 
 @pytest.mark.parametrize("t, window, block, layout", [(49, 14, 7, "model"), (50, 14, 7, "contiguous"), (23, 10, 5, "model"),
                                                       (12, 14, 7, "model"), (17, 35, 5, "model"), (64, 8, 8, "contiguous")])
-def test_band_and_column_attention_equal_masked_dense_attention_forward_and_backward(t, window, block, layout):
+@pytest.mark.parametrize("cpu_flash", [True, False], ids=["BandAttention", "plain"])
+def test_band_and_column_attention_equal_masked_dense_attention_forward_and_backward(t, window, block, layout,
+                                                                                    cpu_flash, monkeypatch):
     """Outputs and the gradients of q, k and v against one dense SDPA call with the pattern's full
     mask, for whole and ragged last rows and a window wider than the sequence; q, k and v as
-    the model makes them (views of one (B, t, 3 x width) product) or contiguous. A band attention
-    first called under inference mode still trains."""
+    the model makes them (views of one (B, t, 3 x width) product) or contiguous; whole rows through
+    BandAttention and, as on a PyTorch whose CPU flash kernel takes no mask, through the plain
+    operations. A band attention first called under inference mode still trains."""
+    if not cpu_flash:
+        monkeypatch.setattr(model_module, "cpu_flash_has_masks", lambda: False)
     with torch.inference_mode():
         band_attention(*(torch.randn(2, 3, t, 4) for _ in range(3)), window, block)
     b, h, hd = 2, 3, 4

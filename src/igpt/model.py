@@ -275,16 +275,18 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     position before them: plain causal attention. From there the sequence is cut into blocks
     of `block` queries, each attending to its own block and the window // block blocks before
     it under one small mask (block, keys per block) that every block shares, so work and memory
-    grow as t x window, not t^2. The blocks are views of the attention's own (B, t, heads,
-    head_dim) layout where t fills them, so queries and outputs are not copied. On a CPU, whole
-    rows go through BandAttention, which calls the same flash kernel with a backward of its own.
+    grow as t x window, not t^2. The query blocks are views of the attention's own (B, t, heads,
+    head_dim) layout (for batch 1; a copy for larger batches), and one concatenation joins the
+    head and the blocks' outputs. On a CPU, whole rows go through BandAttention, which calls the
+    same flash kernel with a backward of its own.
     """
     t = q.shape[2]
     if flex_band_applies(q):
         return _flex_attention()(q, k, v, block_mask=_band_block_mask(t, window, str(q.device)))
     if t <= window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q.device.type == "cpu" and (t - window) % block == 0 and not torch.compiler.is_compiling():
+    if q.device.type == "cpu" and (t - window) % block == 0 and not torch.compiler.is_compiling() \
+            and cpu_flash_has_masks():
         return BandAttention.apply(q, k, v, window, block)
     first = F.scaled_dot_product_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True)
     rest = F.scaled_dot_product_attention(*band_blocks(q, k, v, window, block),
@@ -330,55 +332,70 @@ def band_mask(window: int, block: int, device: torch.device) -> torch.Tensor:
     return ((key > query) & (key <= query + window))[None, None]
 
 
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+@functools.cache
+def cpu_flash_has_masks() -> bool:
+    """Whether this PyTorch's CPU flash kernel and its backward take an attention mask (BandAttention calls them)."""
+    ops = [getattr(torch.ops.aten, f"_scaled_dot_product_flash_attention_for_cpu{end}", None) for end in ("", "_backward")]
+    return all(op is not None and "attn_mask" in str(op.default._schema) for op in ops)
 
 
 class BandAttention(torch.autograd.Function):
     """band_attention over whole rows on a CPU: PyTorch's flash kernel called directly, with a backward of its own.
 
-    Under autograd the general path pays for its views: every slice of q, k and v zero-fills a
+    Under autograd the plain path pays for its views: every slice of q, k and v zero-fills a
     full-size gradient, which is then added up, and the window copies fold back through one more
     full tensor. This backward runs the flash kernel's own backward for the causal head and the
-    row blocks and writes each of q, k and v's gradients once (measured: README, Speed).
+    row blocks and sums each of q, k and v's gradients into one tensor (measured: README, Speed).
+    It keeps the forward's stacked windows (window // block + 1 times the keys and values, as
+    SDPA under autograd keeps them too): stacking them again in the backward cost 7% of a layer.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int) -> torch.Tensor:
-        mask = q.new_zeros(1, 1, block, window + block).masked_fill_(~band_mask(window, block, q.device), -math.inf)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         queries, keys, values = band_blocks(q, k, v, window, block)
-        first, first_lse = _FLASH(q[:, :, :window], k[:, :, :window], v[:, :, :window], 0.0, True)
-        rest, rest_lse = _FLASH(queries, keys, values, 0.0, False, attn_mask=mask)
-        ctx.save_for_backward(q, k, v, queries, keys, values, mask, first, first_lse, rest, rest_lse)
+        first, first_lse = flash(q[:, :, :window], k[:, :, :window], v[:, :, :window], 0.0, True)
+        rest, rest_lse = flash(queries, keys, values, 0.0, False, attn_mask=band_bias(window, block, q))
+        ctx.save_for_backward(q, k, v, queries, keys, values, first, first_lse, rest, rest_lse)
         ctx.window, ctx.block = window, block
         return band_join(first, rest, q.shape[2])
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        q, k, v, queries, keys, values, mask, first, first_lse, rest, rest_lse = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, queries, keys, values, first, first_lse, rest, rest_lse = ctx.saved_tensors
         window, block = ctx.window, ctx.block
         b, h, t, hd = q.shape
         before, blocks = window // block, (t - window) // block
-        dq_first, dk_first, dv_first = _FLASH_BACKWARD(grad[:, :, :window], q[:, :, :window], k[:, :, :window],
-                                                       v[:, :, :window], first, first_lse, 0.0, True)
+        flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        dq_first, dk_first, dv_first = flash_backward(grad[:, :, :window], q[:, :, :window], k[:, :, :window],
+                                                      v[:, :, :window], first, first_lse, 0.0, True)
         grad_rest = band_rows(grad, window, block).flatten(0, 1).transpose(1, 2)
-        dq_rest, dk_rest, dv_rest = _FLASH_BACKWARD(grad_rest, queries, keys, values, rest, rest_lse, 0.0, False,
-                                                    attn_mask=mask)
+        dq_rest, dk_rest, dv_rest = flash_backward(grad_rest, queries, keys, values, rest, rest_lse, 0.0, False,
+                                                   attn_mask=band_bias(window, block, q))
 
-        def fold(windows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-            """Every window's key gradients summed onto their rows, plus the head's: (B, heads, t, head_dim)."""
-            windows = windows.transpose(1, 2).reshape(b, blocks, before + 1, block, h, hd)
-            dx = windows.new_empty(b, before + blocks, block, h, hd)
+        def fold(window_grads: torch.Tensor, head_grad: torch.Tensor) -> torch.Tensor:
+            """Every window's gradients summed onto their rows, plus the causal head's: (B, heads, t, head_dim)."""
+            window_grads = window_grads.transpose(1, 2).reshape(b, blocks, before + 1, block, h, hd)
+            dx = window_grads.new_empty(b, before + blocks, block, h, hd)
             dx[:, :before] = 0
-            dx[:, before:] = windows[:, :, before]
+            dx[:, before:] = window_grads[:, :, before]
             for i in range(before):
-                dx[:, i : i + blocks] += windows[:, :, i]
+                dx[:, i : i + blocks] += window_grads[:, :, i]
             dx = dx.view(b, t, h, hd)
-            dx[:, :window] += first.transpose(1, 2)
+            dx[:, :window] += head_grad.transpose(1, 2)
             return dx.transpose(1, 2)
 
-        return band_join(dq_first, dq_rest, t), fold(dk_rest, dk_first), fold(dv_rest, dv_first), None, None
+        needed = ctx.needs_input_grad
+        return (band_join(dq_first, dq_rest, t) if needed[0] else None,
+                fold(dk_rest, dk_first) if needed[1] else None,
+                fold(dv_rest, dv_first) if needed[2] else None, None, None)
+
+
+def band_bias(window: int, block: int, like: torch.Tensor) -> torch.Tensor:
+    """band_mask as the additive mask (0 or -inf, `like`'s dtype) the CPU flash kernel takes when called directly."""
+    mask = band_mask(window, block, like.device)
+    return like.new_zeros(mask.shape).masked_fill_(~mask, -math.inf)
 
 
 def flex_band_applies(q: torch.Tensor) -> bool:
