@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import time
 
 import torch
 
-from common import machine
+from common import machine, times_in_turns
 from igpt import model as this_model
 from igpt.batches import Batch
 from igpt.distributed import World
@@ -53,12 +52,7 @@ def main() -> None:
         parser.error("--layer times the eager attention only")
     other = load(args.other)
     step = band_layers(other, args) if args.layer else training_steps(other, args)
-    times = {name: [] for name in step}
-    for i in range(args.rounds):
-        for name in (list(step) if i % 2 == 0 else list(reversed(step))):
-            start = time.perf_counter()
-            step[name]()
-            times[name].append(time.perf_counter() - start)
+    times = times_in_turns(step, args.rounds, alternate=True)
     what = "one band layer (window_rows 2)" if args.layer else args.attention
     print(f"{machine()}; {what} at {args.side}x{args.side}, batch {args.batch}, "
           f"{'compiled' if args.compile else 'eager'}, {args.rounds} rounds")
@@ -94,7 +88,8 @@ def training_steps(other, args) -> dict:
 
 def band_layers(other, args) -> dict:
     """Each version's band_attention, forward and backward, on the same q/k/v product, warmed up."""
-    heads, head_dim, t = 4, 32, args.side**2
+    tiny = this_model.ImageGPTConfig.from_preset("tiny", n_ctx=args.side**2)
+    heads, head_dim, t = tiny.n_head, tiny.n_embd // tiny.n_head, tiny.n_ctx
     torch.manual_seed(0)
     qkv = torch.randn(args.batch, t, 3 * heads * head_dim, requires_grad=True)
     grad = torch.randn(args.batch, heads, t, head_dim)

@@ -57,24 +57,32 @@ def seconds_per_call(fn, warmup: int = 2, min_time: float = 3.0, min_calls: int 
     return (time.perf_counter() - start) / calls
 
 
-def best_of(contenders: dict, repeat: int = 3, pause=None, own_time: bool = False) -> dict[str, float]:
-    """Seconds per call of each contender: the fastest of `repeat` runs, taken in turns.
+def times_in_turns(contenders: dict, repeat: int = 3, pause=None, own_time: bool = False,
+                   alternate: bool = False) -> dict[str, list[float]]:
+    """Seconds of each of `repeat` calls of every contender, taken in turns.
 
     Shared VMs drift by tens of percent over a minute; taking turns exposes every contender
-    to the same drift and the minimum discards the slow spells. `pause`, when given, runs before
-    each call, outside the timing (a reset, a synchronisation, a rest for the machine). With
-    `own_time`, each call returns its own seconds (a step timed in another process), which count
-    instead of the wall time around it.
+    to the same drift. `pause`, when given, runs before each call, outside the timing (a reset,
+    a synchronisation, a rest for the machine). With `own_time`, each call returns its own
+    seconds (a step timed in another process), which count instead of the wall time around it.
+    With `alternate`, every other round runs the contenders in reverse order, so that none
+    always follows the same one (its cache state, its spinning threads).
     """
-    best = {name: float("inf") for name in contenders}
-    for _ in range(repeat):
-        for name, fn in contenders.items():
+    times = {name: [] for name in contenders}
+    for round_ in range(repeat):
+        names = list(contenders)
+        for name in (names[::-1] if alternate and round_ % 2 else names):
             if pause is not None:
                 pause()
             start = time.perf_counter()
-            seconds = fn()
-            best[name] = min(best[name], seconds if own_time else time.perf_counter() - start)
-    return best
+            seconds = contenders[name]()
+            times[name].append(seconds if own_time else time.perf_counter() - start)
+    return times
+
+
+def best_of(contenders: dict, repeat: int = 3, pause=None, own_time: bool = False) -> dict[str, float]:
+    """Seconds per call of each contender: the fastest of `repeat` runs in turns (the minimum discards the slow spells)."""
+    return {name: min(seconds) for name, seconds in times_in_turns(contenders, repeat, pause, own_time).items()}
 
 
 # ---- precision and the matmul peak -----------------------------------------------------------

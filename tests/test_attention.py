@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 from conftest import PAPER, TINY_RUN, random_model
 from igpt import IgptError
-from igpt.decoding import Decoder
 from igpt import model as model_module
+from igpt.decoding import Decoder
 from igpt.model import ImageGPT, ImageGPTConfig, band_attention, column_attention
 from igpt.sample import sample
 
