@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from igpt import band_kernel
 from igpt.errors import IgptError
 from igpt.palette import PALETTE_NAME, Palette
 
@@ -277,14 +278,17 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     it under one small mask (block, keys per block) that every block shares, so work and memory
     grow as t x window, not t^2. The query blocks are views of the attention's own (B, t, heads,
     head_dim) layout (for batch 1; a copy for larger batches), and one concatenation joins the
-    head and the blocks' outputs. On a CPU, whole rows go through BandAttention, which calls the
-    same flash kernel with a backward of its own.
+    head and the blocks' outputs. On a CPU, float32 goes through igpt's own kernel
+    (band_kernel.py), which reads only each query's window; other dtypes, over whole rows,
+    through BandAttention, which calls the same flash kernel with a backward of its own.
     """
     t = q.shape[2]
     if flex_band_applies(q):
         return _flex_attention()(q, k, v, block_mask=_band_block_mask(t, window, str(q.device)))
     if t <= window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if band_kernel.applies(q):
+        return band_kernel.BandKernel.apply(q, k, v, window)
     if q.device.type == "cpu" and (t - window) % block == 0 and not torch.compiler.is_compiling() \
             and cpu_flash_has_masks():
         return BandAttention.apply(q, k, v, window, block)

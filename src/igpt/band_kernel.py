@@ -1,0 +1,136 @@
+"""Band attention's own CPU kernel (band_kernel.cpp): compiled on first use, called through ctypes.
+
+Each query i attends to the keys i - window < j <= i. PyTorch's CPU flash kernel, which the
+blocked path in model.py calls, computes a whole block of queries against every key any of them
+sees under a mask: (rows + 1) x side keys per query where the window holds rows x side, plus the
+window copies. This kernel reads only each 16-query tile's window and its backward writes each
+gradient once (measured against it: README, Speed).
+
+It is built with the machine's C++ compiler ($CXX, else c++) for the machine's own CPU
+(-march=native) into the igpt cache ($IGPT_CACHE, else ~/.cache/igpt), one file per source,
+compiler and CPU, so a later process loads it at once. Where no compiler works, or with
+IGPT_BAND_KERNEL=0, `available()` is False and model.py keeps PyTorch's kernels: float32 only,
+head sizes 16, 32, 64 and 128, eager only (compiled graphs keep the blocked path, which inductor
+fuses). The (batch, head) pairs are shared out over torch's own OpenMP threads: built with
+-fopenmp, the library binds to the libgomp that torch loaded, so no second pool competes for
+the cores (one of Python threads did, and lost the kernel's gain inside a training step).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from igpt.data.sources import cache_root
+
+SOURCE = Path(__file__).with_name("band_kernel.cpp")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-Wno-psabi")
+HEAD_DIMS = (16, 32, 64, 128)
+log = logging.getLogger(__name__)
+
+
+def applies(q: torch.Tensor) -> bool:
+    """Whether band attention over these queries (B, heads, t, head_dim) runs in this kernel."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] in HEAD_DIMS
+            and not torch.compiler.is_compiling() and available())
+
+
+def available() -> bool:
+    return library() is not None
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (disabled, or no working compiler: the reason goes to the log)."""
+    if os.environ.get("IGPT_BAND_KERNEL", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        log.info("igpt's band kernel is not built, so band attention uses PyTorch's kernels: %s", detail)
+        return None
+    pointers, longs = [ctypes.c_void_p], [ctypes.c_int64]
+    tail = longs * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]  # pairs, heads, t, head_dim, window, scale, threads
+    lib.band_forward.argtypes = pointers * 6 + tail
+    lib.band_backward.argtypes = pointers * 10 + tail
+    return lib
+
+
+def build() -> Path:
+    """band_kernel.cpp compiled for this machine, from the cache when it was built before."""
+    compiler = os.environ.get("CXX") or "c++"
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, cpu_identity()]).encode())
+    path = cache_root() / "kernels" / f"band_kernel-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # the cache only ever holds whole files
+            built = Path(scratch) / path.name
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                           check=True, timeout=600)
+            os.replace(built, path)
+    return path
+
+
+def cpu_identity() -> str:
+    """What -march=native builds for: the CPU's feature flags where Linux lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+class BandKernel(torch.autograd.Function):
+    """Band attention of `window` keys over (B, heads, t, head_dim) float32 tensors, in the kernel both ways.
+
+    The output comes in the model's (B, t, heads, head_dim) layout, as SDPA's does; the backward
+    recomputes the probabilities from the saved log-sum-exp, as flash attention does.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        q, k, v = (unit_stride(x) for x in (q, k, v))
+        b, h, t, hd = q.shape
+        out = q.new_empty(b, t, h, hd).transpose(1, 2)
+        lse = q.new_empty(b, h, t)
+        run(library().band_forward, [q, k, v, out, lse], [q, k, v, out], q.shape, window)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, out, lse = ctx.saved_tensors
+        grad = unit_stride(grad)
+        b, h, t, hd = q.shape
+        dq, dk, dv = (q.new_empty(b, t, h, hd).transpose(1, 2) for _ in range(3))
+        run(library().band_backward, [q, k, v, out, lse, grad, dq, dk, dv], [q, k, v, out, grad, dq, dk, dv],
+            q.shape, ctx.window)
+        return dq, dk, dv, None
+
+
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def run(function, tensors: list[torch.Tensor], strided: list[torch.Tensor], shape: torch.Size, window: int) -> None:
+    """Call the kernel over every (batch, head) pair, on torch's threads."""
+    b, h, t, hd = shape
+    strides = torch.tensor([s for x in strided for s in x.stride()[:3]], dtype=torch.int64)
+    if function(*(x.data_ptr() for x in tensors), strides.data_ptr(), b * h, h, t, hd, window, 1 / math.sqrt(hd),
+                torch.get_num_threads()):
+        raise ValueError(f"igpt's band kernel has no case for head size {hd} (it takes {HEAD_DIMS})")

@@ -1,0 +1,129 @@
+"""igpt's C++ band kernel (igpt/band_kernel.py): exact against dense attention under the band's mask,
+chosen by band_attention for float32 on a CPU, built once into the cache, and replaced by
+PyTorch's kernels wherever it cannot be built."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from igpt import band_kernel
+from igpt.model import ImageGPT, ImageGPTConfig, band_attention
+
+needs_kernel = pytest.mark.skipif(not band_kernel.available(), reason="no C++ compiler builds igpt's band kernel here")
+
+
+@pytest.fixture
+def fresh_library():
+    """library() looked up again under the test's environment, and again after it."""
+    band_kernel.library.cache_clear()
+    yield
+    band_kernel.library.cache_clear()
+
+
+def masked_dense(q, k, v, window):
+    t = q.shape[2]
+    i, j = torch.arange(t)[:, None], torch.arange(t)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - window))
+
+
+def outputs_and_gradients(attend, qkv, grad, b, h, t, hd, layout):
+    """attend's output and the gradient of the (B, t, 3 x width) product that q, k and v come from."""
+    x = qkv.clone().requires_grad_()
+    q, k, v = (y.view(b, t, h, hd).transpose(1, 2) for y in x.split(h * hd, dim=-1))
+    if layout == "contiguous":
+        q, k, v = (y.contiguous() for y in (q, k, v))
+    out = attend(q, k, v)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("b, h, t, hd, window", [(1, 4, 256, 32, 32), (2, 3, 100, 16, 20), (3, 1, 50, 32, 7),
+                                                 (1, 2, 37, 64, 64), (2, 2, 70, 128, 33), (1, 1, 5, 16, 1)])
+@pytest.mark.parametrize("layout", ["model", "contiguous"])
+def test_the_kernel_equals_masked_dense_attention_forward_and_backward(b, h, t, hd, window, layout):
+    """float32 against float64 SDPA with the band's full mask: whole and ragged tiles, windows
+    narrower than a tile, wider than the sequence, one position; every head size it takes;
+    q, k and v as the model makes them (strided views of one product) or contiguous."""
+    torch.manual_seed(0)
+    qkv = torch.randn(b, t, 3 * h * hd)
+    grad = torch.randn(b, h, t, hd)
+    ours = outputs_and_gradients(lambda q, k, v: band_kernel.BandKernel.apply(q, k, v, window),
+                                 qkv, grad, b, h, t, hd, layout)
+    dense = outputs_and_gradients(lambda q, k, v: masked_dense(q, k, v, window),
+                                  qkv.double(), grad.double(), b, h, t, hd, layout)
+    for got, want in zip(ours, dense):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_band_attention_runs_the_kernel_for_float32_and_splits_it_over_threads():
+    """Every (batch, head) pair is computed alone, so one thread or two give the same bits,
+    also for a pair count the threads do not divide; a summed output's gradient (stride 0) works."""
+    q, k, v = (torch.randn(3, 1, 70, 16, requires_grad=True) for _ in range(3))
+    out = band_attention(q, k, v, 20, 10)
+    assert out.grad_fn.name() == "BandKernelBackward"
+    assert band_attention(q.double(), k.double(), v.double(), 20, 10).grad_fn.name() != "BandKernelBackward"
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for x in (q, k, v):
+                x.grad = None
+            out = band_attention(q, k, v, 20, 10)
+            out.sum().backward()
+            results.append([out.detach(), q.grad, k.grad, v.grad])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@needs_kernel
+@pytest.mark.parametrize("attention", ["local", "strided"])
+def test_a_training_step_is_the_same_with_and_without_the_kernel(attention, monkeypatch):
+    """The whole model's loss and every parameter's gradient, the kernel against the blocked path."""
+    torch.manual_seed(0)
+    model = ImageGPT(ImageGPTConfig(vocab_size=16, n_ctx=256, n_embd=64, n_layer=2, n_head=2, positions="2d",
+                                    attention=attention))
+    torch.nn.init.normal_(model.head.weight, std=0.02)  # zero-initialised, it would stop every other gradient
+    tokens = torch.randint(0, 16, (2, 256))
+    results = []
+    for kernel in (True, False):
+        monkeypatch.setattr(band_kernel, "applies", lambda q, kernel=kernel: kernel)
+        trained = copy.deepcopy(model)
+        loss = trained.loss(tokens)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in trained.parameters()])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch, fresh_library):
+    monkeypatch.setenv("IGPT_CACHE", str(tmp_path))
+    try:
+        path = band_kernel.build()
+    except (OSError, band_kernel.subprocess.SubprocessError):
+        pytest.skip("no C++ compiler here")
+    assert path.parent == tmp_path / "kernels" and list(path.parent.iterdir()) == [path]  # no scratch left
+    built = path.stat().st_mtime_ns
+    assert band_kernel.build() == path and path.stat().st_mtime_ns == built
+    assert band_kernel.available()
+
+
+@pytest.mark.parametrize("environment", [{"CXX": "false"}, {"IGPT_BAND_KERNEL": "0"}], ids=["no compiler", "disabled"])
+def test_without_the_kernel_band_attention_keeps_pytorchs(environment, tmp_path, monkeypatch, fresh_library):
+    """A compiler that fails (or IGPT_BAND_KERNEL=0) leaves the blocked path, with the same results,
+    and nothing half-built in the cache."""
+    monkeypatch.setenv("IGPT_CACHE", str(tmp_path))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert not band_kernel.available()
+    q, k, v = (torch.randn(2, 2, 64, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = band_attention(*(x.float() for x in (q, k, v)), 16, 8)
+    assert out.grad_fn.name() != "BandKernelBackward"
+    torch.testing.assert_close(out.double(), masked_dense(q, k, v, 16), atol=1e-5, rtol=1e-5)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
