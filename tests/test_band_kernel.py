@@ -22,6 +22,10 @@ def fresh_library():
     band_kernel.library.cache_clear()
 
 
+def from_the_kernel(out: torch.Tensor) -> bool:
+    return "igpt_band_forward" in out.grad_fn.name()
+
+
 def masked_dense(q, k, v, window):
     t = q.shape[2]
     i, j = torch.arange(t)[:, None], torch.arange(t)
@@ -50,7 +54,7 @@ def test_the_kernel_equals_masked_dense_attention_forward_and_backward(b, h, t, 
     torch.manual_seed(0)
     qkv = torch.randn(b, t, 3 * h * hd)
     grad = torch.randn(b, h, t, hd)
-    ours = outputs_and_gradients(lambda q, k, v: band_kernel.BandKernel.apply(q, k, v, window),
+    ours = outputs_and_gradients(lambda q, k, v: band_kernel.band_attention(q, k, v, window),
                                  qkv, grad, b, h, t, hd, layout)
     dense = outputs_and_gradients(lambda q, k, v: masked_dense(q, k, v, window),
                                   qkv.double(), grad.double(), b, h, t, hd, layout)
@@ -64,8 +68,8 @@ def test_band_attention_runs_the_kernel_for_float32_and_splits_it_over_threads()
     also for a pair count the threads do not divide; a summed output's gradient (stride 0) works."""
     q, k, v = (torch.randn(3, 1, 70, 16, requires_grad=True) for _ in range(3))
     out = band_attention(q, k, v, 20, 10)
-    assert out.grad_fn.name() == "BandKernelBackward"
-    assert band_attention(q.double(), k.double(), v.double(), 20, 10).grad_fn.name() != "BandKernelBackward"
+    assert from_the_kernel(out)
+    assert not from_the_kernel(band_attention(q.double(), k.double(), v.double(), 20, 10))
     results = []
     threads = torch.get_num_threads()
     try:
@@ -124,6 +128,29 @@ def test_without_the_kernel_band_attention_keeps_pytorchs(environment, tmp_path,
     assert not band_kernel.available()
     q, k, v = (torch.randn(2, 2, 64, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = band_attention(*(x.float() for x in (q, k, v)), 16, 8)
-    assert out.grad_fn.name() != "BandKernelBackward"
+    assert not from_the_kernel(out)
     torch.testing.assert_close(out.double(), masked_dense(q, k, v, 16), atol=1e-5, rtol=1e-5)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_compiled_training_runs_the_kernel_and_equals_eager(monkeypatch):
+    """torch.compile calls the kernel's operators as they are (no graph break, no fallback)."""
+    torch.manual_seed(0)
+    model = ImageGPT(ImageGPTConfig(vocab_size=16, n_ctx=256, n_embd=64, n_layer=2, n_head=2, positions="2d",
+                                    attention="local", window_rows=2))
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    tokens = torch.randint(0, 16, (2, 256))
+    eager = copy.deepcopy(model)
+    eager.loss(tokens).backward()
+    calls = []
+    run = band_kernel.run
+    monkeypatch.setattr(band_kernel, "run", lambda function, *args: calls.append(function) or run(function, *args))
+    torch._dynamo.reset()
+    loss = torch.compile(model.loss, fullgraph=True)(tokens)
+    loss.backward()
+    assert calls == [band_kernel.library().band_forward] * 2 + [band_kernel.library().band_backward] * 2
+    torch.testing.assert_close(loss, eager.loss(tokens), atol=1e-5, rtol=0)
+    for ours, theirs in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-4)

@@ -30,7 +30,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from igpt.data.sources import cache_root
 
@@ -42,10 +41,10 @@ log = logging.getLogger(__name__)
 
 def applies(q: torch.Tensor) -> bool:
     """Whether band attention over these queries (B, heads, t, head_dim) runs in this kernel."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] in HEAD_DIMS
-            and not torch.compiler.is_compiling() and available())
+    return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] in HEAD_DIMS and available()
 
 
+@torch.compiler.assume_constant_result  # compiled graphs ask once, at trace time
 def available() -> bool:
     return library() is not None
 
@@ -93,34 +92,62 @@ def cpu_identity() -> str:
         return platform.machine() + platform.processor()
 
 
-class BandKernel(torch.autograd.Function):
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """Band attention of `window` keys over (B, heads, t, head_dim) float32 tensors, in the kernel both ways.
 
     The output comes in the model's (B, t, heads, head_dim) layout, as SDPA's does; the backward
-    recomputes the probabilities from the saved log-sum-exp, as flash attention does.
+    recomputes the probabilities from the saved log-sum-exp, as flash attention does. Both are
+    PyTorch custom operators, so torch.compile calls them as they are (and FlopCounterMode sees them).
     """
+    return torch.ops.igpt.band_forward(q, k, v, window)[0]
 
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-        q, k, v = (unit_stride(x) for x in (q, k, v))
-        b, h, t, hd = q.shape
-        out = q.new_empty(b, t, h, hd).transpose(1, 2)
-        lse = q.new_empty(b, h, t)
-        run(library().band_forward, [q, k, v, out, lse], [q, k, v, out], q.shape, window)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window = window
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        q, k, v, out, lse = ctx.saved_tensors
-        grad = unit_stride(grad)
-        b, h, t, hd = q.shape
-        dq, dk, dv = (q.new_empty(b, t, h, hd).transpose(1, 2) for _ in range(3))
-        run(library().band_backward, [q, k, v, out, lse, grad, dq, dk, dv], [q, k, v, out, grad, dq, dk, dv],
-            q.shape, ctx.window)
-        return dq, dk, dv, None
+def new_like_heads(q: torch.Tensor) -> torch.Tensor:
+    """A (B, heads, t, head_dim) tensor laid out as (B, t, heads, head_dim), as the model's q/k/v product is."""
+    b, h, t, hd = q.shape
+    return q.new_empty(b, t, h, hd).transpose(1, 2)
+
+
+@torch.library.custom_op("igpt::band_forward", mutates_args=())
+def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (unit_stride(x) for x in (q, k, v))
+    out, lse = band_forward_shapes(q, k, v, window)
+    run(library().band_forward, [q, k, v, out, lse], [q, k, v, out], q.shape, window)
+    return out, lse
+
+
+@band_forward.register_fake
+def band_forward_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return new_like_heads(q), q.new_empty(q.shape[:3])
+
+
+@torch.library.custom_op("igpt::band_backward", mutates_args=())
+def band_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad, q, k, v, out = (unit_stride(x) for x in (grad, q, k, v, out))
+    dq, dk, dv = band_backward_shapes(grad, q, k, v, out, lse, window)
+    run(library().band_backward, [q, k, v, out, lse, grad, dq, dk, dv], [q, k, v, out, grad, dq, dk, dv],
+        q.shape, window)
+    return dq, dk, dv
+
+
+@band_backward.register_fake
+def band_backward_shapes(grad, q, k, v, out, lse, window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return new_like_heads(q), new_like_heads(q), new_like_heads(q)
+
+
+def save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, window = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.window = window
+
+
+def gradients(ctx, grad: torch.Tensor, lse_grad: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    q, k, v, out, lse = ctx.saved_tensors
+    return *band_backward(grad, q, k, v, out, lse, ctx.window), None
+
+
+band_forward.register_autograd(gradients, setup_context=save_for_backward)
 
 
 def unit_stride(x: torch.Tensor) -> torch.Tensor:

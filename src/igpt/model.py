@@ -288,7 +288,7 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     if t <= window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if band_kernel.applies(q):
-        return band_kernel.BandKernel.apply(q, k, v, window)
+        return band_kernel.band_attention(q, k, v, window)
     if q.device.type == "cpu" and (t - window) % block == 0 and not torch.compiler.is_compiling() \
             and cpu_flash_has_masks():
         return BandAttention.apply(q, k, v, window, block)
