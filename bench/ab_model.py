@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from common import machine, times_in_turns
+from common import band_kernel_state, machine, times_in_turns
 from igpt import model as this_model
 from igpt.batches import Batch
 from igpt.distributed import World
@@ -54,6 +54,7 @@ def main() -> None:
     step = band_layers(other, args) if args.layer else training_steps(other, args)
     times = times_in_turns(step, args.rounds, alternate=True)
     what = "one band layer (window_rows 2)" if args.layer else args.attention
+    print(f"band attention: {band_kernel_state()}")
     print(f"{machine()}; {what} at {args.side}x{args.side}, batch {args.batch}, "
           f"{'compiled' if args.compile else 'eager'}, {args.rounds} rounds")
     median = {}

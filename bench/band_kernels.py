@@ -1,24 +1,30 @@
-"""The band's attention kernel alone on a CPU: igpt's blocked SDPA against an exact split into two triangles.
+"""The band's attention kernels alone on a CPU: igpt's own kernel, the blocked SDPA, and an exact split into two triangles.
 
     python bench/band_kernels.py [--side 64] [--window-rows 2] [--batch 1] [--heads 4] [--head-dim 32] [--repeat 5]
 
 A local layer with R window rows attends, for each query i, to the keys i - R x side < j <= i.
-`igpt.model.band_attention` cuts the sequence into one-row blocks, each attending to its own
-row and the R rows before under a small mask: (R + 1) x side keys computed per query for the
-R x side it needs. The exact alternative timed here cuts it into blocks of the whole window
-(R rows) instead: each block attends causally to itself and, with keys and queries flipped, to
-the block before where the key lies after the query, so both are plain top-left causal SDPA
-calls with no mask and no surplus keys; the two halves are merged by their log-sum-exp, and the
-backward runs PyTorch's flash backward per half with the merged output and log-sum-exp, as ring
-attention does. It is not in the library because it measured no faster: the CPU flash kernel
-takes as long for a causal block as for a full one at these sizes (the last lines).
+Three ways to compute it, forward and backward:
+- igpt's band kernel (igpt/band_kernel.cpp, what `igpt.model.band_attention` runs for float32 on a
+  CPU): tiles of 16 queries, each reading its window + 15 keys, no copies, no mask.
+- The blocked SDPA (`igpt.model.BandAttention`, what runs where the kernel cannot be built): one-row
+  blocks of queries, each attending to its own row and the R rows before under a small mask
+  through PyTorch's CPU flash kernel, (R + 1) x side keys computed per query for the R x side it
+  needs.
+- Two triangles, exact and not in the library because it measured no faster than the blocks:
+  blocks of the whole window (R rows), each attending causally to itself and, with keys and
+  queries flipped, to the block before where the key lies after the query, so both are plain
+  top-left causal SDPA calls with no mask and no surplus keys; the two halves are merged by their
+  log-sum-exp, and the backward runs PyTorch's flash backward per half with the merged output and
+  log-sum-exp, as ring attention does. The CPU flash kernel takes as long for a causal block as for
+  a full one at these sizes (the last lines).
 
-Prints, for the training direction (forward + backward), milliseconds, the ratio against dense
-causal SDPA (the paper's layer, the reference), and the rate of the useful work (the window's
-keys only: 12 x keys x head_dim FLOPs per query and head) against the fp32 matmul peak measured
-in the same run. The `tiny` preset's shapes by default (4 heads of 32) at 64x64, batch 1; q, k and v come as the
-model makes them, (B, heads, t, head_dim) views of (B, t, heads, head_dim) tensors.
-Run it when nothing else does: two cores shared with another process make every figure noise.
+Prints milliseconds, the ratio against dense causal SDPA (the paper's layer, the reference), and
+the rate of the useful work (the window's keys only: 12 x keys x head_dim FLOPs per query and
+head) against the fp32 matmul peak measured in the same run, and the largest difference of the
+others' outputs and gradients from the kernel's. The `tiny` preset's shapes by default (4 heads
+of 32) at 64x64, batch 1; q, k and v come as the model makes them, (B, heads, t, head_dim) views of
+(B, t, heads, head_dim) tensors. Run it when nothing else does: two cores shared with another
+process make every figure noise.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import machine, matmul_peak, seconds_per_call
+from common import band_kernel_state, machine, matmul_peak, seconds_per_call
 from flex_attention import fwd_bwd_ms
-from igpt.model import band_attention
+from igpt import band_kernel
+from igpt.model import BandAttention
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -94,6 +101,8 @@ def main() -> None:
     if window >= t or t % window:
         parser.error("--window-rows must leave the window smaller than the image and divide its rows")
     peak = matmul_peak(torch.float32)
+    if not band_kernel.available():
+        parser.error(band_kernel_state())
     print(f"{machine()}, fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; {side}x{side}, "
           f"window {args.window_rows} rows ({window} keys), batch {args.batch}, {args.heads} heads of {args.head_dim}; "
           f"forward + backward of one layer's attention, best of {args.repeat}")
@@ -103,17 +112,18 @@ def main() -> None:
     contenders = {  # name: (attention, keys computed per query)
         "dense causal SDPA (reference)": (heads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
                                           (t + 1) / 2),
-        "blocked band (igpt)": (heads(lambda q, k, v: band_attention(q, k, v, window, side)), window + side),
+        "igpt's band kernel": (heads(lambda q, k, v: band_kernel.band_attention(q, k, v, window)), window + 15),
+        "blocked SDPA (BandAttention)": (heads(lambda q, k, v: BandAttention.apply(q, k, v, window, side)),
+                                         window + side),
         "exact two triangles": (heads(lambda q, k, v: TwoTriangles.apply(q, k, v, window)), window),
     }
-    gradients = []
-    for fn in (contenders["exact two triangles"][0], contenders["blocked band (igpt)"][0]):
+    results = {}
+    for name in list(contenders)[1:]:
         for x in (q, k, v):
             x.grad = None
-        out = fn(q, k, v)
+        out = contenders[name][0](q, k, v)
         out.backward(grad)
-        gradients.append([out.detach(), q.grad, k.grad, v.grad])
-    diff = max((a - b).abs().max().item() for a, b in zip(*gradients))
+        results[name] = [out.detach(), q.grad, k.grad, v.grad]
     per_query_head = args.batch * args.heads * t * 12 * args.head_dim  # FLOPs per key attended, all queries
     times = {name: fwd_bwd_ms(fn, q, k, v, args.repeat) for name, (fn, _) in contenders.items()}
     reference = times["dense causal SDPA (reference)"]
@@ -123,7 +133,10 @@ def main() -> None:
         rate = useful / (times[name] / 1e3)
         print(f"  {name:30s} {times[name]:8.2f} {reference / times[name]:8.2f}x {keys:11.0f} {rate / 1e9:15.1f} "
               f"{rate / peak:8.1%}")
-    print(f"  two triangles against the blocked band: max |difference| of outputs and gradients {diff:.1e}")
+    kernel = results.pop("igpt's band kernel")
+    for name, other in results.items():
+        diff = max((a - b).abs().max().item() for a, b in zip(kernel, other))
+        print(f"  {name} against the kernel: max |difference| of outputs and gradients {diff:.1e}")
     blocks = torch.randn(args.batch * args.heads, t // window, window, args.head_dim)
     causal, full = (seconds_per_call(lambda c=c: FLASH(blocks, blocks, blocks, 0.0, c), min_time=1.0) * 1e3
                     for c in (True, False))

@@ -63,8 +63,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (add_device_options, attended_keys, best_of, machine, matmul_peak, pattern_train_flops_per_token,
-                    peak_memory, read_bandwidth, reset_peak_memory, result_row, synchronize, write_json)
+from common import (add_device_options, attended_keys, band_kernel_state, best_of, machine, matmul_peak,
+                    pattern_train_flops_per_token, peak_memory, read_bandwidth, reset_peak_memory, result_row, synchronize, write_json)
 from igpt.batches import Batch
 from igpt.decoding import Decoder
 from igpt.distributed import World
@@ -399,6 +399,8 @@ def main() -> None:
     began = time.perf_counter()
 
     print(f"machine: {machine(args.device)}; load average {os.getloadavg()[0]:.2f} at the start")
+    if args.device == "cpu":
+        print(f"band attention: {band_kernel_state()}")
     if args.device == "cpu" and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         print("  (other processes are busy here: torch's threads then wait on each other, so every figure "
               "comes out slower and noisier; run it when the machine is quiet)")

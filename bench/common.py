@@ -45,6 +45,14 @@ def machine(device: str = "cpu") -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def band_kernel_state() -> str:
+    """Which kernel runs float32 band attention on a CPU in this process (igpt.band_kernel)."""
+    from igpt import band_kernel
+
+    return ("igpt's band kernel (built for this CPU)" if band_kernel.available()
+            else "PyTorch's flash kernel (igpt's band kernel is off or could not be built)")
+
+
 # ---- timing ----------------------------------------------------------------------------------
 def seconds_per_call(fn, warmup: int = 2, min_time: float = 3.0, min_calls: int = 3) -> float:
     """Median-free simple timing: warm up, then run until `min_time` seconds and `min_calls` calls."""

@@ -8,7 +8,9 @@ Beyond the paper (docs/reference.md §9.5-9.6), two configuration fields whose d
 paper: `positions` "2d" (a learned row table plus a learned column table) and `attention`
 "local" (each pixel sees the window_rows x side positions before it) or "strided" (Sparse
 Transformer: even layers see the last side positions, odd layers the pixel's own column).
-Both patterns run as blocked or reshaped dense attention, so their cost really falls.
+Both patterns run as blocked or reshaped dense attention, so their cost really falls; on a
+CPU, band layers in float32 run igpt's own kernel (band_kernel.py), which reads only each
+query's window.
 """
 
 from __future__ import annotations
