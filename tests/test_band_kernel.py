@@ -154,3 +154,11 @@ def test_compiled_training_runs_the_kernel_and_equals_eager(monkeypatch):
     torch.testing.assert_close(loss, eager.loss(tokens), atol=1e-5, rtol=0)
     for ours, theirs in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_loading_the_kernel_leaves_the_process_floating_point_alone():
+    """-ffast-math on GCC 12's link line adds crtfastmath.o, which turns on flush-to-zero for the
+    whole process when the library loads: the kernel is compiled with it and linked without."""
+    band_kernel.library()
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # a subnormal survives

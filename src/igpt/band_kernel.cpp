@@ -187,15 +187,21 @@ static void backward_head(const Head& h, int64_t t, int window, float scale, flo
 // Every (batch, head) pair on its own, shared out over torch's OpenMP threads (the same libgomp
 // torch loaded, so the two never compete for the cores).
 template <int HD>
-static void run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t heads, int64_t t, int window,
-                float scale, int threads) {
+static int run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t heads, int64_t t, int window,
+               float scale, int threads) {
   const int64_t tp = t + 2 * TILE;
+  int out_of_memory = 0;
 #pragma omp parallel num_threads(threads)
   {
     float* work = (float*)malloc(sizeof(float) * (4 * HD * tp + 2 * TILE * tile_width(window)));
     float* p = work + 4 * HD * tp;
+    if (!work) {
+#pragma omp atomic write
+      out_of_memory = 1;
+    }
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < pairs; bh++) {
+      if (!work) continue;
       int64_t b = bh / heads, n = bh % heads;
       Head g = h;
       // strides: (batch, head, position) for q, k, v, o, then dO, dq, dk, dv in the backward
@@ -211,15 +217,16 @@ static void run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t 
     }
     free(work);
   }
+  return out_of_memory ? 2 : 0;
 }
 
 static int dispatch(bool backward, const Head& h, const int64_t* s, int64_t pairs, int64_t heads, int64_t t,
                     int64_t hd, int window, float scale, int threads) {
-  switch (hd) {
-    case 16: run<16>(backward, h, s, pairs, heads, t, window, scale, threads); return 0;
-    case 32: run<32>(backward, h, s, pairs, heads, t, window, scale, threads); return 0;
-    case 64: run<64>(backward, h, s, pairs, heads, t, window, scale, threads); return 0;
-    case 128: run<128>(backward, h, s, pairs, heads, t, window, scale, threads); return 0;
+  switch (hd) {  // 0: done; 1: no case for this head size; 2: out of memory
+    case 16: return run<16>(backward, h, s, pairs, heads, t, window, scale, threads);
+    case 32: return run<32>(backward, h, s, pairs, heads, t, window, scale, threads);
+    case 64: return run<64>(backward, h, s, pairs, heads, t, window, scale, threads);
+    case 128: return run<128>(backward, h, s, pairs, heads, t, window, scale, threads);
   }
   return 1;
 }

@@ -1,4 +1,4 @@
-"""Band attention's own CPU kernel (band_kernel.cpp): compiled on first use, called through ctypes.
+"""Band attention's own CPU kernel (band_kernel.cpp): compiled on first use, run as PyTorch custom operators.
 
 Each query i attends to the keys i - window < j <= i. PyTorch's CPU flash kernel, which the
 blocked path in model.py calls, computes a whole block of queries against every key any of them
@@ -8,12 +8,13 @@ gradient once (measured against it: README, Speed).
 
 It is built with the machine's C++ compiler ($CXX, else c++) for the machine's own CPU
 (-march=native) into the igpt cache ($IGPT_CACHE, else ~/.cache/igpt), one file per source,
-compiler and CPU, so a later process loads it at once. Where no compiler works, or with
-IGPT_BAND_KERNEL=0, `available()` is False and model.py keeps PyTorch's kernels: float32 only,
-head sizes 16, 32, 64 and 128, eager only (compiled graphs keep the blocked path, which inductor
-fuses). The (batch, head) pairs are shared out over torch's own OpenMP threads: built with
--fopenmp, the library binds to the libgomp that torch loaded, so no second pool competes for
-the cores (one of Python threads did, and lost the kernel's gain inside a training step).
+compiler and CPU, so a later process loads it at once, and called through ctypes inside two
+custom operators (igpt::band_forward, igpt::band_backward), which eager autograd and
+torch.compile both run. It takes float32 with head sizes 16, 32, 64 and 128; where no compiler
+works, or with IGPT_BAND_KERNEL=0, `available()` is False and model.py keeps PyTorch's kernels.
+The (batch, head) pairs are shared out over torch's own OpenMP threads: built with -fopenmp, the
+library binds to the libgomp that torch loaded, so no second pool competes for the cores (one of
+Python threads did, and lost the kernel's gain inside a training step).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -34,7 +36,10 @@ import torch
 from igpt.data.sources import cache_root
 
 SOURCE = Path(__file__).with_name("band_kernel.cpp")
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-Wno-psabi")
+# -ffast-math for the compile only (glibc's vector expf): on the link line GCC before 13 adds
+# crtfastmath.o, which sets flush-to-zero for the whole process once the library loads.
+COMPILE = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-Wno-psabi")
+LINK = ("-shared", "-fopenmp")
 HEAD_DIMS = (16, 32, 64, 128)
 log = logging.getLogger(__name__)
 
@@ -68,17 +73,24 @@ def library() -> ctypes.CDLL | None:
 
 
 def build() -> Path:
-    """band_kernel.cpp compiled for this machine, from the cache when it was built before."""
-    compiler = os.environ.get("CXX") or "c++"
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, cpu_identity()]).encode())
+    """band_kernel.cpp compiled for this machine, from the cache when it was built before.
+
+    The cache key names the compiler by its file (path, size, time), not by running it: a
+    process that finds the kernel built starts no subprocess.
+    """
+    compiler = shutil.which(os.environ.get("CXX") or "c++")
+    if compiler is None:
+        raise OSError(f"no C++ compiler ({os.environ.get('CXX') or 'c++'}) on the PATH")
+    binary = os.stat(compiler)
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, str(binary.st_size), str(binary.st_mtime_ns),
+                                     *COMPILE, *LINK, cpu_identity()]).encode())
     path = cache_root() / "kernels" / f"band_kernel-{key.hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # the cache only ever holds whole files
-            built = Path(scratch) / path.name
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
-                           check=True, timeout=600)
+            built, objects = Path(scratch) / path.name, Path(scratch) / "band_kernel.o"
+            for command in ([*COMPILE, "-c", str(SOURCE), "-o", str(objects)], [*LINK, str(objects), "-o", str(built)]):
+                subprocess.run([compiler, *command], capture_output=True, text=True, check=True, timeout=600)
             os.replace(built, path)
     return path
 
@@ -158,6 +170,9 @@ def run(function, tensors: list[torch.Tensor], strided: list[torch.Tensor], shap
     """Call the kernel over every (batch, head) pair, on torch's threads."""
     b, h, t, hd = shape
     strides = torch.tensor([s for x in strided for s in x.stride()[:3]], dtype=torch.int64)
-    if function(*(x.data_ptr() for x in tensors), strides.data_ptr(), b * h, h, t, hd, window, 1 / math.sqrt(hd),
-                torch.get_num_threads()):
+    status = function(*(x.data_ptr() for x in tensors), strides.data_ptr(), b * h, h, t, hd, window,
+                      1 / math.sqrt(hd), torch.get_num_threads())
+    if status == 1:
         raise ValueError(f"igpt's band kernel has no case for head size {hd} (it takes {HEAD_DIMS})")
+    if status:
+        raise MemoryError("igpt's band kernel could not allocate its working memory")
