@@ -38,6 +38,8 @@ def outputs_and_gradients(attend, qkv, grad, b, h, t, hd, layout):
     q, k, v = (y.view(b, t, h, hd).transpose(1, 2) for y in x.split(h * hd, dim=-1))
     if layout == "contiguous":
         q, k, v = (y.contiguous() for y in (q, k, v))
+    if layout == "every other":  # head_dim at stride 2: the kernel takes a contiguous copy
+        q, k, v = (y.repeat_interleave(2, dim=-1)[..., ::2] for y in (q, k, v))
     out = attend(q, k, v)
     out.backward(grad)
     return out.detach(), x.grad
@@ -46,11 +48,12 @@ def outputs_and_gradients(attend, qkv, grad, b, h, t, hd, layout):
 @needs_kernel
 @pytest.mark.parametrize("b, h, t, hd, window", [(1, 4, 256, 32, 32), (2, 3, 100, 16, 20), (3, 1, 50, 32, 7),
                                                  (1, 2, 37, 64, 64), (2, 2, 70, 128, 33), (1, 1, 5, 16, 1)])
-@pytest.mark.parametrize("layout", ["model", "contiguous"])
+@pytest.mark.parametrize("layout", ["model", "contiguous", "every other"])
 def test_the_kernel_equals_masked_dense_attention_forward_and_backward(b, h, t, hd, window, layout):
     """float32 against float64 SDPA with the band's full mask: whole and ragged tiles, windows
-    narrower than a tile, wider than the sequence, one position; every head size it takes;
-    q, k and v as the model makes them (strided views of one product) or contiguous."""
+    narrower than a tile, wider than the sequence (clamped to it), one position; every head size
+    it takes; q, k and v as the model makes them (strided views of one product), contiguous, or
+    with head_dim at stride 2."""
     torch.manual_seed(0)
     qkv = torch.randn(b, t, 3 * h * hd)
     grad = torch.randn(b, h, t, hd)
@@ -64,9 +67,13 @@ def test_the_kernel_equals_masked_dense_attention_forward_and_backward(b, h, t, 
 
 @needs_kernel
 def test_band_attention_runs_the_kernel_for_float32_and_splits_it_over_threads():
-    """Every (batch, head) pair is computed alone, so one thread or two give the same bits,
-    also for a pair count the threads do not divide; a summed output's gradient (stride 0) works."""
-    q, k, v = (torch.randn(3, 1, 70, 16, requires_grad=True) for _ in range(3))
+    """Every (batch, head) pair is computed alone, so one thread or two give the same bits, also
+    for a pair count the threads do not divide, and both match dense attention under the mask;
+    a summed output's gradient (expanded, stride 0) works."""
+    q, k, v = (torch.randn(3, 1, 70, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    masked_dense(q, k, v, 20).sum().backward()
+    reference = [x.grad for x in (q, k, v)]
+    q, k, v = (x.detach().float().requires_grad_() for x in (q, k, v))
     out = band_attention(q, k, v, 20, 10)
     assert from_the_kernel(out)
     assert not from_the_kernel(band_attention(q.double(), k.double(), v.double(), 20, 10))
@@ -84,6 +91,28 @@ def test_band_attention_runs_the_kernel_for_float32_and_splits_it_over_threads()
         torch.set_num_threads(threads)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+    for ours, theirs in zip(results[0][1:], reference):
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_the_kernel_refuses_what_it_cannot_read():
+    """Checked before any memory is read: shapes, dtypes, the window; the log-sum-exp output
+    carries no gradient (the backward does not compute one)."""
+    q = torch.randn(1, 2, 20, 16)
+    with pytest.raises(ValueError, match="one .* shape"):
+        torch.ops.igpt.band_forward(q, q[:, :, :4], q, 5)
+    with pytest.raises(ValueError, match="float32 tensors on the CPU"):
+        torch.ops.igpt.band_forward(q.double(), q.double(), q.double(), 5)
+    for window in (0, 21):
+        with pytest.raises(ValueError, match="window from 1 to t = 20"):
+            torch.ops.igpt.band_forward(q, q, q, window)
+    with pytest.raises(ValueError, match="at least one position"):
+        band_kernel.band_attention(q, q, q, 0)
+    if band_kernel.available():
+        torch.testing.assert_close(band_kernel.band_attention(q, q, q, 2**40),
+                                   F.scaled_dot_product_attention(q, q, q, is_causal=True), atol=1e-5, rtol=1e-5)
+        out, lse = torch.ops.igpt.band_forward(q.requires_grad_(), q, q, 5)
+        assert out.requires_grad and not lse.requires_grad
 
 
 @needs_kernel
@@ -145,8 +174,8 @@ def test_compiled_training_runs_the_kernel_and_equals_eager(monkeypatch):
     eager = copy.deepcopy(model)
     eager.loss(tokens).backward()
     calls = []
-    run = band_kernel.run
-    monkeypatch.setattr(band_kernel, "run", lambda function, *args: calls.append(function) or run(function, *args))
+    call = band_kernel.call
+    monkeypatch.setattr(band_kernel, "call", lambda function, *args: calls.append(function) or call(function, *args))
     torch._dynamo.reset()
     loss = torch.compile(model.loss, fullgraph=True)(tokens)
     loss.backward()

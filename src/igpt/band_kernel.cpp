@@ -37,8 +37,8 @@ static inline vec splat(float x) { return x - (vec){}; }
 #define ROWS (REGS / 2 < TILE ? REGS / 2 : TILE)
 template <int HD> struct Group { static const int n = (REGS / 2) / (HD / VL) > 0 ? (REGS / 2) / (HD / VL) : 1; };
 
-static inline int64_t first_key(int64_t query, int window) { return query - window + 1 > 0 ? query - window + 1 : 0; }
-static inline int tile_width(int window) { return (window + 2 * TILE - 2) & ~(TILE - 1); }  // keys a tile can see, rounded up
+static inline int64_t first_key(int64_t query, int64_t window) { return query - window + 1 > 0 ? query - window + 1 : 0; }
+static inline int tile_width(int64_t window) { return (int)((window + 2 * TILE - 2) & ~(int64_t)(TILE - 1)); }  // keys a tile can see, rounded up
 
 // x (t rows of HD at stride sx) -> xt (HD rows of tp), zero beyond t so a last partial key tile reads zeros.
 template <int HD>
@@ -82,7 +82,7 @@ static inline void accumulate_transposed(const float (*a)[HD], const float* w, i
 // out[q0 + i] = factor * sum_j w[i][j] * rows[lo + j] for the tile's queries, each over its own window only.
 template <int HD>
 static inline void weighted_rows(const float* w, int width, const float* rows, int64_t sr, int64_t q0, int nq, int64_t lo,
-                                 int window, float factor, float* out, int64_t so) {
+                                 int64_t window, float factor, float* out, int64_t so) {
   const int G = Group<HD>::n;
   for (int i0 = 0; i0 < nq; i0 += G) {
     int n = nq - i0 < G ? nq - i0 : G;
@@ -111,7 +111,7 @@ static inline void load_tile(const float* x, int64_t sx, int64_t q0, int nq, flo
 struct Head { const float *q, *k, *v, *o, *dO, *lse; float *out, *lse_out, *dq, *dk, *dv; int64_t sq, sk, sv, so, sdo, sdq, sdk, sdv; };
 
 template <int HD>
-static void forward_head(const Head& h, int64_t t, int window, float scale, float* kt, float* p) {
+static void forward_head(const Head& h, int64_t t, int64_t window, float scale, float* kt, float* p) {
   const int64_t tp = t + 2 * TILE;
   const int width = tile_width(window);
   transpose<HD>(h.k, h.sk, t, tp, kt);
@@ -141,7 +141,7 @@ static void forward_head(const Head& h, int64_t t, int window, float scale, floa
 }
 
 template <int HD>
-static void backward_head(const Head& h, int64_t t, int window, float scale, float* work, float* p) {
+static void backward_head(const Head& h, int64_t t, int64_t window, float scale, float* work, float* p) {
   const int64_t tp = t + 2 * TILE;
   const int width = tile_width(window);
   float *kt = work, *vt = kt + HD * tp, *dkt = vt + HD * tp, *dvt = dkt + HD * tp, *dp = p + TILE * width;
@@ -187,14 +187,15 @@ static void backward_head(const Head& h, int64_t t, int window, float scale, flo
 // Every (batch, head) pair on its own, shared out over torch's OpenMP threads (the same libgomp
 // torch loaded, so the two never compete for the cores).
 template <int HD>
-static int run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t heads, int64_t t, int window,
+static int run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t heads, int64_t t, int64_t window,
                float scale, int threads) {
   const int64_t tp = t + 2 * TILE;
   int out_of_memory = 0;
 #pragma omp parallel num_threads(threads)
   {
-    float* work = (float*)malloc(sizeof(float) * (4 * HD * tp + 2 * TILE * tile_width(window)));
-    float* p = work + 4 * HD * tp;
+    const int64_t buffers = backward ? 4 : 1;  // k transposed; in the backward also v, dk and dv transposed
+    float* work = (float*)malloc(sizeof(float) * (buffers * HD * tp + 2 * TILE * tile_width(window)));
+    float* p = work ? work + buffers * HD * tp : NULL;
     if (!work) {
 #pragma omp atomic write
       out_of_memory = 1;
@@ -221,7 +222,7 @@ static int run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t h
 }
 
 static int dispatch(bool backward, const Head& h, const int64_t* s, int64_t pairs, int64_t heads, int64_t t,
-                    int64_t hd, int window, float scale, int threads) {
+                    int64_t hd, int64_t window, float scale, int threads) {
   switch (hd) {  // 0: done; 1: no case for this head size; 2: out of memory
     case 16: return run<16>(backward, h, s, pairs, heads, t, window, scale, threads);
     case 32: return run<32>(backward, h, s, pairs, heads, t, window, scale, threads);
@@ -234,7 +235,7 @@ static int dispatch(bool backward, const Head& h, const int64_t* s, int64_t pair
 extern "C" {
 // Every one of the pairs = B x heads: out and lse (B, heads, t, contiguous) from q, k, v.
 int band_forward(const float* q, const float* k, const float* v, float* out, float* lse, const int64_t* strides,
-                 int64_t pairs, int64_t heads, int64_t t, int64_t hd, int window, float scale, int threads) {
+                 int64_t pairs, int64_t heads, int64_t t, int64_t hd, int64_t window, float scale, int threads) {
   Head h = {};
   h.q = q; h.k = k; h.v = v; h.out = out; h.lse_out = lse;
   h.sq = strides[2]; h.sk = strides[5]; h.sv = strides[8]; h.so = strides[11];
@@ -244,7 +245,7 @@ int band_forward(const float* q, const float* k, const float* v, float* out, flo
 // Every pair's dq, dk, dv from the forward's q, k, v, out and lse and the output's gradient dO.
 int band_backward(const float* q, const float* k, const float* v, const float* out, const float* lse, const float* dO,
                   float* dq, float* dk, float* dv, const int64_t* strides, int64_t pairs, int64_t heads, int64_t t,
-                  int64_t hd, int window, float scale, int threads) {
+                  int64_t hd, int64_t window, float scale, int threads) {
   Head h = {};
   h.q = q; h.k = k; h.v = v; h.o = out; h.lse = lse; h.dO = dO; h.dq = dq; h.dk = dk; h.dv = dv;
   h.sq = strides[2]; h.sk = strides[5]; h.sv = strides[8]; h.so = strides[11]; h.sdo = strides[14];

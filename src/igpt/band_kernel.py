@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -60,16 +61,24 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("IGPT_BAND_KERNEL", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
-    except (OSError, subprocess.SubprocessError) as error:
+        lib = load(build())
+    except (OSError, subprocess.SubprocessError, ValueError, RuntimeError) as error:
         detail = getattr(error, "stderr", None) or error
         log.info("igpt's band kernel is not built, so band attention uses PyTorch's kernels: %s", detail)
         return None
     pointers, longs = [ctypes.c_void_p], [ctypes.c_int64]
-    tail = longs * 4 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]  # pairs, heads, t, head_dim, window, scale, threads
+    tail = longs * 5 + [ctypes.c_float, ctypes.c_int]  # pairs, heads, t, head_dim, window, scale, threads
     lib.band_forward.argtypes = pointers * 6 + tail
     lib.band_backward.argtypes = pointers * 10 + tail
     return lib
+
+
+def load(path: Path) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # not a library: the next process builds it again
+        raise
 
 
 def build() -> Path:
@@ -78,19 +87,21 @@ def build() -> Path:
     The cache key names the compiler by its file (path, size, time), not by running it: a
     process that finds the kernel built starts no subprocess.
     """
-    compiler = shutil.which(os.environ.get("CXX") or "c++")
+    name, *options = shlex.split(os.environ.get("CXX") or "c++")  # CXX may be a command: "ccache g++"
+    compiler = shutil.which(name)
     if compiler is None:
-        raise OSError(f"no C++ compiler ({os.environ.get('CXX') or 'c++'}) on the PATH")
+        raise OSError(f"no C++ compiler ({name}) on the PATH")
     binary = os.stat(compiler)
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, str(binary.st_size), str(binary.st_mtime_ns),
-                                     *COMPILE, *LINK, cpu_identity()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *options, str(binary.st_size),
+                                     str(binary.st_mtime_ns), *COMPILE, *LINK, cpu_identity()]).encode())
     path = cache_root() / "kernels" / f"band_kernel-{key.hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # the cache only ever holds whole files
             built, objects = Path(scratch) / path.name, Path(scratch) / "band_kernel.o"
             for command in ([*COMPILE, "-c", str(SOURCE), "-o", str(objects)], [*LINK, str(objects), "-o", str(built)]):
-                subprocess.run([compiler, *command], capture_output=True, text=True, check=True, timeout=600)
+                subprocess.run([compiler, *options, *command], capture_output=True, text=True, check=True,
+                               timeout=600)
             os.replace(built, path)
     return path
 
@@ -109,52 +120,68 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
 
     The output comes in the model's (B, t, heads, head_dim) layout, as SDPA's does; the backward
     recomputes the probabilities from the saved log-sum-exp, as flash attention does. Both are
-    PyTorch custom operators, so torch.compile calls them as they are (and FlopCounterMode sees them).
+    PyTorch custom operators, so torch.compile calls them as they are.
     """
-    return torch.ops.igpt.band_forward(q, k, v, window)[0]
+    if window < 1:
+        raise ValueError(f"a band needs a window of at least one position, not {window}")
+    return torch.ops.igpt.band_forward(q, k, v, min(window, q.shape[2]))[0]
 
 
-def new_like_heads(q: torch.Tensor) -> torch.Tensor:
-    """A (B, heads, t, head_dim) tensor laid out as (B, t, heads, head_dim), as the model's q/k/v product is."""
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> None:
+    """What the kernel reads without asking: one shape, float32, CPU memory, a window within the sequence."""
+    if not (q.shape == k.shape == v.shape and q.dim() == 4):
+        raise ValueError(f"igpt's band kernel takes q, k and v of one (B, heads, t, head_dim) shape, "
+                         f"not {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if any(x.dtype != torch.float32 or x.device.type != "cpu" for x in (q, k, v)):
+        raise ValueError("igpt's band kernel takes float32 tensors on the CPU")
+    if not 1 <= window <= max(q.shape[2], 1):
+        raise ValueError(f"igpt's band kernel takes a window from 1 to t = {q.shape[2]}, not {window}")
+
+
+def heads_layout(q: torch.Tensor) -> torch.Tensor:
+    """A new (B, heads, t, head_dim) tensor laid out as (B, t, heads, head_dim), as the model's q/k/v product is."""
     b, h, t, hd = q.shape
     return q.new_empty(b, t, h, hd).transpose(1, 2)
 
 
 @torch.library.custom_op("igpt::band_forward", mutates_args=())
 def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    check_inputs(q, k, v, window)
     q, k, v = (unit_stride(x) for x in (q, k, v))
-    out, lse = band_forward_shapes(q, k, v, window)
-    run(library().band_forward, [q, k, v, out, lse], [q, k, v, out], q.shape, window)
+    out, lse = heads_layout(q), q.new_empty(q.shape[:3])
+    call(library().band_forward, [q, k, v, out, lse], [q, k, v, out], q.shape, window)
     return out, lse
 
 
 @band_forward.register_fake
 def band_forward_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return new_like_heads(q), q.new_empty(q.shape[:3])
+    check_inputs(q, k, v, window)
+    return heads_layout(q), q.new_empty(q.shape[:3])
 
 
 @torch.library.custom_op("igpt::band_backward", mutates_args=())
 def band_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad, q, k, v, out = (unit_stride(x) for x in (grad, q, k, v, out))
-    dq, dk, dv = band_backward_shapes(grad, q, k, v, out, lse, window)
-    run(library().band_backward, [q, k, v, out, lse, grad, dq, dk, dv], [q, k, v, out, grad, dq, dk, dv],
-        q.shape, window)
+    dq, dk, dv = heads_layout(q), heads_layout(q), heads_layout(q)
+    call(library().band_backward, [q, k, v, out, lse.contiguous(), grad, dq, dk, dv],
+         [q, k, v, out, grad, dq, dk, dv], q.shape, window)
     return dq, dk, dv
 
 
 @band_backward.register_fake
 def band_backward_shapes(grad, q, k, v, out, lse, window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return new_like_heads(q), new_like_heads(q), new_like_heads(q)
+    return heads_layout(q), heads_layout(q), heads_layout(q)
 
 
 def save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
     q, k, v, window = inputs
     ctx.save_for_backward(q, k, v, *output)
+    ctx.mark_non_differentiable(output[1])  # the log-sum-exp is the backward's, not a result to train through
     ctx.window = window
 
 
-def gradients(ctx, grad: torch.Tensor, lse_grad: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def gradients(ctx, grad: torch.Tensor, lse_grad: None) -> tuple[torch.Tensor, ...]:
     q, k, v, out, lse = ctx.saved_tensors
     return *band_backward(grad, q, k, v, out, lse, ctx.window), None
 
@@ -166,7 +193,7 @@ def unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def run(function, tensors: list[torch.Tensor], strided: list[torch.Tensor], shape: torch.Size, window: int) -> None:
+def call(function, tensors: list[torch.Tensor], strided: list[torch.Tensor], shape: torch.Size, window: int) -> None:
     """Call the kernel over every (batch, head) pair, on torch's threads."""
     b, h, t, hd = shape
     strides = torch.tensor([s for x in strided for s in x.stride()[:3]], dtype=torch.int64)
