@@ -246,8 +246,8 @@ def test_training_flops_fall_as_the_patterns_promise(monkeypatch):
     square of its first w positions (plain causal attention) and then, per query, its row
     block and the w // side blocks before it, (n - w) x (w + side); a column side x rows^2 =
     n x side. Each of a layer's six products (two forward, four backward) costs 2 x keys x width,
-    summed over queries. igpt's C++ band kernel is invisible to the counter, so the blocks run
-    here (test_band_kernel.py checks the kernel's own results)."""
+    summed over queries. The counter cannot see inside igpt's C++ band kernel (its operators count
+    nothing), so the blocks run here; test_band_kernel.py checks the kernel's own results."""
     monkeypatch.setattr(band_kernel, "applies", lambda q: False)
     side, width, batch, layers = 16, 32, 2, 2
     n = side * side
