@@ -63,6 +63,22 @@ def random_model(objective: str = "ar", **changes):
     return model.eval()
 
 
+def qkv_outputs_and_gradients(attend, qkv, grad, heads: int, layout: str = "model"):
+    """attend's output and the gradient of the (B, t, 3 x width) product that q, k and v come from,
+    as (B, heads, t, head_dim): views of it as the model makes them ("model"), contiguous copies, or
+    ("every other") with head_dim at stride 2."""
+    b, t, width = qkv.shape
+    x = qkv.clone().requires_grad_()
+    q, k, v = (y.view(b, t, heads, width // 3 // heads).transpose(1, 2) for y in x.split(width // 3, dim=-1))
+    if layout == "contiguous":
+        q, k, v = (y.contiguous() for y in (q, k, v))
+    if layout == "every other":
+        q, k, v = (y.repeat_interleave(2, dim=-1)[..., ::2] for y in (q, k, v))
+    out = attend(q, k, v)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
 KILLED_AT_STEP_10 = (
     "import os, signal, sys\n"
     "from igpt.checkpoint import RunFolder\n"

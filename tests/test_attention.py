@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
-from conftest import PAPER, TINY_RUN, random_model
+from conftest import PAPER, TINY_RUN, qkv_outputs_and_gradients, random_model
 from igpt import IgptError
 from igpt import band_kernel
 from igpt import model as model_module
@@ -299,15 +299,9 @@ def test_band_and_column_attention_equal_masked_dense_attention_forward_and_back
     masks = {"band": (j <= i) & (j > i - window), "column": (j <= i) & ((i - j) % block == 0)}
     for name, attend in (("band", lambda q, k, v: band_attention(q, k, v, window, block)),
                          ("column", lambda q, k, v: column_attention(q, k, v, block))):
-        results = []
-        for fn in (attend, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=masks[name])):
-            x = qkv.clone().requires_grad_()
-            q, k, v = (y.view(b, t, h, hd).transpose(1, 2) for y in x.split(h * hd, dim=-1))
-            if layout == "contiguous":
-                q, k, v = (y.contiguous() for y in (q, k, v))
-            out = fn(q, k, v)
-            out.backward(grad)
-            results.append((out.detach(), x.grad))
+        results = [qkv_outputs_and_gradients(fn, qkv, grad, h, layout) for fn in
+                   (attend, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v,
+                                                                                            attn_mask=masks[name]))]
         for ours, dense in zip(*results):
             torch.testing.assert_close(ours, dense, atol=1e-12, rtol=0, msg=name)
 

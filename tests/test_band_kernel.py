@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from igpt import band_kernel
+from conftest import qkv_outputs_and_gradients
 from igpt.model import ImageGPT, ImageGPTConfig, band_attention
 
 needs_kernel = pytest.mark.skipif(not band_kernel.available(), reason="no C++ compiler builds igpt's band kernel here")
@@ -32,17 +33,13 @@ def masked_dense(q, k, v, window):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - window))
 
 
-def outputs_and_gradients(attend, qkv, grad, b, h, t, hd, layout):
-    """attend's output and the gradient of the (B, t, 3 x width) product that q, k and v come from."""
-    x = qkv.clone().requires_grad_()
-    q, k, v = (y.view(b, t, h, hd).transpose(1, 2) for y in x.split(h * hd, dim=-1))
-    if layout == "contiguous":
-        q, k, v = (y.contiguous() for y in (q, k, v))
-    if layout == "every other":  # head_dim at stride 2: the kernel takes a contiguous copy
-        q, k, v = (y.repeat_interleave(2, dim=-1)[..., ::2] for y in (q, k, v))
-    out = attend(q, k, v)
-    out.backward(grad)
-    return out.detach(), x.grad
+def trainable_band_model(attention: str) -> ImageGPT:
+    """A 16x16 model whose head is not zero (zero-initialised, it would stop every other gradient)."""
+    torch.manual_seed(0)
+    model = ImageGPT(ImageGPTConfig(vocab_size=16, n_ctx=256, n_embd=64, n_layer=2, n_head=2, positions="2d",
+                                    attention=attention, window_rows=2))
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    return model
 
 
 @needs_kernel
@@ -57,10 +54,9 @@ def test_the_kernel_equals_masked_dense_attention_forward_and_backward(b, h, t, 
     torch.manual_seed(0)
     qkv = torch.randn(b, t, 3 * h * hd)
     grad = torch.randn(b, h, t, hd)
-    ours = outputs_and_gradients(lambda q, k, v: band_kernel.band_attention(q, k, v, window),
-                                 qkv, grad, b, h, t, hd, layout)
-    dense = outputs_and_gradients(lambda q, k, v: masked_dense(q, k, v, window),
-                                  qkv.double(), grad.double(), b, h, t, hd, layout)
+    ours = qkv_outputs_and_gradients(lambda q, k, v: band_kernel.band_attention(q, k, v, window), qkv, grad, h, layout)
+    dense = qkv_outputs_and_gradients(lambda q, k, v: masked_dense(q, k, v, window), qkv.double(), grad.double(), h,
+                                      layout)
     for got, want in zip(ours, dense):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
@@ -119,10 +115,7 @@ def test_the_kernel_refuses_what_it_cannot_read():
 @pytest.mark.parametrize("attention", ["local", "strided"])
 def test_a_training_step_is_the_same_with_and_without_the_kernel(attention, monkeypatch):
     """The whole model's loss and every parameter's gradient, the kernel against the blocked path."""
-    torch.manual_seed(0)
-    model = ImageGPT(ImageGPTConfig(vocab_size=16, n_ctx=256, n_embd=64, n_layer=2, n_head=2, positions="2d",
-                                    attention=attention))
-    torch.nn.init.normal_(model.head.weight, std=0.02)  # zero-initialised, it would stop every other gradient
+    model = trainable_band_model(attention)
     tokens = torch.randint(0, 16, (2, 256))
     results = []
     for kernel in (True, False):
@@ -166,10 +159,7 @@ def test_without_the_kernel_band_attention_keeps_pytorchs(environment, tmp_path,
 @pytest.mark.slow
 def test_compiled_training_runs_the_kernel_and_equals_eager(monkeypatch):
     """torch.compile calls the kernel's operators as they are (no graph break, no fallback)."""
-    torch.manual_seed(0)
-    model = ImageGPT(ImageGPTConfig(vocab_size=16, n_ctx=256, n_embd=64, n_layer=2, n_head=2, positions="2d",
-                                    attention="local", window_rows=2))
-    torch.nn.init.normal_(model.head.weight, std=0.02)
+    model = trainable_band_model("local")
     tokens = torch.randint(0, 16, (2, 256))
     eager = copy.deepcopy(model)
     eager.loss(tokens).backward()

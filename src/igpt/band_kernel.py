@@ -146,15 +146,15 @@ def heads_layout(q: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("igpt::band_forward", mutates_args=())
 def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    check_inputs(q, k, v, window)
     q, k, v = (unit_stride(x) for x in (q, k, v))
-    out, lse = heads_layout(q), q.new_empty(q.shape[:3])
+    out, lse = band_forward_shapes(q, k, v, window)  # the checks, and the outputs to fill
     call(library().band_forward, [q, k, v, out, lse], [q, k, v, out], q.shape, window)
     return out, lse
 
 
 @band_forward.register_fake
 def band_forward_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outputs, empty, for tracing and for the kernel to fill: out in the model's layout, the log-sum-exp."""
     check_inputs(q, k, v, window)
     return heads_layout(q), q.new_empty(q.shape[:3])
 
@@ -163,7 +163,7 @@ def band_forward_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
 def band_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad, q, k, v, out = (unit_stride(x) for x in (grad, q, k, v, out))
-    dq, dk, dv = heads_layout(q), heads_layout(q), heads_layout(q)
+    dq, dk, dv = band_backward_shapes(grad, q, k, v, out, lse, window)
     call(library().band_backward, [q, k, v, out, lse.contiguous(), grad, dq, dk, dv],
          [q, k, v, out, grad, dq, dk, dv], q.shape, window)
     return dq, dk, dv
@@ -171,7 +171,7 @@ def band_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 @band_backward.register_fake
 def band_backward_shapes(grad, q, k, v, out, lse, window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return heads_layout(q), heads_layout(q), heads_layout(q)
+    return tuple(heads_layout(q) for _ in range(3))
 
 
 def save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
