@@ -54,6 +54,8 @@ VARIANTS = {  # name: changes to the base (PretrainConfig fields, and "resolutio
     "strided-2d batch 16": {"positions": "2d", "attention": "strided", "batch_size": 16},  # two winners together
     "strided-2d batch 16 wide 2x192": {"positions": "2d", "attention": "strided", "batch_size": 16,
                                        "n_layer": 2, "n_embd": 192, "n_head": 4},  # and the width winner
+    "strided-2d batch 16 4x192": {"positions": "2d", "attention": "strided", "batch_size": 16,  # wider, not shallower
+                                  "n_layer": 4, "n_embd": 192, "n_head": 6},
 }
 # Variants whose bits/pixel do not compare with the base's: other tokens, or BERT's masked-pixel loss.
 INCOMPARABLE = {"resolution", "clusters", "objective"}
@@ -74,30 +76,55 @@ def folder_name(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name)
 
 
+def variant_shape(plan: str, name: str) -> tuple[dict, int]:
+    """A variant's PretrainConfig fields (the base's, changed) and its resolution."""
+    plan = PLANS[plan]
+    changes = {**BASE, "clusters": plan.clusters, "resolution": plan.resolution, **VARIANTS[name]}
+    return changes, changes.pop("resolution")
+
+
+def median_step(changes: dict, resolution: int, compile: bool, steps: int) -> float:
+    """The median of `steps` of the variant's optimizer steps alone, on random tokens (igpt.demo.time_step)."""
+    import torch
+
+    config = PretrainConfig(**changes).model_config(changes["clusters"], resolution)
+    return time_step(config, changes["batch_size"], torch.device("cpu"), "fp32", steps=steps, compile=compile)
+
+
+def time_steps(names: list[str], plan: str, rounds: int = 3) -> None:
+    """Each variant's step eager and compiled, in turns (the best of `rounds` medians of 8 steps each): whether
+    --compile buys steps for it on this machine."""
+    print("| variant | eager s/step | compiled s/step | compiled speed-up |\n|---|---|---|---|")
+    for name in names:
+        changes, resolution = variant_shape(plan, name)
+        times = {False: [], True: []}
+        for _ in range(rounds):
+            for compile, seconds in times.items():
+                seconds.append(median_step(changes, resolution, compile, steps=8))
+        eager, compiled = min(times[False]), min(times[True])
+        print(f"| {name} | {eager:.3f} | {compiled:.3f} | {eager / compiled:.2f}x |", flush=True)
+
+
 def run_variant(name: str, args, out: Path, baselines: bool) -> Path:
     """Train and probe one variant into out/<name>, each step only when its result is missing.
 
     baselines: probe raw pixels and the random-init network beside it (one row per study does)."""
-    plan = PLANS[args.plan]
-    changes = {**BASE, "clusters": plan.clusters, "resolution": plan.resolution, **VARIANTS[name]}
-    resolution = changes.pop("resolution")
+    changes, resolution = variant_shape(args.plan, name)
     run = out / folder_name(name)
     data = ["--data", args.data or args.plan] + (["--data-dir", args.data_dir] if args.data_dir else [])
     igpt = [sys.executable, "-m", "igpt.cli"]
     if not (run / "study.json").exists():
-        import torch
-
-        config = PretrainConfig(**changes).model_config(changes["clusters"], resolution)
-        seconds = min(time_step(config, changes["batch_size"], torch.device("cpu"), "fp32", steps=2)
-                      for _ in range(3))
+        seconds = min(median_step(changes, resolution, args.compile, steps=2) for _ in range(3))
         steps = max(10, int(args.minutes * 60 / seconds))
         print(f"== {name}: {seconds:.3f} s/step alone, {steps} steps for {args.minutes:g} minutes", flush=True)
         subprocess.run(igpt + ["train", *data, "--resolution", str(resolution), *flags(changes), "--steps", str(steps),
                                "--eval-every", str(max(1, steps // 10)), "--eval-batches", "8", "--save-every",
-                               str(steps), "--sample-every", str(steps), "--device", "cpu", "--out", str(run)],
+                               str(steps), "--sample-every", str(steps), "--device", "cpu", "--out", str(run)]
+                       + (["--compile"] if args.compile else []),
                        check=True)
         (run / "study.json").write_text(json.dumps({"name": name, "changes": VARIANTS[name], "seconds_per_step":
-                                                    seconds, "steps": steps, "minutes": args.minutes}))
+                                                    seconds, "steps": steps, "minutes": args.minutes,
+                                                    "compile": args.compile}))
     if not (run / "probe.json").exists():
         subprocess.run(igpt + ["probe", "--ckpt", str(run), "--max-train", str(args.probe_train), "--labels-per-class",
                                args.labels_per_class, "--out", str(run / "probe.json")]
@@ -128,7 +155,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         few = [f"{100 * r['few'][k]['test_acc']:.1f} ± {100 * r['few'][k]['test_std']:.1f}" if k in r["few"] else "-"
                for k in ks]
-        lines.append("| " + " | ".join([r["name"], f"{r['seconds_per_step']:.3f}", str(r["steps"]),
+        name = r["name"] + (" (compiled)" if r.get("compile") else "")
+        lines.append("| " + " | ".join([name, f"{r['seconds_per_step']:.3f}", str(r["steps"]),
                                         f"{r['val_bits_per_pixel']:.3f}" + ("" if r["comparable"] else " *"),
                                         str(r["best_layer"]), f"{100 * r['best_test_acc']:.1f}"] + few) + " |")
     base = base_row(rows)
@@ -207,11 +235,17 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="folder holding existing copies of the named data set")
     parser.add_argument("--minutes", type=float, default=10.0, help="optimizer-step budget per run, on this CPU")
     parser.add_argument("--only", nargs="*", default=None, choices=sorted(VARIANTS), help="these variants only")
+    parser.add_argument("--compile", action="store_true", help="train (and time the step) with torch.compile: "
+                        "more steps in the same minutes where it makes the step faster")
+    parser.add_argument("--time-steps", action="store_true", help="only time each variant's step, eager and "
+                        "compiled (no training)")
     parser.add_argument("--out", default=None, help="default: runs/study-<data>-<minutes>min")
     parser.add_argument("--probe-train", type=int, default=15_000, help="training images for the probe")
     parser.add_argument("--labels-per-class", default="4,25")
     parser.add_argument("--no-base", action="store_true", help="leave the base run out (a long budget spent on "
                         "the winners only); the first variant then carries the baselines")
+    parser.add_argument("--no-baselines", action="store_true", help="probe no baselines (another study has them on "
+                        "the same splits: the probe's splits depend only on the data and --probe-train)")
     parser.add_argument("--plot", default=None, help="default: <out>/probe-vs-bpp.png")
     parser.add_argument("--plot-with", nargs="*", default=[], help="other studies' folders: their finished variants "
                         "join the plot, a panel per data set")
@@ -220,9 +254,12 @@ def main() -> None:
         if not Path(other).is_dir():
             parser.error(f"--plot-with {other}: no such study folder (a runs/study-<data>-<minutes>min)")
     reuse_freed_memory()  # as in the `igpt train` it times the step for
+    if args.time_steps:
+        time_steps(args.only or list(VARIANTS), args.plan)
+        return
     out = Path(args.out or f"runs/study-{args.plan}-{args.minutes:g}min")
     names = ([] if args.no_base else ["base"]) + [n for n in (args.only or VARIANTS) if n != "base"]
-    rows = [row(run_variant(name, args, out, baselines=name == names[0])) for name in names]
+    rows = [row(run_variant(name, args, out, baselines=name == names[0] and not args.no_baselines)) for name in names]
     print(table(rows))
     rows += [r for other in args.plot_with for r in finished(Path(other))]
     for (data, _), panel in panels(rows).items():

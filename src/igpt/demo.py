@@ -131,9 +131,11 @@ def default_out(spec: str) -> Path:
     return candidate
 
 
-def time_step(config: ImageGPTConfig, batch_size: int, device: torch.device, precision: str, steps: int = 5) -> float:
-    """Seconds per optimizer step of this model on random tokens (after one warm-up step), through the loop's own
-    step: the median of `steps` steps timed one by one, so one slow step (a busy machine) does not size the run."""
+def time_step(config: ImageGPTConfig, batch_size: int, device: torch.device, precision: str, steps: int = 5,
+              compile: bool = False) -> float:
+    """Seconds per optimizer step of this model on random tokens (after warm-up steps), through the loop's own
+    step: the median of `steps` steps timed one by one, so one slow step (a busy machine) does not size the run.
+    compile: time the model as `igpt train --compile` runs it (its compilation is left out)."""
     from igpt.batches import Batch
     from igpt.distributed import World, synchronize
     from igpt.train import make_optimizer, train_step
@@ -144,11 +146,13 @@ def time_step(config: ImageGPTConfig, batch_size: int, device: torch.device, pre
         batch = Batch(torch.randint(0, config.vocab_size, (batch_size, config.n_ctx)))
     optimizer = make_optimizer(model.parameters(), lr=1e-4)
     world = World(device=device)
+    step_model = torch.compile(model) if compile else model
 
     def one():
-        train_step(model, optimizer, batch, world=world, precision=precision)
+        train_step(step_model, optimizer, batch, world=world, precision=precision)
 
-    one()
+    for _ in range(3 if compile else 1):  # a compiled model may compile again on its second call
+        one()
     seconds = []
     for _ in range(steps):
         synchronize(device)
