@@ -60,6 +60,8 @@ VARIANTS = {  # name: changes to the base (PretrainConfig fields, and "resolutio
                                        "n_layer": 2, "n_embd": 192, "n_head": 4},  # and the width winner
     "strided-2d batch 16 4x192": {"positions": "2d", "attention": "strided", "batch_size": 16,  # wider, not shallower
                                   "n_layer": 4, "n_embd": 192, "n_head": 6},
+    "strided-2d batch 16 4x256": {"positions": "2d", "attention": "strided", "batch_size": 16,  # wider still
+                                  "n_layer": 4, "n_embd": 256, "n_head": 8},
 }
 # Variants whose bits/pixel do not compare with the base's: other tokens, or BERT's masked-pixel loss.
 INCOMPARABLE = {"resolution", "clusters", "objective"}
