@@ -64,8 +64,18 @@ def init_world(device: str | None = None) -> World:
     return World(rank=rank, size=size, local_rank=local_rank, device=dev)
 
 
-def close_world(world: World) -> None:
+def close_world(world: World, finished: bool = True) -> None:
+    """Leave the process group; after a normal end, only once every rank has reached this point.
+
+    A rank that left early went on to interpreter shutdown while gloo's worker thread could still
+    be releasing its last collective's tensors, which takes the GIL: the thread was killed
+    mid-destructor and the process aborted ("terminate called without an active exception").
+    The barrier, waited on with the GIL released, lets that release finish first. After an error
+    it is skipped: the other ranks may never arrive.
+    """
     if world.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -236,15 +236,15 @@ class Trainer:
         except BaseException:
             if self.world.is_main:
                 self.folder.discard_if_empty()
-            self.close()
+            self.close(finished=False)
             raise
         self._stop = False
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         """Release the run folder (its lock and writers) and the process group."""
         if self.world.is_main:
             self.folder.close()
-        close_world(self.world)
+        close_world(self.world, finished)
 
     # -- pieces of the loop
     def _improved(self, score: float) -> bool:
@@ -285,9 +285,12 @@ class Trainer:
     def run(self) -> dict:
         """Train from the last checkpoint to the end; returns the task's result. Releases the folder."""
         try:
-            return self._run()
-        finally:
-            self.close()
+            result = self._run()
+        except BaseException:
+            self.close(finished=False)
+            raise
+        self.close()
+        return result
 
     def _run(self) -> dict:
         cfg, world, task = self.cfg, self.world, self.task
