@@ -64,7 +64,7 @@ def init_world(device: str | None = None) -> World:
     return World(rank=rank, size=size, local_rank=local_rank, device=dev)
 
 
-def close_world(world: World, finished: bool = True) -> None:
+def close_world(world: World, finished: bool) -> None:
     """Leave the process group; after a normal end, only once every rank has reached this point.
 
     A rank that left early went on to interpreter shutdown while gloo's worker thread could still
