@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,48 @@ def test_compiled_training_takes_the_eager_steps(tmp_path):
     assert step_losses(compiled) == pytest.approx(losses, abs=1e-4) and len(losses) == 4
     for a, b in zip(load_run(eager)[0].parameters(), load_run(compiled)[0].parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_minutes_size_the_run_that_its_steps_give(tmp_path, monkeypatch):
+    """--minutes times the loop's steps and undoes them: the run it sizes is the one --steps gives, ends within
+    the budget, and resumes with its sized count."""
+    import igpt.train as train_module
+
+    monkeypatch.setattr(train_module, "BUDGET_SHARE", 0.5)  # slack, so that a busy machine does not hit the deadline
+    start = time.perf_counter()
+    budgeted = train(tmp_path, "budgeted", steps=None, minutes=0.1)
+    wall = time.perf_counter() - start
+    steps = json.loads((budgeted / "run.json").read_text())["config"]["steps"]
+    assert steps >= 4 and wall < 0.1 * 60
+    fixed = train(tmp_path, "fixed", steps=steps)
+    assert step_losses(budgeted) == step_losses(fixed) and max(step_losses(fixed)) == steps
+    for a, b in zip(load_run(budgeted)[0].parameters(), load_run(fixed)[0].parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    result = Trainer(pretraining(steps=None, minutes=0.1), budgeted, resume=True, log=lambda *_: None).run()
+    assert result["step"] == steps
+
+
+def test_minutes_end_the_run_at_the_deadline(tmp_path, monkeypatch):
+    """Steps slower than timed (here: twenty times too many sized) end at the deadline, validated and saved."""
+    import igpt.train as train_module
+
+    monkeypatch.setattr(train_module, "BUDGET_SHARE", 20.0)
+    start = time.perf_counter()
+    run = train(tmp_path, steps=None, minutes=0.1)
+    wall = time.perf_counter() - start
+    done, sized = max(step_losses(run)), json.loads((run / "run.json").read_text())["config"]["steps"]
+    assert done < sized and wall < 0.1 * 60 + 3
+    state = RunFolder(run).train_state()
+    assert state["finished"] and state["step"] == done
+    assert max(r["step"] for r in RunFolder(run).metrics() if "val_loss" in r) == done
+
+
+def test_minutes_spent_before_the_first_step_are_refused(tmp_path):
+    with pytest.raises(IgptError, match="--minutes 0.0001 is spent before the first step"):
+        train(tmp_path, steps=None, minutes=1e-4)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(IgptError, match="--minutes must be positive"):
+        PretrainConfig(minutes=0)
 
 
 def test_bert_objective_trains(tmp_path):

@@ -134,6 +134,9 @@ class Pretraining(Task):
                            precision=cfg.precision, world=world, max_batches=cfg.eval_batches)
         return {"val_loss": loss, "val_bits_per_pixel": loss / LN2}
 
+    def after_step_every(self) -> int | None:
+        return self.cfg.sample_every if self.cfg.objective == "ar" else None
+
     def after_step(self, trainer, step: int, last: bool) -> None:
         """A grid of samples every `sample_every` steps and at the end (ar; not under multi-process FSDP)."""
         world, cfg = trainer.world, self.cfg

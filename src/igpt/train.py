@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -22,16 +23,18 @@ import torch
 import torch.nn.functional as F
 
 from igpt.batches import Batch, Batches, Prefetcher, Stream, bert_mask, seed_of
-from igpt.checkpoint import RunFolder
+from igpt.checkpoint import RUN_CONFIG, RunFolder
 from igpt.config import check, differences, option
 from igpt.data import DataConfig
-from igpt.distributed import World, all_sum, close_world, full_state, init_world, load_full_state, no_sync, on_main, wrap
+from igpt.distributed import (World, all_sum, close_world, full_state, init_world, load_full_state, no_sync, on_main,
+                               synchronize, wrap)
 from igpt.errors import IgptError
 from igpt.model import ImageGPT, nll
 from igpt.palette import Palette
 from igpt.precision import PRECISIONS, autocast
 
 SCHEDULES = ("cosine", "constant")
+BUDGET_SHARE = 0.98  # of what --minutes leaves for the steps: the rest is the end's samples and checkpoint
 
 
 @dataclass
@@ -48,6 +51,8 @@ class TrainConfig:
     warmup: int | None = option(None, "warm-up steps (default: about one epoch, at most a fifth of the run)")
     steps: int | None = option(None, "optimizer steps (overrides --epochs)")
     epochs: float | None = option(None, "passes over the training images when --steps is not given (1 if neither is)")
+    minutes: float | None = option(None, "wall-clock budget when --steps is not given: as many steps as the loop, "
+                                         "timed, fits, and a stop at the deadline (overrides --epochs)")
     grad_clip: float = option(1.0, "clip the gradient norm to this")
     seed: int = option(0, "seed of every random stream (batches, crops, masks, initialisation)")
     precision: str = option("fp32", "fp32 | bf16 (autocast)", choices=PRECISIONS)
@@ -60,8 +65,8 @@ class TrainConfig:
     patience: int | None = option(None, "stop after this many validations without improvement")
 
     def __post_init__(self):
-        positive = ("batch_size", "grad_accum", "steps", "epochs", "eval_every", "eval_batches", "save_every",
-                    "patience")
+        positive = ("batch_size", "grad_accum", "steps", "epochs", "minutes", "eval_every", "eval_batches",
+                    "save_every", "patience")
         check([(getattr(self, name) is None or getattr(self, name) > 0,
                 f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}") for name in positive] + [
             (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "--lr must be a positive number"),
@@ -199,6 +204,10 @@ class Task:
     def after_step(self, trainer: "Trainer", step: int, last: bool) -> None:
         """Anything else to do after step `step` (sample grids, say)."""
 
+    def after_step_every(self) -> int | None:
+        """Every how many steps `after_step` works (besides the last step), for --minutes' sizing; None: never."""
+        return None
+
     def finish(self, trainer: "Trainer", summary: dict) -> dict:
         """The run's result, once the loop has ended (not on an interruption)."""
         return summary
@@ -209,16 +218,20 @@ class Trainer:
 
     def __init__(self, task: Task, out: str | Path, *, resume: bool = False, log=print, progress: bool = True):
         self.task, self.cfg, self.log, self.progress = task, task.cfg, log, progress
+        self.started = time.perf_counter()  # --minutes counts from here: the palette fit and the data are in it
         cfg = self.cfg
         self.world = init_world(cfg.device)
         self.folder = RunFolder(out)
+        # a run sized by --minutes resumes with the step count it was given, so that it ends where it would have
+        self.budgeted = cfg.minutes is not None and cfg.steps is None
+        if resume and self.budgeted and self.folder.path.is_dir() and (self.folder.path / RUN_CONFIG).is_file():
+            cfg.steps = (self.folder.run_config().get("config") or {}).get("steps")
+            self.budgeted = cfg.steps is None
         on_main(self.world, lambda: self.folder.prepare(resume=resume, differences=task.differences))
         try:
             task.prepare(self.folder, resume, self.world, log)
-            self.total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(task.batches.tokens) / cfg.batch_size))
-            per_epoch = task.batches.per_epoch
-            self.warmup = cfg.warmup if cfg.warmup is not None else min(per_epoch, self.total // 5)
-            self.eval_every = cfg.eval_every or per_epoch
+            self.eval_every = cfg.eval_every or task.batches.per_epoch
+            self._schedule(cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(task.batches.tokens) / cfg.batch_size)))
             self.save_every = cfg.save_every or self.eval_every
             if cfg.micro_batch % self.world.size:
                 raise IgptError(f"the micro-batch ({cfg.micro_batch} = batch {cfg.batch_size} / accum "
@@ -233,6 +246,10 @@ class Trainer:
                 self.stale, self.finished = state.get("stale", 0), state.get("finished", False)
                 load_full_state(self.engine, self.optimizer, state["model"], state["optimizer"])
             self.step_fn = torch.compile(self.engine) if cfg.compile else self.engine
+            self.bert = self.model.config.objective == "bert" and task.gen_weight > 0
+            self.deadline = None
+            if self.budgeted and self.start == 0:
+                self._fit_budget()
         except BaseException:
             if self.world.is_main:
                 self.folder.discard_if_empty()
@@ -247,6 +264,82 @@ class Trainer:
         close_world(self.world, finished)
 
     # -- pieces of the loop
+    def _schedule(self, total: int) -> None:
+        """The run's length and, from it, the default warm-up: about an epoch, at most a fifth of the run."""
+        self.total = total
+        per_epoch = self.task.batches.per_epoch
+        self.warmup = self.cfg.warmup if self.cfg.warmup is not None else min(per_epoch, total // 5)
+
+    def _optimizer_step(self, step: int, batch: Batch, lr: float) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mask = bert_mask(tuple(batch.tokens.shape), seed_of(self.cfg.seed, Stream.BERT_MASK, step)) if self.bert else None
+        try:
+            return train_step(self.step_fn, self.optimizer, batch, world=self.world, grad_accum=self.cfg.grad_accum,
+                              precision=self.cfg.precision, grad_clip=self.cfg.grad_clip,
+                              gen_weight=self.task.gen_weight, mask=mask)
+        except NonFiniteLoss:
+            raise IgptError(
+                f"the loss became non-finite at step {step + 1}; the last good checkpoint "
+                f"(step {self.folder.saved_step()}) is kept: lower --lr or use --precision fp32") from None
+
+    def _fit_budget(self) -> None:
+        """--minutes: time the loop's own steps (real batches, compiled if the run is), undo them, then size the run.
+
+        Timing the loop itself rather than a model on random tokens counts what a separate benchmark misses (the
+        data thread sharing the cores, the compiled graph the run uses). The timed steps run at learning rate 0
+        and are undone (weights, a new optimizer, the random state), so the run is the one `--steps N` gives.
+        A validation, a checkpoint (the step-0 one, which a resume may start from) and the task's after-step
+        work (the untrained model's sample grid) are timed too. What is left of the budget after the palette, the
+        data, compilation and this timing pays for N steps with their validations, checkpoints and sample grids,
+        less a small reserve; the loop also stops at the deadline should the machine slow down.
+        """
+        cfg, world = self.cfg, self.world
+        warm, timed = (3 if cfg.compile else 1), 10  # a compiled model may compile again on its second call
+        model_state, _ = full_state(self.engine, None)
+        seconds = []
+
+        def timed_call(work) -> float:
+            synchronize(world.device)
+            t0 = time.perf_counter()
+            work()
+            synchronize(world.device)
+            return time.perf_counter() - t0
+
+        with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
+            prefetch = Prefetcher(self.task.batches, 0, warm + timed)
+            for step in range(warm + timed):
+                batch = prefetch.get()[1]
+                seconds.append(timed_call(lambda: self._optimizer_step(step, batch, lr=0.0)))
+            load_full_state(self.engine, None, model_state, None)
+            validation = timed_call(lambda: self.task.validate(self.engine, world))
+            step_s, validation = (float(all_sum(torch.tensor(x, device=world.device), world)) / world.size
+                                  for x in (statistics.median(seconds[warm:]), validation))
+            self.deadline = self.started + cfg.minutes * 60
+            if self.deadline - time.perf_counter() < step_s + validation:
+                raise IgptError(f"--minutes {cfg.minutes:g} is spent before the first step (the data, the palette "
+                                f"and timing the step took {(time.perf_counter() - self.started) / 60:.1f} minutes): "
+                                "give more minutes, or --steps")
+            checkpoint = timed_call(lambda: self._save(0))
+            extra = timed_call(lambda: self.task.after_step(self, 0, last=True))
+        # last, as saving gives an optimizer state (torch.distributed.checkpoint steps it once at lr 0 to create one)
+        self.optimizer = make_optimizer(self.engine.parameters(), cfg.lr, fused=not cfg.fsdp)
+        left = self.deadline - time.perf_counter()
+        every = self.task.after_step_every()
+        per_step = step_s + validation / self.eval_every + checkpoint / self.save_every + (extra / every if every else 0)
+        cfg.steps = max(1, int(BUDGET_SHARE * (left - validation - checkpoint - extra) / per_step))
+        self._schedule(cfg.steps)
+        self.log(f"--minutes {cfg.minutes:g}: {step_s:.3f} s a step, {validation:.2f} s a validation, {checkpoint:.2f} s "
+                 f"a checkpoint, {extra:.2f} s the after-step work: {cfg.steps} steps fit the {left / 60:.1f} "
+                 "minutes left")
+
+    def _past_deadline(self) -> bool:
+        """Whether --minutes' deadline has passed (every rank's answer, so that all stop together)."""
+        if self.deadline is None:
+            return False
+        late = torch.tensor(float(time.perf_counter() > self.deadline), device=self.world.device)
+        return bool(all_sum(late, self.world) > 0)
+
     def _improved(self, score: float) -> bool:
         if self.best is None:
             return True
@@ -301,7 +394,6 @@ class Trainer:
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
         prefetch = Prefetcher(task.batches, self.start, self.total)
-        bert = self.model.config.objective == "bert" and task.gen_weight > 0
         bar = None
         if world.is_main and self.progress:
             from tqdm import tqdm
@@ -314,17 +406,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 _, batch = prefetch.get()
                 lr = learning_rate(step, cfg.lr, self.warmup, self.total, cfg.schedule)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                mask = bert_mask(tuple(batch.tokens.shape), seed_of(cfg.seed, Stream.BERT_MASK, step)) if bert else None
-                try:
-                    terms = train_step(self.step_fn, self.optimizer, batch, world=world, grad_accum=cfg.grad_accum,
-                                       precision=cfg.precision, grad_clip=cfg.grad_clip, gen_weight=task.gen_weight,
-                                       mask=mask)
-                except NonFiniteLoss:
-                    raise IgptError(
-                        f"the loss became non-finite at step {step + 1}; the last good checkpoint "
-                        f"(step {self.folder.saved_step()}) is kept: lower --lr or use --precision fp32") from None
+                terms = self._optimizer_step(step, batch, lr)
                 done = step + 1
                 tokens_per_s = batch.tokens.numel() / (time.perf_counter() - t0)
                 if world.is_main:
@@ -333,6 +415,9 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{terms['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 last = done == self.total
+                if not last and self._past_deadline():
+                    say(f"the {cfg.minutes:g}-minute budget is spent: the run ends at step {done} of {self.total}")
+                    last = True
                 if done % self.eval_every == 0 or last:
                     say(self._validate(done))
                     if cfg.patience is not None and self.stale >= cfg.patience and not last:
