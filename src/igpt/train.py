@@ -14,6 +14,7 @@ import dataclasses
 import math
 import signal
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from igpt.palette import Palette
 from igpt.precision import PRECISIONS, autocast
 
 SCHEDULES = ("cosine", "constant")
-BUDGET_SHARE = 0.98  # of what --minutes leaves for the steps: the rest is the end's samples and checkpoint
+BUDGET_SHARE = 0.98  # of what --minutes leaves for the steps: a reserve for what timing them did not see
 
 
 @dataclass
@@ -218,15 +219,15 @@ class Trainer:
 
     def __init__(self, task: Task, out: str | Path, *, resume: bool = False, log=print, progress: bool = True):
         self.task, self.cfg, self.log, self.progress = task, task.cfg, log, progress
-        self.started = time.perf_counter()  # --minutes counts from here: the palette fit and the data are in it
+        self.started = time.perf_counter()  # --minutes counts from here (pretraining's palette fit and data are in it)
         cfg = self.cfg
-        self.world = init_world(cfg.device)
         self.folder = RunFolder(out)
         # a run sized by --minutes resumes with the step count it was given, so that it ends where it would have
         self.budgeted = cfg.minutes is not None and cfg.steps is None
-        if resume and self.budgeted and self.folder.path.is_dir() and (self.folder.path / RUN_CONFIG).is_file():
+        if resume and self.budgeted and (self.folder.path / RUN_CONFIG).is_file():
             cfg.steps = (self.folder.run_config().get("config") or {}).get("steps")
             self.budgeted = cfg.steps is None
+        self.world = init_world(cfg.device)
         on_main(self.world, lambda: self.folder.prepare(resume=resume, differences=task.differences))
         try:
             task.prepare(self.folder, resume, self.world, log)
@@ -238,7 +239,7 @@ class Trainer:
                                 f"{cfg.grad_accum}) must split evenly over {self.world.size} processes")
             self.model = task.model.to(self.world.device)
             self.engine = wrap(self.model, self.world, cfg.fsdp)  # before the optimizer: FSDP swaps in sharded parameters
-            self.optimizer = make_optimizer(self.engine.parameters(), cfg.lr, fused=not cfg.fsdp)
+            self.optimizer = self._new_optimizer()
             self.start, self.best, self.stale, self.finished = 0, None, 0, False
             if resume:
                 state = self.folder.train_state()
@@ -247,7 +248,7 @@ class Trainer:
                 load_full_state(self.engine, self.optimizer, state["model"], state["optimizer"])
             self.step_fn = torch.compile(self.engine) if cfg.compile else self.engine
             self.bert = self.model.config.objective == "bert" and task.gen_weight > 0
-            self.deadline = None
+            self.cutoff = None
             if self.budgeted and self.start == 0:
                 self._fit_budget()
         except BaseException:
@@ -284,61 +285,69 @@ class Trainer:
                 f"(step {self.folder.saved_step()}) is kept: lower --lr or use --precision fp32") from None
 
     def _fit_budget(self) -> None:
-        """--minutes: time the loop's own steps (real batches, compiled if the run is), undo them, then size the run.
+        """--minutes: time the loop's own steps (real batches, compiled if the run is), then size the run.
 
         Timing the loop itself rather than a model on random tokens counts what a separate benchmark misses (the
         data thread sharing the cores, the compiled graph the run uses). The timed steps run at learning rate 0
-        and are undone (weights, a new optimizer, the random state), so the run is the one `--steps N` gives.
-        A validation, a checkpoint (the step-0 one, which a resume may start from) and the task's after-step
-        work (the untrained model's sample grid) are timed too. What is left of the budget after the palette, the
-        data, compilation and this timing pays for N steps with their validations, checkpoints and sample grids,
-        less a small reserve; the loop also stops at the deadline should the machine slow down.
+        with no weight decay, which leaves every weight as it was; a new optimizer replaces the timed one and the
+        random state is forked, so the run is the one `--steps N` gives. A validation, a checkpoint and the task's
+        after-step work (the sample grid) are timed too, the last two written into a scratch folder. What is left
+        of the budget after the palette, the data, compilation and this timing pays for N steps with their
+        validations (each counted with a best-model save), checkpoints and sample grids, and for the end's; rank
+        0's figures decide for every rank. Should the machine slow down, the loop begins no step that would leave
+        the end's work past the deadline.
         """
         cfg, world = self.cfg, self.world
         warm, timed = (3 if cfg.compile else 1), 10  # a compiled model may compile again on its second call
-        model_state, _ = full_state(self.engine, None)
-        seconds = []
 
-        def timed_call(work) -> float:
+        def seconds(work) -> float:
             synchronize(world.device)
-            t0 = time.perf_counter()
+            start = time.perf_counter()
             work()
             synchronize(world.device)
-            return time.perf_counter() - t0
+            return time.perf_counter() - start
 
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
             prefetch = Prefetcher(self.task.batches, 0, warm + timed)
-            for step in range(warm + timed):
-                batch = prefetch.get()[1]
-                seconds.append(timed_call(lambda: self._optimizer_step(step, batch, lr=0.0)))
-            load_full_state(self.engine, None, model_state, None)
-            validation = timed_call(lambda: self.task.validate(self.engine, world))
-            step_s, validation = (float(all_sum(torch.tensor(x, device=world.device), world)) / world.size
-                                  for x in (statistics.median(seconds[warm:]), validation))
-            self.deadline = self.started + cfg.minutes * 60
-            if self.deadline - time.perf_counter() < step_s + validation:
-                raise IgptError(f"--minutes {cfg.minutes:g} is spent before the first step (the data, the palette "
-                                f"and timing the step took {(time.perf_counter() - self.started) / 60:.1f} minutes): "
-                                "give more minutes, or --steps")
-            checkpoint = timed_call(lambda: self._save(0))
-            extra = timed_call(lambda: self.task.after_step(self, 0, last=True))
-        # last, as saving gives an optimizer state (torch.distributed.checkpoint steps it once at lr 0 to create one)
-        self.optimizer = make_optimizer(self.engine.parameters(), cfg.lr, fused=not cfg.fsdp)
-        left = self.deadline - time.perf_counter()
+            step_s = statistics.median([seconds(lambda: self._optimizer_step(step, prefetch.get()[1], lr=0.0))
+                                        for step in range(warm + timed)][warm:])
+            validation = seconds(lambda: self.task.validate(self.engine, world))
+            folder = self.folder
+            with tempfile.TemporaryDirectory() as scratch:
+                self.folder = RunFolder(scratch)
+                try:
+                    checkpoint = seconds(lambda: self._save(0))
+                    extra = seconds(lambda: self.task.after_step(self, 0, last=True))
+                finally:
+                    self.folder = folder
         every = self.task.after_step_every()
-        per_step = step_s + validation / self.eval_every + checkpoint / self.save_every + (extra / every if every else 0)
-        cfg.steps = max(1, int(BUDGET_SHARE * (left - validation - checkpoint - extra) / per_step))
-        self._schedule(cfg.steps)
+        per_step = (step_s + (validation + checkpoint) / self.eval_every + checkpoint / self.save_every
+                    + (extra / every if every else 0))
+        end = validation + 2 * checkpoint + extra
+        deadline = self.started + cfg.minutes * 60
+        left = deadline - time.perf_counter()
+        steps = int(BUDGET_SHARE * (left - end) / per_step) if world.is_main else 0
+        steps = int(all_sum(torch.tensor(steps, device=world.device), world))
+        if steps < 1:
+            raise IgptError(f"--minutes {cfg.minutes:g} is spent before the first step (the data, the palette and "
+                            f"timing the step took {(time.perf_counter() - self.started) / 60:.1f} minutes): "
+                            "give more minutes, or --steps")
+        self.cutoff = deadline - step_s - end
+        cfg.steps = steps
+        self._schedule(steps)
+        self.optimizer = self._new_optimizer()  # the timed one has moments (and saving gives any optimizer some)
         self.log(f"--minutes {cfg.minutes:g}: {step_s:.3f} s a step, {validation:.2f} s a validation, {checkpoint:.2f} s "
-                 f"a checkpoint, {extra:.2f} s the after-step work: {cfg.steps} steps fit the {left / 60:.1f} "
-                 "minutes left")
+                 f"a checkpoint, {extra:.2f} s the after-step work: {steps} steps fit the {left / 60:.1f} minutes left")
 
-    def _past_deadline(self) -> bool:
-        """Whether --minutes' deadline has passed (every rank's answer, so that all stop together)."""
-        if self.deadline is None:
+    def _past_cutoff(self) -> bool:
+        """Whether --minutes' last moment to begin a step has passed (on any rank, so that all stop together)."""
+        if self.cutoff is None:
             return False
-        late = torch.tensor(float(time.perf_counter() > self.deadline), device=self.world.device)
+        late = torch.tensor(float(time.perf_counter() > self.cutoff), device=self.world.device)
         return bool(all_sum(late, self.world) > 0)
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.engine.parameters(), self.cfg.lr, fused=not self.cfg.fsdp)
 
     def _improved(self, score: float) -> bool:
         if self.best is None:
@@ -415,7 +424,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{terms['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 last = done == self.total
-                if not last and self._past_deadline():
+                if not last and self._past_cutoff():
                     say(f"the {cfg.minutes:g}-minute budget is spent: the run ends at step {done} of {self.total}")
                     last = True
                 if done % self.eval_every == 0 or last:
