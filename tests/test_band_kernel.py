@@ -33,6 +33,9 @@ def masked_dense(q, k, v, window):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - window))
 
 
+SUBNORMAL = torch.tensor([1e-39])  # made under gradual underflow, before any kernel call
+
+
 def trainable_band_model(attention: str) -> ImageGPT:
     """A 16x16 model whose head is not zero (zero-initialised, it would stop every other gradient)."""
     torch.manual_seed(0)
@@ -59,6 +62,23 @@ def test_the_kernel_equals_masked_dense_attention_forward_and_backward(b, h, t, 
                                       layout)
     for got, want in zip(ours, dense):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_sharp_attention_stays_exact_and_leaves_the_callers_float_mode_alone():
+    """Scores spread far wider than float's exponent range (as a trained model's are), where the kernel
+    floors exp and flushes subnormals on its own threads: still dense attention under the mask, and
+    the calling thread keeps gradual underflow afterwards (the flush is undone)."""
+    torch.manual_seed(0)
+    b, h, t, hd, window = 2, 2, 64, 32, 20
+    qkv = torch.randn(b, t, 3 * h * hd)
+    qkv[..., : h * hd] *= 40
+    grad = torch.randn(b, h, t, hd)
+    ours = qkv_outputs_and_gradients(lambda q, k, v: band_kernel.band_attention(q, k, v, window), qkv, grad, h)
+    dense = qkv_outputs_and_gradients(lambda q, k, v: masked_dense(q, k, v, window), qkv.double(), grad.double(), h)
+    for got, want in zip(ours, dense):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    assert (SUBNORMAL * 2).item() > 0 and SUBNORMAL.item() * 2 == (SUBNORMAL * 2).item()
 
 
 @needs_kernel

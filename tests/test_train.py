@@ -210,7 +210,8 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def two_processes(flags: list[str], port: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(port), "-m", "igpt.cli", "train", *flags], capture_output=True, text=True, env=ONE_THREAD)
+                           str(port), "-m", "igpt.cli", "train", *flags], capture_output=True, text=True, env=ONE_THREAD,
+                          timeout=600)
 
 
 @pytest.mark.slow
@@ -234,12 +235,16 @@ def test_two_gloo_processes_match_one(tmp_path, sharding):
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_two_gloo_processes_share_one_budget(tmp_path, sharding):
-    """--minutes under torchrun: rank 0's sizing holds on both ranks, which take the same steps to the end."""
+    """--minutes under torchrun: rank 0's sizing holds on both ranks, which take the same steps to the end
+    (a rank stepping on alone would hang its collectives): the sized count, or fewer where the deadline's
+    cutoff ended the run on both, as a loaded machine can make it."""
     run = tmp_path / "two"
     dual = two_processes([*SMALL_RUN, "--minutes", "0.25", "--eval-every", "20", *sharding, "--out", str(run)], 29582)
     assert dual.returncode == 0, dual.stderr[-3000:]
     sized = json.loads((run / "run.json").read_text())["config"]["steps"]
-    assert sorted(step_losses(run)) == list(range(1, sized + 1)) and RunFolder(run).train_state()["finished"]
+    last = max(step_losses(run))
+    assert sorted(step_losses(run)) == list(range(1, last + 1)) and RunFolder(run).train_state()["finished"]
+    assert last == sized or f"the run ends at step {last} of {sized}" in dual.stdout + dual.stderr
 
 
 def test_a_folder_mixing_palette_and_model_is_refused(tiny_copy, tmp_path, capsys):

@@ -14,6 +14,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE3__)
+#include <pmmintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define VL 16
@@ -31,6 +34,12 @@ typedef float vec __attribute__((vector_size(VL * 4)));
 static inline vec load(const float* p) { vec r; memcpy(&r, p, sizeof r); return r; }
 static inline void store(float* p, vec x) { memcpy(p, &x, sizeof x); }
 static inline vec splat(float x) { return x - (vec){}; }
+
+// exp of a score minus its row's maximum or log-sum-exp (x <= 0), floored where the result would
+// leave float's normal range: glibc's vector expf hands such lanes to a scalar routine, an order of
+// magnitude slower, and a trained model's sharp attention puts many scores there (the step slowed
+// as the weights trained). The floor adds under 2e-38 to a probability already below that.
+static inline float exp_nonpositive(float x) { return expf(x > -87.f ? x : -87.f); }
 
 // Queries held in registers at once: a tile row of products per query (REGS / 2), or a head_dim
 // accumulator per query (HD / VL registers each).
@@ -129,7 +138,7 @@ static void forward_head(const Head& h, int64_t t, int64_t window, float scale, 
       for (int j = a + 1; j <= b; j++) m = s[j] > m ? s[j] : m;
       float sum = 0.f;
       for (int j = 0; j < nk; j++) {
-        float e = j >= a && j <= b ? expf(s[j] - m) : 0.f;
+        float e = j >= a && j <= b ? exp_nonpositive(s[j] - m) : 0.f;
         s[j] = e;
         sum += e;
       }
@@ -168,7 +177,7 @@ static void backward_head(const Head& h, int64_t t, int64_t window, float scale,
       float l = i < nq ? h.lse[q0 + i] : 0.f;
       float *s = p + i * width, *ds = dp + i * width;
       for (int j = 0; j < padded; j++) {
-        float e = j >= a && j <= b ? expf(s[j] - l) : 0.f;  // the forward's probabilities, recomputed
+        float e = j >= a && j <= b ? exp_nonpositive(s[j] - l) : 0.f;  // the forward's probabilities, recomputed
         s[j] = e;
         ds[j] = e * (ds[j] - D[i]);  // the gradient of the scaled scores
       }
@@ -193,6 +202,14 @@ static int run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t h
   int out_of_memory = 0;
 #pragma omp parallel num_threads(threads)
   {
+#if defined(__SSE3__)
+    // Subnormals read and written as zero on the kernel's threads for the call, then the caller's mode
+    // back: a trained model's probabilities and their gradients fall under float's normal range, where
+    // x86 arithmetic takes a microcoded path many times slower (torch.set_flush_denormal only reaches
+    // the thread that calls it). No value changes by more than 1.2e-38.
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON);
+#endif
     const int64_t buffers = backward ? 4 : 1;  // k transposed; in the backward also v, dk and dv transposed
     float* work = (float*)malloc(sizeof(float) * (buffers * HD * tp + 2 * TILE * tile_width(window)));
     float* p = work ? work + buffers * HD * tp : NULL;
@@ -217,6 +234,9 @@ static int run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t h
       }
     }
     free(work);
+#if defined(__SSE3__)
+    _mm_setcsr(csr);
+#endif
   }
   return out_of_memory ? 2 : 0;
 }
