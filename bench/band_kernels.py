@@ -23,10 +23,10 @@ the rate of the useful work (the window's keys only: 12 x keys x head_dim FLOPs 
 head) against the fp32 matmul peak measured in the same run, and the largest difference of the
 others' outputs and gradients from the kernel's, then the kernel's time on sharp scores (a trained
 model's: probabilities and their gradients under float's normal range, where x86 arithmetic on
-subnormals and glibc's vector exp leave their fast paths) against its time on random ones. The `tiny` preset's shapes by default (4 heads
-of 32) at 64x64, batch 1; q, k and v come as the model makes them, (B, heads, t, head_dim) views of
-(B, t, heads, head_dim) tensors. Run it when nothing else does: two cores shared with another
-process make every figure noise.
+subnormals and glibc's vector exp leave their fast paths) against its time on random ones. The
+`tiny` preset's shapes by default (4 heads of 32) at 64x64, batch 1; q, k and v come as the model
+makes them, (B, heads, t, head_dim) views of (B, t, heads, head_dim) tensors. Run it when nothing
+else does: two cores shared with another process make every figure noise.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from igpt import band_kernel
 from igpt.model import BandAttention
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-SHARP = 40  # the queries' scale for the sharp-score line: score gaps beyond 87, where exp leaves float's normal range
 FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+SHARP = 40  # the queries' scale for the sharp-score line: score gaps beyond 87, where exp leaves float's normal range
 
 
 class TwoTriangles(torch.autograd.Function):

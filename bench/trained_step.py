@@ -15,7 +15,7 @@ time differs most between the two. Last, the drift within the run itself: the me
 from __future__ import annotations
 
 import argparse
-import json
+import itertools
 import statistics
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from common import machine, matmul_peak, pattern_train_flops_per_token, times_in_turns
 from igpt.batches import Batches
-from igpt.checkpoint import load_run
+from igpt.checkpoint import RunFolder, load_run
 from igpt.distributed import World
 from igpt.model import ImageGPT
 from igpt.train import make_optimizer, train_step
@@ -39,8 +39,8 @@ def operator_ms(step, steps: int) -> dict[str, float]:
 
 
 def logged_drift(run: Path, tokens_per_step: int) -> str:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    seconds = [(r["step"], tokens_per_step / r["tokens_per_s"]) for r in rows if r.get("tokens_per_s")]
+    seconds = [(r["step"], tokens_per_step / r["tokens_per_s"])
+               for r in RunFolder(run).metrics() if r.get("tokens_per_s")]
     parts = []
     for start in range(0, len(seconds), 500):
         chunk = seconds[start:start + 500]
@@ -69,7 +69,7 @@ def main() -> None:
     def stepper(model):
         model.train()
         optimizer = make_optimizer(model.parameters(), lr=0.0)
-        count = iter(range(10**9))
+        count = itertools.count()
 
         def step():
             train_step(model, optimizer, batches(next(count)), world=world)
