@@ -10,8 +10,9 @@ igpt.train.train_step on the same batch, alternating which goes first each round
 drift and the previous step's cache state fall on both alike. Separate processes (as
 bench_attention.py runs them) add their own noise between runs of the same code; this one
 isolates the model file. Prints each version's best and median step and the ratio of the medians.
-`--layer` times one band layer's attention instead (forward and backward of `band_attention`
-with `tiny`'s heads, q, k and v as the model makes them: views of one q/k/v product).
+`--layer` times one band layer's attention instead (forward and backward of `band_attention`,
+the other file's against igpt.attention's, with `tiny`'s heads, q, k and v as the model makes
+them: views of one q/k/v product).
 The other file must import only what this checkout's igpt provides.
 """
 
@@ -24,6 +25,7 @@ import sys
 import torch
 
 from common import band_kernel_state, machine, times_in_turns
+from igpt import attention
 from igpt import model as this_model
 from igpt.batches import Batch
 from igpt.distributed import World
@@ -105,7 +107,7 @@ def band_layers(other, args) -> dict:
         step()
         return step
 
-    return {"other": stepper(other), "this": stepper(this_model)}
+    return {"other": stepper(other), "this": stepper(attention)}
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from igpt.checkpoint import RunInfo
 from igpt.model import ImageGPTConfig
 from igpt.plots import curves_against_time
+from igpt.runrecord import RunInfo
 
 PROBE_TRAIN_IMAGES = 15_000  # as in the README's CIFAR-10 16x16 probe: the seeded subset of the training split
 
@@ -51,11 +51,9 @@ def quiet_step_seconds(run: Path, config: ImageGPTConfig, batch_size: int) -> fl
     """
     kept = run / "step_time.json"
     if not kept.exists():
-        import torch
+        from common import step_seconds
 
-        from igpt.demo import time_step
-
-        seconds = min(time_step(config, batch_size, torch.device("cpu"), "fp32", steps=1) for _ in range(5))
+        seconds = min(step_seconds(config, batch_size, "cpu", "fp32", steps=1) for _ in range(5))
         kept.write_text(json.dumps({"seconds": seconds, "batch_size": batch_size}))
     return json.loads(kept.read_text())["seconds"]
 

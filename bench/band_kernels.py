@@ -4,9 +4,9 @@
 
 A local layer with R window rows attends, for each query i, to the keys i - R x side < j <= i.
 Three ways to compute it, forward and backward:
-- igpt's band kernel (igpt/band_kernel.cpp, what `igpt.model.band_attention` runs for float32 on a
+- igpt's band kernel (igpt/attention/band_kernel.cpp, what `igpt.attention.band_attention` runs for float32 on a
   CPU): tiles of 16 queries, each reading its window + 15 keys, no copies, no mask.
-- The blocked SDPA (`igpt.model.BandAttention`, what runs where the kernel cannot be built): one-row
+- The blocked SDPA (`igpt.attention.backends.BandAttention`, what runs where the kernel cannot be built): one-row
   blocks of queries, each attending to its own row and the R rows before under a small mask
   through PyTorch's CPU flash kernel, (R + 1) x side keys computed per query for the R x side it
   needs.
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from common import band_kernel_state, machine, matmul_peak, seconds_per_call
 from flex_attention import fwd_bwd_ms
-from igpt import band_kernel
-from igpt.model import BandAttention
+from igpt.attention import Pattern, band_kernel
+from igpt.attention.backends import BandAttention
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -116,7 +116,7 @@ def main() -> None:
         "dense causal SDPA (reference)": (heads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
                                           (t + 1) / 2),
         "igpt's band kernel": (heads(lambda q, k, v: band_kernel.band_attention(q, k, v, window)), window + 15),
-        "blocked SDPA (BandAttention)": (heads(lambda q, k, v: BandAttention.apply(q, k, v, window, side)),
+        "blocked SDPA (BandAttention)": (heads(lambda q, k, v: BandAttention.apply(q, k, v, Pattern("band", side, window))),
                                          window + side),
         "exact two triangles": (heads(lambda q, k, v: TwoTriangles.apply(q, k, v, window)), window),
     }

@@ -43,10 +43,9 @@ sides or more. The summary checks the issue's goals (64x64: local R=2 trains >= 
 dense and samples >= 5x faster at batch 64; 32x32: local samples >= 1.5x faster at batch 64)
 and says "not measured" for a setting the run left out.
 
---quick: 8x8 and 12x12, batch 2, one repeat: under a minute, to check the script. The defaults
-should take about 10 minutes on the 2-core EPYC VM (an estimate from step times; dense at 64x64,
-batch 1, takes about 4 s a step). Run it when nothing else does: with other processes busy,
-torch's two threads wait on each other and steps run several times slower, and noisier.
+--quick: 8x8 and 12x12, batch 2, one repeat: to check the script. The defaults take minutes,
+most of them dense's steps at 64x64. Run it when nothing else does: with other processes busy,
+torch's threads wait on each other and steps run several times slower, and noisier.
 """
 
 from __future__ import annotations
@@ -123,8 +122,8 @@ def serve_training(spec: dict) -> None:
     """The --_one process: one configuration's training step, run on each command read from stdin.
 
     Its own process, so its peak memory is its own. It is counted from after one step of the same
-    pattern at 4x4, batch 1, which pages in the code and libraries any step touches (about 100 MiB
-    of resident set that is the same for every configuration), so the peak is the configuration's."""
+    pattern at 4x4, batch 1, which pages in the code and libraries any step touches (resident set
+    that is the same for every configuration), so the peak is the configuration's."""
     device = spec["device"]
     pattern, world = Pattern(**spec["pattern"]), World(device=torch.device(device))
 
@@ -206,8 +205,7 @@ def settle() -> None:
 
     After a parallel region PyTorch's OpenMP threads busy-wait for a while, and on two cores the
     next process's step starts beside them; a short step loses the most. A pause outside the
-    timing gives each configuration the machine to itself, as in a training run (two A/B rounds
-    at 64x64 in one day: local R=2 against dense 2.83x and 2.74x without it, 2.99x and 2.86x with)."""
+    timing gives each configuration the machine to itself, as in a training run."""
     time.sleep(0.2)
 
 
@@ -359,7 +357,7 @@ def print_scaling(title: str, rows: list[dict], pats: list[Pattern]) -> dict[str
     return fitted
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", choices=list(PRESETS), help="width, depth and heads (default: tiny)")
     parser.add_argument("--layers", type=int, default=None, help="depth (default: the preset's)")
@@ -382,22 +380,22 @@ def main() -> None:
                         "`igpt train --compile` (fuses the element-wise operations that a local step is left with)")
     parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one training configuration
     add_device_options(parser)
-    args = parser.parse_args()
-    if args._one is not None:
-        serve_training(json.loads(args._one))
-        return
+    return parser.parse_args()
+
+
+def settings(args: argparse.Namespace) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The (side, batch) settings to train and to sample; --quick also cuts the repeats to one."""
     if args.quick:
         args.repeat = args.sample_repeat = 1
     train = args.train if args.train is not None else [setting(s) for s in (QUICK if args.quick else TRAIN)]
     samples = args.sample if args.sample is not None else [setting(s) for s in (QUICK if args.quick else SAMPLE)]
     if args.full:
         samples += [setting(s) for s in FULL if setting(s) not in samples]
-    preset = PRESETS[args.model]
-    dims = {"vocab": args.vocab, "n_layer": args.layers or preset["n_layer"], "n_embd": args.width or preset["n_embd"],
-            "n_head": args.heads or preset["n_head"]}
-    pats = patterns(args.window_rows)
-    began = time.perf_counter()
+    return train, samples
 
+
+def print_setup(args: argparse.Namespace, dims: dict, pats: list[Pattern], sides: set[int]) -> float:
+    """The machine, its load and the model at every side; returns the fp32 matmul peak that MFU is against."""
     print(f"machine: {machine(args.device)}; load average {os.getloadavg()[0]:.2f} at the start")
     if args.device == "cpu":
         print(f"band attention: {band_kernel_state()}")
@@ -407,42 +405,50 @@ def main() -> None:
     L, d = dims["n_layer"], dims["n_embd"]
     print(f"model: {L} layers x {d}, {dims['n_head']} heads, {args.vocab} colours; block weights 12 L d^2 = "
           f"{12 * L * d * d:,} in every pattern, positions n x d (1d) or 2 x side x d (2d)")
-    for side in sorted({s for s, _ in train + samples}):
+    for side in sorted(sides):
         counts = {p.name: num_params(p.config(dims, side)) for p in pats[:2]}
         print(f"  {side}x{side}: parameters " + ", ".join(f"{name} {count:,}" for name, count in counts.items())
               + " (every 2-D pattern the same)")
     peak = max(matmul_peak(torch.float32, device=args.device) for _ in range(1 if args.quick else 3))
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of {1 if args.quick else 3})")
+    return peak
 
-    training: list[dict] = []
-    if train:
-        print(f"\ntraining: igpt.train.train_step, fp32{', torch.compile' if args.compile else ''}, forward + backward "
-              "+ AdamW, random tokens; one process per "
-              f"configuration, best of {args.repeat} steps taken in turns")
-        print("  side    batch  pattern      tokens/s  x dense   ms/step  peak MiB  x dense  MFLOP/token  of peak")
-        for side, batch in train:
-            rows = train_side(side, batch, pats, dims, args.device, args.repeat, peak, args.compile)
-            print_training(rows)
-            training += rows
-        print(f"  ({time.perf_counter() - began:.0f} s so far)")
 
-    sampling: list[dict] = []
-    bandwidth = None
-    if samples:
-        largest = max(step_bytes(p.config(dims, side), batch, 4).max() for side, batch in samples for p in pats)
-        bandwidth = Bandwidth(largest, args.device, repeat=3 if args.quick else 10)
-        print(f"\nread bandwidth (torch.sum, best of {3 if args.quick else 10}): "
-              + ", ".join(f"{int(s) // MiB} MiB {r / 1e9:.1f}" for s, r in zip(bandwidth.sizes, bandwidth.rates))
-              + " GB/s")
-        print(f"sampling: igpt.sample.sample, eager, random weights; best of {args.sample_repeat} runs taken in turns; "
-              "floor: the bytes each step reads at the bandwidth of that working set")
-        print("  side    batch  pattern     images/s  x dense  ms/step  floor ms  of floor  above ms  MiB/step")
-        for side, batch in samples:
-            rows = sample_setting(side, batch, pats, dims, args.device, args.sample_repeat, bandwidth)
-            print_sampling(rows)
-            sampling += rows
-        print(f"  ({time.perf_counter() - began:.0f} s so far)")
+def run_training(args: argparse.Namespace, train: list[tuple[int, int]], pats: list[Pattern], dims: dict,
+                 peak: float) -> list[dict]:
+    print(f"\ntraining: igpt.train.train_step, fp32{', torch.compile' if args.compile else ''}, forward + backward "
+          "+ AdamW, random tokens; one process per "
+          f"configuration, best of {args.repeat} steps taken in turns")
+    print("  side    batch  pattern      tokens/s  x dense   ms/step  peak MiB  x dense  MFLOP/token  of peak")
+    training = []
+    for side, batch in train:
+        rows = train_side(side, batch, pats, dims, args.device, args.repeat, peak, args.compile)
+        print_training(rows)
+        training += rows
+    return training
 
+
+def run_sampling(args: argparse.Namespace, samples: list[tuple[int, int]], pats: list[Pattern],
+                 dims: dict) -> tuple[list[dict], Bandwidth]:
+    """Every sampling setting, after the read bandwidth its floors are measured against."""
+    largest = max(step_bytes(p.config(dims, side), batch, 4).max() for side, batch in samples for p in pats)
+    bandwidth = Bandwidth(largest, args.device, repeat=3 if args.quick else 10)
+    print(f"\nread bandwidth (torch.sum, best of {3 if args.quick else 10}): "
+          + ", ".join(f"{int(s) // MiB} MiB {r / 1e9:.1f}" for s, r in zip(bandwidth.sizes, bandwidth.rates))
+          + " GB/s")
+    print(f"sampling: igpt.sample.sample, eager, random weights; best of {args.sample_repeat} runs taken in turns; "
+          "floor: the bytes each step reads at the bandwidth of that working set")
+    print("  side    batch  pattern     images/s  x dense  ms/step  floor ms  of floor  above ms  MiB/step")
+    sampling = []
+    for side, batch in samples:
+        rows = sample_setting(side, batch, pats, dims, args.device, args.sample_repeat, bandwidth)
+        print_sampling(rows)
+        sampling += rows
+    return sampling, bandwidth
+
+
+def print_exponents(training: list[dict], sampling: list[dict], pats: list[Pattern]) -> dict[str, dict]:
+    """The scaling table of training and of each sampling batch measured at two sides or more; their exponents."""
     print("\ntime per image (s) against n = side^2; exponent: least squares on log time against log n")
     exponents: dict[str, dict] = {}
     if training:
@@ -451,7 +457,11 @@ def main() -> None:
         rows = [r for r in sampling if r["batch"] == batch]
         if len({r["n"] for r in rows}) > 1:
             exponents[f"sample b{batch}"] = print_scaling(f"sampling, batch {batch}", rows, pats)
+    return exponents
 
+
+def print_summary(training: list[dict], sampling: list[dict], exponents: dict[str, dict],
+                  pats: list[Pattern]) -> None:
     print("\nsummary: speed against dense with 2-D positions (same run; peak memory ratio in brackets)")
     columns = [(f"train {r['side']}^2", "train", r["side"], r["batch"]) for r in training if r["pattern"] == REFERENCE]
     columns += [(f"sample {r['side']}^2/{r['batch']}", "sample", r["side"], r["batch"])
@@ -468,6 +478,10 @@ def main() -> None:
             cells.append(f"{r['speed_vs_dense']:.2f}x{memory}")
         print(f"  {p.name:10s}" + "".join(f"{c:>{width}s}" for c in cells)
               + "".join(f"{fmt(fitted[p.name], '.2f'):>16s}" for fitted in exponents.values()))
+
+
+def check_goals(training: list[dict], sampling: list[dict], pats: list[Pattern]) -> list[dict]:
+    """Each of the issue's goals met, not met, or not measured (with the flag that measures it)."""
     goals = []
     print("goals (the issue's, on this machine):")
     for what, side, batch, target, words in GOALS:
@@ -484,8 +498,11 @@ def main() -> None:
         print(f"  {words + ':':72s} {verdict}")
         goals.append({"goal": words, "target": target, "measured": value,
                       "met": None if value is None else value >= target})
-    print(f"took {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
+    return goals
 
+
+def result_rows(training: list[dict], sampling: list[dict]) -> list[dict]:
+    """The rows of the shared results table (bench/gpu_check.py): one per pattern and setting."""
     rows = [result_row(f"train {r['side']}x{r['side']}, {r['pattern']}", tokens_per_s=r["tokens_per_s"],
                        images_per_s=r["tokens_per_s"] / r["n"], mfu=r["mfu"],
                        notes=f"batch {r['batch']}; {r['speed_vs_dense']:.2f}x dense; "
@@ -495,7 +512,38 @@ def main() -> None:
                         tokens_per_s=r["images_per_s"] * r["n"], images_per_s=r["images_per_s"],
                         notes=f"{r['speed_vs_dense']:.2f}x dense; {r['of_floor']:.0%} of the read floor")
              for r in sampling]
-    write_json(args.json, "bench_attention", args.device, rows, model=dims, peak_flops=peak, peak_dtype="fp32",
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    if args._one is not None:
+        serve_training(json.loads(args._one))
+        return
+    train, samples = settings(args)
+    preset = PRESETS[args.model]
+    dims = {"vocab": args.vocab, "n_layer": args.layers or preset["n_layer"], "n_embd": args.width or preset["n_embd"],
+            "n_head": args.heads or preset["n_head"]}
+    pats = patterns(args.window_rows)
+    began = time.perf_counter()
+    peak = print_setup(args, dims, pats, {s for s, _ in train + samples})
+
+    training: list[dict] = []
+    if train:
+        training = run_training(args, train, pats, dims, peak)
+        print(f"  ({time.perf_counter() - began:.0f} s so far)")
+    sampling: list[dict] = []
+    bandwidth = None
+    if samples:
+        sampling, bandwidth = run_sampling(args, samples, pats, dims)
+        print(f"  ({time.perf_counter() - began:.0f} s so far)")
+
+    exponents = print_exponents(training, sampling, pats)
+    print_summary(training, sampling, exponents, pats)
+    goals = check_goals(training, sampling, pats)
+    print(f"took {time.perf_counter() - began:.0f} s; load average {os.getloadavg()[0]:.2f} at the end")
+    write_json(args.json, "bench_attention", args.device, result_rows(training, sampling), model=dims,
+               peak_flops=peak, peak_dtype="fp32",
                bandwidth=None if bandwidth is None else dict(zip(map(int, bandwidth.sizes), bandwidth.rates.tolist())),
                training=training, sampling=sampling, exponents=exponents, goals=goals)
 

@@ -2,11 +2,11 @@
 
     python bench/bench_elementwise.py [--tokens 4096] [--width 128] [--repeat 20] [--device cpu|cuda]
 
-- Quick GELU: `igpt.model.quick_gelu` trains through `QuickGELUFunction`, whose backward is
+- Quick GELU: `igpt.ops.quick_gelu` trains through `QuickGELUFunction`, whose backward is
   PyTorch's fused `silu_backward` at z = 1.702 x (the same derivative); the reference is
   x * sigmoid(1.702 x) differentiated by autograd, five element-wise passes in the backward.
   It runs on the MLP's hidden layer, (tokens, 4 x width).
-- RMS norm: `igpt.model.RMSNorm` trains through `RMSNormFunction`, whose backward keeps the
+- RMS norm: `igpt.ops.RMSNorm` trains through `RMSNormFunction`, whose backward keeps the
   normalised input and makes about half the passes of PyTorch's composite; the reference is
   `torch.nn.RMSNorm`. It runs on the residual stream, (tokens, width).
 
@@ -25,7 +25,7 @@ import argparse
 import torch
 
 from common import best_of, machine, read_bandwidth, synchronize
-from igpt.model import QUICK_GELU, RMSNorm, quick_gelu
+from igpt.ops import QUICK_GELU, RMSNorm, quick_gelu
 
 
 def formula(x: torch.Tensor) -> torch.Tensor:

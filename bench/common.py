@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igpt.cli import reuse_freed_memory
+from igpt.runtime import reuse_freed_memory
 from igpt.distributed import synchronize  # noqa: F401  (re-exported for the benchmarks)
 
 reuse_freed_memory()  # every benchmark process runs with the allocator settings of the igpt command it measures
@@ -47,7 +47,7 @@ def machine(device: str = "cpu") -> str:
 
 def band_kernel_state() -> str:
     """Which kernel runs float32 band attention on a CPU in this process (igpt.band_kernel)."""
-    from igpt import band_kernel
+    from igpt.attention import band_kernel
 
     return ("igpt's band kernel (built for this CPU)" if band_kernel.available()
             else "PyTorch's flash kernel (igpt's band kernel is off or could not be built)")
@@ -91,6 +91,27 @@ def times_in_turns(contenders: dict, repeat: int = 3, pause=None, own_time: bool
 def best_of(contenders: dict, repeat: int = 3, pause=None, own_time: bool = False) -> dict[str, float]:
     """Seconds per call of each contender: the fastest of `repeat` runs in turns (the minimum discards the slow spells)."""
     return {name: min(seconds) for name, seconds in times_in_turns(contenders, repeat, pause, own_time).items()}
+
+
+def step_seconds(config, batch_size: int, device="cpu", precision: str = "fp32", steps: int = 5,
+                 compile: bool = False) -> float:
+    """Seconds per optimizer step of a fresh model of `config` on random tokens, timed as `igpt train --minutes` times
+    its steps (igpt.train.median_seconds over igpt.train.train_step). compile: the model as `--compile` runs it
+    (its compilation is left out)."""
+    from igpt.batches import Batch
+    from igpt.distributed import World
+    from igpt.model import ImageGPT
+    from igpt.train import make_optimizer, median_seconds, train_step
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ImageGPT(config).to(device)
+        batch = Batch(torch.randint(0, config.vocab_size, (batch_size, config.n_ctx)))
+    optimizer = make_optimizer(model.parameters(), lr=1e-4)
+    world = World(device=torch.device(device))
+    step_model = torch.compile(model) if compile else model
+    return median_seconds(lambda _: train_step(step_model, optimizer, batch, world=world, precision=precision),
+                          world.device, warm=3 if compile else 1, timed=steps)
 
 
 # ---- precision and the matmul peak -----------------------------------------------------------
@@ -148,24 +169,12 @@ def model_train_flops_per_token(config) -> float:
 
 
 def attended_keys(config) -> np.ndarray:
-    """Keys each query reads, per layer and position, (n_layer, n_ctx), as the model's attention pattern defines them.
+    """Keys each query reads, per layer and position, (n_layer, n_ctx), as the model's attention patterns define them
+    (`Pattern.sees`). A decoding step at position i reads the same keys, so this sizes both training FLOPs and
+    sampling reads."""
+    from igpt.attention import layer_pattern
 
-    Dense causal: i + 1; a band of w positions: min(i + 1, w); a column: i // side + 1 (bert's dense: n_ctx).
-    A decoding step at position i reads the same keys, so this sizes both training FLOPs and sampling reads.
-    """
-    from igpt.model import layer_pattern
-
-    position = np.arange(config.n_ctx)
-    rows = []
-    for layer in range(config.n_layer):
-        pattern, window = layer_pattern(config, layer)
-        if pattern == "dense":
-            rows.append(position + 1 if config.objective == "ar" else np.full(config.n_ctx, config.n_ctx))
-        elif pattern == "band":
-            rows.append(np.minimum(position + 1, window))
-        else:
-            rows.append(position // window + 1)
-    return np.stack(rows)
+    return np.stack([layer_pattern(config, layer).mask(config.n_ctx).sum(1).numpy() for layer in range(config.n_layer)])
 
 
 def pattern_train_flops_per_token(config) -> float:

@@ -2,7 +2,7 @@
 
     python bench/flex_attention.py --device cuda [--sides 32 64] [--batch 16] [--heads 8] [--head-dim 32]
 
-igpt's local and strided layers run `band_attention` and `column_attention` (igpt.model): plain
+igpt's local and strided layers run `band_attention` and `column_attention` (igpt.attention): plain
 SDPA over blocked or reshaped tensors, which has a backward on every device. On CUDA,
 FlexAttention (torch.nn.attention.flex_attention, compiled) can skip the masked-out blocks of a
 dense layout instead. This times forward + backward of the attention alone for both, on the same
@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from igpt.model import band_attention, column_attention
+from igpt.attention import band_attention, column_attention
 
 
 def masks(side: int, window_rows: int):

@@ -33,8 +33,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from igpt.cli import reuse_freed_memory
-from igpt.demo import PLANS, time_step
+from common import step_seconds
+from igpt.runtime import reuse_freed_memory
+from igpt.demo import PLANS
 from igpt.pretrain import PretrainConfig
 
 BASE = {"model": "tiny", "batch_size": 64, "lr": 3e-3, "positions": "1d", "attention": "dense"}  # the paper's
@@ -91,11 +92,9 @@ def variant_shape(plan: str, name: str) -> tuple[dict, int]:
 
 
 def median_step(changes: dict, resolution: int, compiled: bool, steps: int) -> float:
-    """The median of `steps` of the variant's optimizer steps alone, on random tokens (igpt.demo.time_step)."""
-    import torch
-
+    """The median of `steps` of the variant's optimizer steps alone, on random tokens (common.step_seconds)."""
     config = PretrainConfig(**changes).model_config(changes["clusters"], resolution)
-    return time_step(config, changes["batch_size"], torch.device("cpu"), "fp32", steps=steps, compile=compiled)
+    return step_seconds(config, changes["batch_size"], "cpu", "fp32", steps=steps, compile=compiled)
 
 
 def time_steps(names: list[str], plan: str, rounds: int = 3) -> None:

@@ -11,10 +11,11 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 from conftest import PAPER, TINY_RUN, qkv_outputs_and_gradients, random_model
 from igpt import IgptError
-from igpt import band_kernel
-from igpt import model as model_module
+from igpt.attention import band_kernel
+from igpt.attention import backends as model_module
 from igpt.decoding import Decoder
-from igpt.model import ImageGPT, ImageGPTConfig, band_attention, column_attention
+from igpt.attention import band_attention, column_attention
+from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.sample import sample
 
 SIDE, VOCAB = 5, 13  # random_model's images
@@ -371,3 +372,30 @@ def test_demo_takes_the_architecture_flags(monkeypatch):
     shape = plan.pretrain.model_config(16, plan.data.resolution)
     assert (shape.positions, shape.attention, shape.window_rows) == ("2d", "local", 3)
     assert "2d positions, local attention" in plan.describe()
+
+
+def test_the_backend_rule_picks_one_backend_per_case(monkeypatch):
+    """choose_backend, on its own: dense and column layers and bands no longer than their window run in SDPA;
+    a longer band on a CPU in float32 in the kernel, else through the flash kernel for whole rows, else the
+    plain blocks. Every backend it picks computes the pattern's own mask."""
+    from igpt.attention import ATTENTION_BACKENDS, Pattern, attend, choose_backend
+
+    q = torch.randn(1, 2, 48, 16)
+    band, column = Pattern("band", 8, 16), Pattern("column", 8)
+    assert choose_backend(q, Pattern("dense")) == choose_backend(q, column) == "sdpa"
+    assert choose_backend(q[:, :, :16], band) == "sdpa"
+    monkeypatch.setattr(band_kernel, "applies", lambda q: True)
+    assert choose_backend(q, band) == "band_kernel"
+    monkeypatch.setattr(band_kernel, "applies", lambda q: False)
+    assert choose_backend(q, band) == "blocked_flash"
+    assert choose_backend(q[:, :, :44], band) == "blocked"  # a ragged last row
+    monkeypatch.setattr(model_module, "cpu_flash_has_masks", lambda: False)
+    assert choose_backend(q, band) == "blocked"
+    with pytest.raises(ValueError, match="does not run"):
+        attend(q, q, q, column, backend="blocked")
+    x = torch.randn(1, 2, 48, 16, dtype=torch.float64)
+    for pattern in (band, column, Pattern("band", 8, 24), Pattern("dense")):
+        reference = torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=pattern.mask(48))
+        for name, backend in ATTENTION_BACKENDS.items():
+            if name not in ("flex", "band_kernel", "blocked_flash") and backend.runs(x, pattern):
+                torch.testing.assert_close(attend(x, x, x, pattern, backend=name), reference, msg=name)

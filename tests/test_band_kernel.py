@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from igpt import band_kernel
+from igpt.attention import band_kernel
 from conftest import qkv_outputs_and_gradients
-from igpt.model import ImageGPT, ImageGPTConfig, band_attention
+from igpt.attention import band_attention
+from igpt.model import ImageGPT, ImageGPTConfig
 
 needs_kernel = pytest.mark.skipif(not band_kernel.available(), reason="no C++ compiler builds igpt's band kernel here")
 

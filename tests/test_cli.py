@@ -12,7 +12,7 @@ import pytest
 FAULTS_OF_A_LATER_TENSOR = """
 import resource, sys, torch
 if sys.argv[1] == "reuse":
-    from igpt.cli import reuse_freed_memory
+    from igpt.runtime import reuse_freed_memory
     assert reuse_freed_memory()
 for _ in range(3):  # 64 MiB, freed at once; the heap settles within a couple of rounds
     torch.ones(64 << 18).sum()
@@ -24,7 +24,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator settings")
 def test_the_command_line_reuses_freed_memory_instead_of_faulting_in_fresh_pages():
-    from igpt.cli import sets_the_allocator
+    from igpt.runtime import sets_the_allocator
 
     untuned = {k: v for k, v in os.environ.items() if not sets_the_allocator(k)}
 
@@ -39,7 +39,7 @@ def test_the_command_line_reuses_freed_memory_instead_of_faulting_in_fresh_pages
 
 
 def test_a_users_own_allocator_settings_are_left_alone(monkeypatch):
-    from igpt.cli import reuse_freed_memory
+    from igpt.runtime import reuse_freed_memory
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert reuse_freed_memory() is False

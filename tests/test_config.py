@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from igpt.checkpoint import RunInfo
 from igpt.cli import build_parser
 from igpt.data import DataConfig
 from igpt.finetune import FinetuneConfig
 from igpt.pretrain import PretrainConfig
+from igpt.runrecord import RunInfo
 from igpt.train import TrainConfig
 
 

@@ -78,7 +78,7 @@ def test_logits_and_gradients_on_cuda_match_the_cpu(pattern):
 def test_bf16_training_runs_band_layers_through_flex_attention(pattern):
     """Under bf16 autocast, band layers take FlexAttention on CUDA; logits and gradients match the blocked
     kernels' (the same model with FlexAttention turned off) to bf16's precision."""
-    from igpt import model as model_module
+    from igpt.attention import backends as model_module
 
     torch.manual_seed(0)
     model = random_model(n_head=2, **PATTERNS[pattern]).cuda().train()

@@ -14,7 +14,9 @@ import time
 import pytest
 
 from igpt import IgptError
-from igpt.checkpoint import LOCK, RUN_CONFIG, RunFolder
+from igpt.checkpoint import RunFolder
+from igpt.runlock import LOCK
+from igpt.runrecord import RUN_CONFIG
 
 TRAIN_ARGS = ["train", "--data", "digits", "--resolution", "8", "--clusters", "16", "--n-layer", "1", "--n-embd", "32",
               "--n-head", "2", "--batch-size", "16", "--steps", "400", "--eval-every", "200", "--save-every", "2",

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from conftest import random_model
 from igpt import IgptError
-from igpt.model import PRESETS, ImageGPT, ImageGPTConfig, RMSNorm, RMSNormFunction, num_params, quick_gelu
+from igpt.model import PRESETS, ImageGPT, ImageGPTConfig, num_params
+from igpt.ops import RMSNorm, RMSNormFunction, quick_gelu
 
 PAPER_PARAMS = {"igpt-s": 76e6, "igpt-m": 455e6, "igpt-l": 1362e6, "igpt-xl": 6801e6}
 
@@ -140,19 +141,21 @@ def test_features_are_the_normalised_residual_stream_from_one_pass():
 
 
 def test_grid_features_are_the_cell_means_of_the_image():
+    from igpt.probe import check_pool_grid, pool_positions
+
     model = random_model()  # 5x5 image: a 2x2 grid has cells of 3 and 2 rows and columns
     tokens = torch.randint(0, 13, (2, 25))
-    normed = model.blocks[1].ln_1(model.blocks[0](model.embed(tokens), True)).detach()
+    normed = model.blocks[1].ln_1(model.blocks[0](model.embed(tokens))).detach()
     image = normed.reshape(2, 5, 5, -1)
     cells = [image[:, rows, cols].mean((1, 2)) for rows in (slice(0, 3), slice(2, 5)) for cols in (slice(0, 3), slice(2, 5))]
-    grid = model.features(tokens, [1], grid=2)[1]
+    grid = model.features(tokens, [1], pool=lambda x: pool_positions(x, 2))[1]
     assert grid.shape == (2, 4 * model.config.n_embd)
     torch.testing.assert_close(grid.reshape(2, -1, 4).permute(0, 2, 1), torch.stack(cells, 1))
-    whole = model.features(tokens, [1], grid=5)[1].reshape(2, -1, 25).mean(2)  # one cell per pixel
+    whole = model.features(tokens, [1], pool=lambda x: pool_positions(x, 5))[1].reshape(2, -1, 25).mean(2)
     torch.testing.assert_close(whole, model.features(tokens, [1])[1])
     for bad in (0, 6):
         with pytest.raises(IgptError, match="--pool-grid must lie in 1..5"):
-            model.features(tokens, [1], grid=bad)
+            check_pool_grid(model.config, bad)
 
 
 def test_bf16_autocast_and_compile():

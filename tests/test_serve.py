@@ -122,7 +122,8 @@ def test_test_bits_come_from_an_eval_json_in_the_run_folder(tmp_path):
 
 
 def test_a_model_folder_without_its_data_set_serves_without_test_pictures(tiny_run):
-    from igpt.checkpoint import RunInfo, load_run
+    from igpt.checkpoint import load_run
+    from igpt.runrecord import RunInfo
     from igpt.serve import ModelWorker, first_test_pictures, model_facts
 
     model, palette, _ = load_run(tiny_run, "cpu")  # as an imported Hugging Face model: no run.json

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from igpt import data, model
+from igpt import data
 from igpt.errors import IgptError
 from igpt.palette import Palette
 
@@ -35,11 +35,6 @@ def seed_of(seed: int, stream: Stream, *parts: int) -> int:
     """A 63-bit seed for (`seed`, `stream`, parts...): distinct tuples give independent draws."""
     words = [abs(int(seed)), int(stream), *(abs(int(p)) for p in parts)]
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
-
-
-def bert_mask(shape: tuple[int, int], seed: int) -> torch.Tensor:
-    """The BERT mask drawn from `seed` alone (on the CPU, so every device and process draws the same)."""
-    return model.bert_mask(shape, torch.Generator().manual_seed(seed))
 
 
 @dataclass

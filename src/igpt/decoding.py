@@ -1,17 +1,22 @@
 """Incremental decoding: the key/value cache, the decode weights and the cached passes.
 
-The model's training path knows nothing of caches. Here a `Decoder` feeds a prefix in one
-pass and then one pixel per step, each step attending over the keys and values stored so
-far instead of recomputing the whole sequence. Two forms of the one-pixel step exist:
+A declared fast path of the model's own blocks. The model's training path knows nothing of
+caches. Here a `Decoder` feeds a prefix in one pass and then one pixel per step, each step
+attending over the keys and values stored so far instead of recomputing the whole sequence.
+Why the block is written here a second time, with its weights folded (`DecodeWeights`): a
+step at a small batch is a chain of tiny operations whose number, not their arithmetic, sets
+its pace, and folding the norm gains and GELU's scale into the matrices removes a third of
+them. tests/test_decoding.py holds every pattern's steps equal to the model's forward, and
+this is the only other place the block's forward is written. Two forms of the one-pixel step exist:
 
 - eager: attention over the pixels so far only (half the work on average; fastest on CPUs);
 - static: attention over the whole cache under a position mask, so every step has the same
   shapes and `torch.compile` (CUDA graphs on GPUs) captures one graph for the whole image.
 
-Local and strided models (model.py) keep and read only what their pattern reads, so a step
-costs O(window) or O(side), not O(pixels so far): a band layer (local, strided's even layers)
-keeps a ring buffer of its window, position p in slot p % window; a column layer (strided's
-odd layers) keeps every position and reads the pixel's column, one key per row so far.
+Each layer keeps and reads only what its pattern sees (`Pattern.keep` and `Pattern.read`,
+igpt/attention/patterns.py), so a local or strided step costs O(window) or O(side), not
+O(pixels so far): a band layer keeps a ring of its window, a column layer reads the pixel's
+column, one key per row so far.
 
 The cache owns its position; only `KVCache.advance` moves it.
 """
@@ -24,8 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from igpt.attention import attend, layer_pattern
 from igpt.errors import IgptError
-from igpt.model import QUICK_GELU, ImageGPT, layer_pattern
+from igpt.model import ImageGPT
+from igpt.ops import QUICK_GELU
 
 Affine = tuple[torch.Tensor, torch.Tensor | None]  # a weight laid out (in, out) and its bias
 
@@ -87,8 +94,7 @@ class KVCache:
         c = model.config
         self.dense = c.attention == "dense"
         self.patterns = [layer_pattern(c, layer) for layer in range(c.n_layer)]
-        shapes = [(batch, c.n_head, window if pattern == "band" else c.n_ctx, c.n_embd // c.n_head)
-                  for pattern, window in self.patterns]
+        shapes = [(batch, c.n_head, pattern.slots(c.n_ctx), c.n_embd // c.n_head) for pattern in self.patterns]
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.weights = weights
@@ -117,106 +123,41 @@ def compute_dtype(model: ImageGPT, device: torch.device) -> torch.dtype:
 
 
 def _blocks(model: ImageGPT, h: torch.Tensor, cache: KVCache, static: bool) -> torch.Tensor:
-    """The blocks for t new positions per row, h (B, t, d), through the decode weights; logits of the last."""
+    """The blocks for t new positions per row, h (B, t, d), through the decode weights; logits of the last.
+
+    One position (a step) stores its key and value and reads what its pattern sees; a prefix from
+    position 0 runs the pattern's full-sequence attention and keeps what later steps read; a dense
+    model's chunk after earlier context attends causally within the chunk.
+    """
     b, t, d = h.shape
     heads, eps = model.config.n_head, model.config.eps
-    mask, causal = None, False
-    if static:  # t == 1 at position `cache.index` (never `cache.pos`: a compiled graph would guard on it)
-        mask = (torch.arange(model.config.n_ctx, device=h.device) <= cache.index)[None] if cache.dense else None
-    else:
-        start, end = cache.pos, cache.pos + t
-        if t > 1 and start > 0:  # a chunk after earlier context: causal within the chunk
-            mask = torch.ones(t, end, dtype=torch.bool, device=h.device).tril(start)
-        causal = t > 1 and start == 0
+    # the static step reads its position from `cache.index`, never `cache.pos`: a compiled graph would guard on it
+    position = cache.index if static else cache.pos
     h = h.reshape(b * t, d)
     for i, (qkv, proj, fc, mlp_proj) in enumerate(cache.weights.blocks):
         q, k, v = _affine(F.rms_norm(h, (d,), eps=eps), qkv).view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        if not cache.dense:
-            y = _patterned(model, i, q, k, v, cache, static)
-        else:
-            if static:
-                cache.k[i].index_copy_(2, cache.index, k)
-                cache.v[i].index_copy_(2, cache.index, v)
-                keys, values = cache.k[i], cache.v[i]
-            else:
-                cache.k[i][:, :, start:end] = k
-                cache.v[i][:, :, start:end] = v
-                keys, values = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+        y = _attend_cached(cache, i, q, k, v, position)
         h = h + _affine(y.transpose(1, 2).reshape(b * t, d), proj)
         h = h + _affine(F.silu(_affine(F.rms_norm(h, (d,), eps=eps), fc)), mlp_proj)
     last = h.view(b, t, d)[:, -1]
     return torch.mm(F.rms_norm(last, (d,), eps=eps), cache.weights.head)
 
 
-def _patterned(model: ImageGPT, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
-               static: bool) -> torch.Tensor:
-    """Layer i of a local or strided model: store k and v (B, heads, t, head_dim), attend as the pattern reads.
-
-    t > 1 only for the prefix from position 0 (`Decoder.feed` steps a later chunk pixel by
-    pixel): it runs the model's own full-sequence pattern, then keeps what later steps read.
-    """
-    if q.shape[2] > 1:
-        _keep_prefix(cache, i, k, v)
-        return model.blocks[i].attn.attend(q, k, v, causal=True)
-    read = _band_read if cache.patterns[i][0] == "band" else _column_read
-    keys, values, mask = read(cache, i, k, v, static)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-
-
-def _keep_prefix(cache: KVCache, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """A prefix's keys and values as later steps read them: a band keeps its last window, each in its ring slot."""
-    pattern, window = cache.patterns[i]
-    t = k.shape[2]
-    if pattern == "band":
-        kept = min(t, window)
-        slots = torch.arange(t - kept, t, device=k.device) % window
-        cache.k[i].index_copy_(2, slots, k[:, :, t - kept :])
-        cache.v[i].index_copy_(2, slots, v[:, :, t - kept :])
-    else:
-        cache.k[i][:, :, :t] = k
-        cache.v[i][:, :, :t] = v
-
-
-def _band_read(cache: KVCache, i: int, k: torch.Tensor, v: torch.Tensor, static: bool):
-    """Store one pixel in slot p % window of the ring; read the window (keys, values, mask).
-
-    Attention does not care about the order of its keys, so the ring is read as it lies. The
-    static form reads every slot, masking those not yet written until the ring is full.
-    """
-    window = cache.patterns[i][1]
-    keys, values = cache.k[i], cache.v[i]
-    if static:
-        slot = cache.index % window
-        keys.index_copy_(2, slot, k)
-        values.index_copy_(2, slot, v)
-        written = (torch.arange(window, device=k.device) <= cache.index) | (cache.index >= window)
-        return keys, values, written[None]
-    slot = cache.pos % window
-    keys[:, :, slot : slot + 1] = k
-    values[:, :, slot : slot + 1] = v
-    filled = min(cache.pos + 1, window)
-    return keys[:, :, :filled], values[:, :, :filled], None
-
-
-def _column_read(cache: KVCache, i: int, k: torch.Tensor, v: torch.Tensor, static: bool):
-    """Store one pixel at its position p; read its column p % side, p % side + side, ..., p (keys, values, mask).
-
-    The static form reads the whole column, every row of the image, masking the rows below p's.
-    """
-    side = cache.patterns[i][1]
-    keys, values = cache.k[i], cache.v[i]
-    if static:
-        keys.index_copy_(2, cache.index, k)
-        values.index_copy_(2, cache.index, v)
-        b, h, n, hd = keys.shape
-        column = cache.index % side
-        keys, values = (x.view(b, h, n // side, side, hd).index_select(3, column).squeeze(3) for x in (keys, values))
-        return keys, values, (torch.arange(n // side, device=k.device) <= cache.index // side)[None]
-    p = cache.pos
-    keys[:, :, p : p + 1] = k
-    values[:, :, p : p + 1] = v
-    return keys[:, :, p % side : p + 1 : side], values[:, :, p % side : p + 1 : side], None
+def _attend_cached(cache: KVCache, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   position: int | torch.Tensor) -> torch.Tensor:
+    """Layer i's attention for queries (B, heads, t, head_dim) at `position`, storing their keys and values."""
+    pattern, keys, values = cache.patterns[i], cache.k[i], cache.v[i]
+    t = q.shape[2]
+    if t == 1:
+        return F.scaled_dot_product_attention(q, *pattern.read(keys, values, k, v, position))
+    if position == 0:
+        pattern.keep(keys, values, k, v)
+        return attend(q, k, v, pattern)
+    end = position + t  # only dense models feed a chunk after earlier context (Decoder.feed)
+    keys[:, :, position:end] = k
+    values[:, :, position:end] = v
+    mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(position)
+    return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
 
 
 def static_step(model: ImageGPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import torch
 
-from igpt.batches import Stream, bert_mask, seed_of
+from igpt.batches import Stream, seed_of
 from igpt.data import DataConfig, TokenSet
 from igpt.distributed import World, all_sum
-from igpt.model import BERT_MASK_RATE, ImageGPT, nll, token_nll
+from igpt.model import BERT_MASK_RATE, ImageGPT, bert_mask, nll, token_nll
 from igpt.palette import Palette
 from igpt.precision import autocast
 

@@ -21,7 +21,7 @@ import torch
 
 from igpt import data as datasets
 from igpt.batches import Batches, PadCropFlip
-from igpt.checkpoint import BEST, RunFolder, RunInfo, load_run
+from igpt.checkpoint import BEST, RunFolder, load_run
 from igpt.config import check, option
 from igpt.data import DataConfig
 from igpt.distributed import World
@@ -30,6 +30,7 @@ from igpt.evaluate import accuracy
 from igpt.fileio import atomic_write_json
 from igpt.model import ImageGPT
 from igpt.palette import Palette
+from igpt.runrecord import RunInfo
 from igpt.train import Task, TrainConfig, inherited
 
 RESULT = "finetune.json"

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from igpt.config import option
+
 PRECISIONS = ("fp32", "bf16")
+
+
+def precision_option():
+    """The --precision flag of every command that runs the model (a dataclass field)."""
+    return option("fp32", "numeric precision: bf16 runs the model under autocast", choices=PRECISIONS)
 
 
 def autocast(device: torch.device, precision: str):
@@ -14,8 +21,7 @@ def autocast(device: torch.device, precision: str):
 def bf16_native(device: torch.device) -> bool:
     """Whether bf16 matrix products run in hardware here; elsewhere PyTorch emulates them, far slower than fp32.
 
-    CPUs need AVX-512 BF16 or AMX (on an AVX2-only CPU bf16 matmuls run hundreds of times
-    slower than fp32); CUDA devices need compute capability 8.0 or later.
+    CPUs need AVX-512 BF16 or AMX; CUDA devices need compute capability 8.0 or later.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

@@ -20,7 +20,7 @@ from igpt.data import DataConfig
 from igpt.distributed import World, on_main
 from igpt.errors import IgptError
 from igpt.evaluate import LN2, evaluate
-from igpt.model import ADDED_AFTER_0_1, ATTENTIONS, OBJECTIVES, POSITIONS, PRESETS, ImageGPT, ImageGPTConfig
+from igpt.model import ATTENTIONS, OBJECTIVES, POSITIONS, PRESETS, ImageGPT, ImageGPTConfig
 from igpt.palette import Palette
 from igpt.precision import autocast
 from igpt.train import Task, TrainConfig
@@ -102,15 +102,6 @@ class Pretraining(Task):
         record["config"]["attention"] = resolve_attention(self.cfg.attention, self.cfg.objective)
         return record
 
-    def differences(self, saved: dict) -> list[str]:
-        """A run saved before the model fields of ADDED_AFTER_0_1 existed had the paper's: it may resume with them."""
-        if isinstance(saved.get("config"), dict):
-            defaults = {name: ImageGPTConfig.__dataclass_fields__[name].default for name in ADDED_AFTER_0_1}
-            config = {**defaults, **saved["config"]}
-            config["attention"] = resolve_attention(config["attention"], config.get("objective", "ar"))
-            saved = {**saved, "config": config}
-        return super().differences(saved)
-
     def prepare(self, folder: RunFolder, resume: bool, world: World, log) -> None:
         cfg, data = self.cfg, self.data
         torch.manual_seed(cfg.seed)
@@ -137,7 +128,7 @@ class Pretraining(Task):
     def after_step_every(self) -> int | None:
         return self.cfg.sample_every if self.cfg.objective == "ar" else None
 
-    def after_step(self, trainer, step: int, last: bool) -> None:
+    def after_step(self, trainer, step: int, last: bool, folder: RunFolder) -> None:
         """A grid of samples every `sample_every` steps and at the end (ar; not under multi-process FSDP)."""
         world, cfg = trainer.world, self.cfg
         if not (step % cfg.sample_every == 0 or last) or not world.is_main or cfg.objective != "ar":
@@ -149,4 +140,4 @@ class Pretraining(Task):
         gen = torch.Generator(device=world.device).manual_seed(cfg.seed)
         with autocast(world.device, cfg.precision):
             tokens = sample(trainer.model, 16, generator=gen)
-        save_grid(self.palette.decode(tokens.cpu().numpy()), trainer.folder.path / "samples" / f"step_{step:07d}.png")
+        save_grid(self.palette.decode(tokens.cpu().numpy()), folder.path / "samples" / f"step_{step:07d}.png")

@@ -13,12 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import functools
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from igpt.errors import IgptError
-from igpt.model import ImageGPT, ImageGPTConfig, check_pool_grid
+from igpt.model import ImageGPT, ImageGPTConfig
 
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6)  # strongest first, each fit warm-starting the next
 # A few hundred labelled images: below 1e-4 the fit is as good as unregularised, and the slowest to converge.
@@ -40,6 +43,26 @@ def parse_layers(text: str | Iterable[int] | None, n_layer: int, flag: str = "--
     if not layers or layers[0] < 0 or layers[-1] > n_layer:
         raise IgptError(f"{flag} must lie in 0..{n_layer} for this {n_layer}-layer model, got {text!r}")
     return layers
+
+
+def check_pool_grid(config: ImageGPTConfig, grid: int) -> None:
+    """A probe's pooling grid must be 1 (the paper's mean over positions) or fit the square image."""
+    if grid != 1 and not 1 <= grid <= config.side:
+        raise IgptError(f"--pool-grid must lie in 1..{config.side} for this {config.side}x{config.side} model, "
+                        f"got {grid}")
+
+
+def pool_positions(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, n, d) hidden states as float32 probe features: the mean over positions (grid 1), or the mean over
+    each cell of a grid x grid partition of the square image (adaptive pooling: cells differ by at most a
+    row or column when the side is not a multiple), flattened to (B, grid * grid * d). Input position i sits
+    at pixel i's place: under causal attention it has seen the pixels before it."""
+    if grid == 1:
+        return x.mean(1).float()
+    b, n, d = x.shape
+    side = math.isqrt(n)
+    image = x.transpose(1, 2).reshape(b, d, side, side)
+    return F.adaptive_avg_pool2d(image, grid).flatten(1).float()
 
 
 CPU_PIXELS_PER_PASS = 8192
@@ -70,6 +93,7 @@ def extract_features(
     BERT-objective models see their input unmasked, as the paper probes them. `batch_size`: images per
     pass (default: `feature_batch_size`); `grid`: the pooling grid (1: the paper's mean over positions).
     """
+    check_pool_grid(model.config, grid)
     device = next(model.parameters()).device
     batch_size = feature_batch_size(model.config.n_ctx, device) if batch_size is None else batch_size
     was_training = model.training
@@ -80,7 +104,7 @@ def extract_features(
         for start in range(0, n, batch_size):
             batch = torch.from_numpy(np.asarray(tokens[start : start + batch_size]).astype(np.int64)).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                features = model.features(batch, layers, grid)
+                features = model.features(batch, layers, functools.partial(pool_positions, grid=grid))
             for layer, values in features.items():
                 out[layer][start : start + len(batch)] = values.float().cpu().numpy()
             if on_batch is not None:

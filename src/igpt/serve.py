@@ -1,7 +1,7 @@
 """`igpt serve`: a local page where people pick, upload or draw a picture, hide its bottom rows and
 watch the model complete it, beside the picture's surprise map.
 
-Gradio (the `app` extra, imported by `build_app` and `serve` only) draws the page and runs its
+Gradio (the `app` extra, imported only by the page's functions) draws the page and runs its
 queue: model work leaves the request threads, runs one event at a time, and each waiting user
 sees their place. What needs no browser is kept apart and tested on its own: `ModelWorker`
 (completions streamed row by row from `sample`'s `watch`, per-pixel bits), `model_facts`,
@@ -345,135 +345,21 @@ def build_app(worker: ModelWorker, facts: dict[str, str], gallery: Gallery, *, f
     surprise, complete), so the tests drive it through gradio_client as a browser would."""
     import gradio as gr
 
-    side = worker.side
     folder.mkdir(parents=True, exist_ok=True)
-
-    def user_error(err: IgptError) -> Exception:
-        return gr.Error(html.escape(str(err)), print_exception=False)
-
-    def chose(image: np.ndarray, name: str, keep_rows, message: str):
-        return {"image": image, "name": name}, cut_preview(worker.seen(image), int(keep_rows)), message
-
-    def pick_test(index, keep_rows):
-        if index is None or gallery.images is None:
-            raise gr.Error("this run has no test pictures: upload or draw one", print_exception=False)
-        return chose(gallery.images[int(index)], gallery.captions[int(index)], keep_rows,
-                     f"Chosen: {gallery.captions[int(index)]}.")
-
-    def use_upload(path, keep_rows):
-        if path is None:
-            raise gr.Error("no file arrived: upload an image file", print_exception=False)
-        try:
-            image, name = read_upload(path, side, max_upload_bytes)
-        except IgptError as err:
-            raise user_error(err) from None
-        return chose(image, name, keep_rows, f"Chosen: {html.escape(name)}, centre-cropped and resized to "
-                                             f"{side}x{side}.")
-
-    def use_drawing(value, keep_rows):
-        try:
-            image = read_drawing(value, side)
-        except IgptError as err:
-            raise user_error(err) from None
-        return chose(image, "drawing", keep_rows, f"Chosen: your drawing, at {side}x{side}.")
-
-    def cut(chosen, keep_rows):
-        return gr.skip() if chosen is None else cut_preview(worker.seen(chosen["image"]), int(keep_rows))
-
-    def surprise(chosen):
-        if chosen is None:
-            raise gr.Error("choose, upload or draw a picture first", print_exception=False)
-        bits = worker.pixel_bits(chosen["image"])
-        return surprise_picture(chosen["image"], bits, chosen["name"], folder)
-
-    def complete(chosen, keep_rows, temperature, top_k, top_p, samples, seed):
-        if chosen is None:
-            raise gr.Error("choose, upload or draw a picture first", print_exception=False)
-        seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
-        keep_rows, samples = int(keep_rows), int(samples)
-        frames = worker.complete(chosen["image"], keep_rows, samples, temperature=float(temperature),
-                                 top_k=int(top_k) or None, top_p=None if float(top_p) >= 1 else float(top_p),
-                                 seed=seed)
-        grids = folder / uuid.uuid4().hex
-        try:
-            with contextlib.closing(frames):
-                for frame in frames:
-                    shown = frame.grid.repeat(2, 0).repeat(2, 1)  # twice the saved grid's size: easier to see
-                    if frame.rows is None:
-                        yield shown, f"Completing: row {frame.filled_rows} of {side}...", gr.skip()
-                        continue
-                    path = save_grid(frame.rows, grids / f"igpt-completions-seed{seed}.png", columns=samples + 2)
-                    yield (shown, f"{samples} completion{'s' * (samples > 1)} of {html.escape(chosen['name'])} "
-                           f"from its top {keep_rows} of {side} rows (seed {seed}): first the input, last the "
-                           "original.", str(path))
-        except IgptError as err:
-            raise user_error(err) from None
-        finally:
-            shutil.rmtree(grids, ignore_errors=True)  # Gradio has copied the grid into its own cache by now
-
-    start = None if gallery.images is None else gallery.images[0]
-    keep_default = side // 2
+    on = _Handlers(worker, gallery, folder, max_upload_bytes)
     with gr.Blocks(title=f"igpt serve: {Path(facts['model']).name}", analytics_enabled=False,
                    delete_cache=(1800, 3600)) as app:
-        gr.Markdown("## Image GPT: hide the bottom of a picture and watch the model complete it")
-        gr.Markdown(" · ".join(f"**{key}** {html.escape(value)}" for key, value in facts.items()),
-                    elem_id="igpt-facts")
-        if exposed:
-            gr.Markdown(exposed, elem_id="igpt-exposed")
-        if not worker.can_complete:
-            gr.Markdown(f"**This model cannot complete pictures.** {BERT_CANNOT_COMPLETE}", elem_id="igpt-bert")
-        chosen = gr.State(None if start is None else {"image": start, "name": gallery.captions[0]})
+        _header(facts, exposed, worker.can_complete)
+        chosen = gr.State(None if gallery.images is None else {"image": gallery.images[0], "name": gallery.captions[0]})
         with gr.Row():
             with gr.Column(scale=3):
-                with gr.Tabs():
-                    with gr.Tab("Test pictures", id="test"):
-                        if gallery.images is None:
-                            gr.Markdown(html.escape(gallery.note))
-                        pictures = gr.Gallery(
-                            [(enlarged(image, 64), caption) for image, caption in zip(gallery.images, gallery.captions)]
-                            if gallery.images is not None else None,
-                            visible=gallery.images is not None, columns=4, height="auto", allow_preview=False,
-                            format="png", show_label=False, buttons=[], interactive=False, elem_classes="pixels",
-                            elem_id="igpt-gallery")
-                        test_choice = gr.Dropdown(
-                            [(caption, i) for i, caption in enumerate(gallery.captions or [])],
-                            value=None if start is None else 0, label="test picture",
-                            visible=gallery.images is not None)
-                    with gr.Tab("Upload", id="upload"):
-                        upload = gr.File(label=f"an image file of any size and mode (up to "
-                                               f"{_size(max_upload_bytes)}): centre-cropped and resized to "
-                                               f"{side}x{side}", elem_id="igpt-upload")
-                    with gr.Tab("Draw", id="draw"):
-                        size, background, colours = canvas_for(worker.palette, side)
-                        gr.Markdown(f"Draw with the mouse: each square of {size // side}x{size // side} screen "
-                                    "pixels is one of the model's pixels, and the brushes are its palette's colours.")
-                        canvas = gr.Sketchpad({"background": background, "layers": [], "composite": None},
-                                              canvas_size=(size, size), fixed_canvas=True, image_mode="RGB",
-                                              type="numpy", format="png", layers=False, transforms=(),
-                                              brush=gr.Brush(colors=colours, default_color=colours[0],
-                                                             color_mode="defaults",
-                                                             default_size=max(1, size // side // 2)),
-                                              label="canvas", show_label=False, elem_id="igpt-canvas",
-                                              elem_classes="pixels")
-                        use_canvas = gr.Button("Use this drawing", elem_id="igpt-use-drawing")
+                pictures, test_choice, upload, canvas, use_canvas = _picture_tabs(worker, gallery, max_upload_bytes)
             with gr.Column(scale=2):
-                gr.Markdown("**The picture as the model sees it**: below the red line is hidden")
-                preview = gr.Image(None if start is None else cut_preview(worker.seen(start), keep_default),
-                                   label="chosen picture", show_label=False, format="png", interactive=False,
-                                   elem_classes="pixels", elem_id="igpt-preview")
-                keep = gr.Slider(0, side, value=keep_default, step=1, label="rows to keep")
+                preview, keep = _cut_view(worker, gallery)
             with gr.Column(scale=3):
-                first_map = None if start is None else surprise_picture(
-                    start, worker.pixel_bits(start), gallery.captions[0], folder)
-                gr.Markdown("**Surprise map**: the bits each pixel costs the model, given the pixels before it")
-                surprise_map = gr.Image(first_map, label="surprise map", show_label=False, format="png",
-                                        interactive=False, elem_id="igpt-surprise")
+                surprise_map = _surprise_view(worker, gallery, folder)
         with gr.Row():
-            temperature = gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature")
-            top_k = gr.Slider(0, worker.palette.size, value=0, step=1, label="top-k (0: off)")
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="top-p (1: off)")
-            samples = gr.Slider(1, MAX_COMPLETIONS, value=4, step=1, label="completions")
-            seed = gr.Number(-1, precision=0, minimum=-1, label="seed (-1: a new one each time)", elem_id="igpt-seed")
+            options = _sampling_options(worker)
         with gr.Row():
             go = gr.Button("Complete", variant="primary", interactive=worker.can_complete, elem_id="igpt-complete")
             halt = gr.Button("Stop", variant="stop", elem_id="igpt-stop")
@@ -491,17 +377,183 @@ def build_app(worker: ModelWorker, facts: dict[str, str], gallery: Gallery, *, f
 
         selected.__annotations__ = {"event": gr.SelectData}  # Gradio hands the click's data to this type
         pictures.select(selected, None, test_choice, api_visibility="private", queue=False)
-        test_choice.change(pick_test, [test_choice, keep], chosen_outputs, api_name="pick_test").success(
-            surprise, chosen, surprise_map, api_name="surprise", **model_work)
-        upload.upload(use_upload, [upload, keep], chosen_outputs, api_name="upload").success(
-            surprise, chosen, surprise_map, api_visibility="private", **model_work)
-        use_canvas.click(use_drawing, [canvas, keep], chosen_outputs, api_name="draw").success(
-            surprise, chosen, surprise_map, api_visibility="private", **model_work)
-        keep.change(cut, [chosen, keep], preview, api_name="cut", show_progress="hidden")
-        completing = go.click(complete, [chosen, keep, temperature, top_k, top_p, samples, seed],
-                              [grid, status, download], api_name="complete", **model_work)
+        test_choice.change(on.pick_test, [test_choice, keep], chosen_outputs, api_name="pick_test").success(
+            on.surprise, chosen, surprise_map, api_name="surprise", **model_work)
+        upload.upload(on.use_upload, [upload, keep], chosen_outputs, api_name="upload").success(
+            on.surprise, chosen, surprise_map, api_visibility="private", **model_work)
+        use_canvas.click(on.use_drawing, [canvas, keep], chosen_outputs, api_name="draw").success(
+            on.surprise, chosen, surprise_map, api_visibility="private", **model_work)
+        keep.change(on.cut, [chosen, keep], preview, api_name="cut", show_progress="hidden")
+        completing = go.click(on.complete, [chosen, keep, *options], [grid, status, download], api_name="complete",
+                              **model_work)
         halt.click(None, None, None, cancels=[completing], api_visibility="private")
     return app
+
+
+def _header(facts: dict[str, str], exposed: str | None, can_complete: bool) -> None:
+    """The title, the model's facts, and the warnings: served beyond this machine, or unable to complete."""
+    import gradio as gr
+
+    gr.Markdown("## Image GPT: hide the bottom of a picture and watch the model complete it")
+    gr.Markdown(" · ".join(f"**{key}** {html.escape(value)}" for key, value in facts.items()), elem_id="igpt-facts")
+    if exposed:
+        gr.Markdown(exposed, elem_id="igpt-exposed")
+    if not can_complete:
+        gr.Markdown(f"**This model cannot complete pictures.** {BERT_CANNOT_COMPLETE}", elem_id="igpt-bert")
+
+
+def _picture_tabs(worker: ModelWorker, gallery: Gallery, max_upload_bytes: int) -> tuple:
+    """The three ways to choose a picture, a tab each: the run's test pictures, an upload, a drawing.
+    Returns the gallery, its dropdown, the upload, the canvas and the canvas's button."""
+    import gradio as gr
+
+    side, shown = worker.side, gallery.images is not None
+    with gr.Tabs():
+        with gr.Tab("Test pictures", id="test"):
+            if not shown:
+                gr.Markdown(html.escape(gallery.note))
+            pictures = gr.Gallery(
+                [(enlarged(image, 64), caption) for image, caption in zip(gallery.images, gallery.captions)]
+                if shown else None, visible=shown, columns=4, height="auto", allow_preview=False, format="png",
+                show_label=False, buttons=[], interactive=False, elem_classes="pixels", elem_id="igpt-gallery")
+            test_choice = gr.Dropdown([(caption, i) for i, caption in enumerate(gallery.captions or [])],
+                                      value=0 if shown else None, label="test picture", visible=shown)
+        with gr.Tab("Upload", id="upload"):
+            upload = gr.File(label=f"an image file of any size and mode (up to {_size(max_upload_bytes)}): "
+                                   f"centre-cropped and resized to {side}x{side}", elem_id="igpt-upload")
+        with gr.Tab("Draw", id="draw"):
+            size, background, colours = canvas_for(worker.palette, side)
+            gr.Markdown(f"Draw with the mouse: each square of {size // side}x{size // side} screen "
+                        "pixels is one of the model's pixels, and the brushes are its palette's colours.")
+            canvas = gr.Sketchpad({"background": background, "layers": [], "composite": None},
+                                  canvas_size=(size, size), fixed_canvas=True, image_mode="RGB", type="numpy",
+                                  format="png", layers=False, transforms=(),
+                                  brush=gr.Brush(colors=colours, default_color=colours[0], color_mode="defaults",
+                                                 default_size=max(1, size // side // 2)),
+                                  label="canvas", show_label=False, elem_id="igpt-canvas", elem_classes="pixels")
+            use_canvas = gr.Button("Use this drawing", elem_id="igpt-use-drawing")
+    return pictures, test_choice, upload, canvas, use_canvas
+
+
+def _cut_view(worker: ModelWorker, gallery: Gallery) -> tuple:
+    """The chosen picture as the model sees it, cut where the kept rows end, and the slider that moves the cut."""
+    import gradio as gr
+
+    keep_rows = worker.side // 2
+    start = None if gallery.images is None else cut_preview(worker.seen(gallery.images[0]), keep_rows)
+    gr.Markdown("**The picture as the model sees it**: below the red line is hidden")
+    preview = gr.Image(start, label="chosen picture", show_label=False, format="png", interactive=False,
+                       elem_classes="pixels", elem_id="igpt-preview")
+    return preview, gr.Slider(0, worker.side, value=keep_rows, step=1, label="rows to keep")
+
+
+def _surprise_view(worker: ModelWorker, gallery: Gallery, folder: Path):
+    """The surprise map, drawn at first for the first test picture."""
+    import gradio as gr
+
+    first = None
+    if gallery.images is not None:
+        start = gallery.images[0]
+        first = surprise_picture(start, worker.pixel_bits(start), gallery.captions[0], folder)
+    gr.Markdown("**Surprise map**: the bits each pixel costs the model, given the pixels before it")
+    return gr.Image(first, label="surprise map", show_label=False, format="png", interactive=False,
+                    elem_id="igpt-surprise")
+
+
+def _sampling_options(worker: ModelWorker) -> list:
+    """Temperature, top-k, top-p, the number of completions and the seed, in the order `complete` takes them."""
+    import gradio as gr
+
+    return [gr.Slider(0.05, 2.0, value=1.0, step=0.05, label="temperature"),
+            gr.Slider(0, worker.palette.size, value=0, step=1, label="top-k (0: off)"),
+            gr.Slider(0.05, 1.0, value=1.0, step=0.01, label="top-p (1: off)"),
+            gr.Slider(1, MAX_COMPLETIONS, value=4, step=1, label="completions"),
+            gr.Number(-1, precision=0, minimum=-1, label="seed (-1: a new one each time)", elem_id="igpt-seed")]
+
+
+def _shown(message: str) -> Exception:
+    """A message the page shows in place of a traceback."""
+    import gradio as gr
+
+    return gr.Error(html.escape(message), print_exception=False)
+
+
+class _Handlers:
+    """What the page's events run. `chosen` (a gr.State) holds the chosen picture and its name; every
+    IgptError a user's input raises is shown on the page. `complete` streams the grid after every
+    decoded row, then the finished grid and its PNG. (No docstrings on the methods: Gradio would show
+    them as the API's descriptions.)"""
+
+    def __init__(self, worker: ModelWorker, gallery: Gallery, folder: Path, max_upload_bytes: int):
+        self.worker, self.gallery, self.folder, self.max_upload_bytes = worker, gallery, folder, max_upload_bytes
+
+    def _chose(self, image: np.ndarray, name: str, keep_rows, message: str):
+        return {"image": image, "name": name}, cut_preview(self.worker.seen(image), int(keep_rows)), message
+
+    def pick_test(self, index, keep_rows):
+        gallery = self.gallery
+        if index is None or gallery.images is None:
+            raise _shown("this run has no test pictures: upload or draw one")
+        return self._chose(gallery.images[int(index)], gallery.captions[int(index)], keep_rows,
+                           f"Chosen: {gallery.captions[int(index)]}.")
+
+    def use_upload(self, path, keep_rows):
+        if path is None:
+            raise _shown("no file arrived: upload an image file")
+        side = self.worker.side
+        try:
+            image, name = read_upload(path, side, self.max_upload_bytes)
+        except IgptError as err:
+            raise _shown(str(err)) from None
+        return self._chose(image, name, keep_rows, f"Chosen: {html.escape(name)}, centre-cropped and resized to "
+                                                   f"{side}x{side}.")
+
+    def use_drawing(self, value, keep_rows):
+        side = self.worker.side
+        try:
+            image = read_drawing(value, side)
+        except IgptError as err:
+            raise _shown(str(err)) from None
+        return self._chose(image, "drawing", keep_rows, f"Chosen: your drawing, at {side}x{side}.")
+
+    def cut(self, chosen, keep_rows):
+        import gradio as gr
+
+        return gr.skip() if chosen is None else cut_preview(self.worker.seen(chosen["image"]), int(keep_rows))
+
+    def surprise(self, chosen):
+        if chosen is None:
+            raise _shown("choose, upload or draw a picture first")
+        bits = self.worker.pixel_bits(chosen["image"])
+        return surprise_picture(chosen["image"], bits, chosen["name"], self.folder)
+
+    def complete(self, chosen, keep_rows, temperature, top_k, top_p, samples, seed):
+        import gradio as gr
+
+        if chosen is None:
+            raise _shown("choose, upload or draw a picture first")
+        side = self.worker.side
+        seed = secrets.randbelow(2**31) if seed is None or int(seed) < 0 else int(seed)
+        keep_rows, samples = int(keep_rows), int(samples)
+        frames = self.worker.complete(chosen["image"], keep_rows, samples, temperature=float(temperature),
+                                      top_k=int(top_k) or None, top_p=None if float(top_p) >= 1 else float(top_p),
+                                      seed=seed)
+        grids = self.folder / uuid.uuid4().hex
+        try:
+            with contextlib.closing(frames):
+                for frame in frames:
+                    shown = frame.grid.repeat(2, 0).repeat(2, 1)  # twice the saved grid's size: easier to see
+                    if frame.rows is None:
+                        yield shown, f"Completing: row {frame.filled_rows} of {side}...", gr.skip()
+                        continue
+                    path = save_grid(frame.rows, grids / f"igpt-completions-seed{seed}.png", columns=samples + 2)
+                    yield (shown, f"{samples} completion{'s' * (samples > 1)} of {html.escape(chosen['name'])} "
+                           f"from its top {keep_rows} of {side} rows (seed {seed}): first the input, last the "
+                           "original.", str(path))
+        except IgptError as err:
+            raise _shown(str(err)) from None
+        finally:
+            shutil.rmtree(grids, ignore_errors=True)  # Gradio has copied the grid into its own cache by now
 
 
 def serve(ckpt: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 7860, device: str | None = None,

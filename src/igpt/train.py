@@ -19,20 +19,23 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from igpt.batches import Batch, Batches, Prefetcher, Stream, bert_mask, seed_of
-from igpt.checkpoint import RUN_CONFIG, RunFolder
+from igpt.batches import Batch, Batches, Prefetcher, Stream, seed_of
+from igpt.checkpoint import RunFolder
 from igpt.config import check, differences, option
 from igpt.data import DataConfig
 from igpt.distributed import (World, all_sum, close_world, full_state, init_world, load_full_state, no_sync, on_main,
                                synchronize, wrap)
 from igpt.errors import IgptError
-from igpt.model import ImageGPT, nll
+from igpt.migrate import run_record
+from igpt.model import ImageGPT, bert_mask, nll
 from igpt.palette import Palette
 from igpt.precision import PRECISIONS, autocast
+from igpt.runrecord import RunInfo
 
 SCHEDULES = ("cosine", "constant")
 BUDGET_SHARE = 0.98  # of what --minutes leaves for the steps: a reserve for what timing them did not see
@@ -120,6 +123,23 @@ class NonFiniteLoss(Exception):
     pass
 
 
+def seconds(work: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of `work()`, the device's queued work finished before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    work()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_seconds(step: Callable[[int], object], device: torch.device, *, warm: int, timed: int) -> float:
+    """Seconds a step takes: the median of `timed` calls step(i), one by one after `warm` untimed ones (a compiled
+    model may compile again on its second call), so one slow step (a busy machine) does not decide it."""
+    for i in range(warm):
+        step(i)
+    return statistics.median(seconds(lambda: step(i), device) for i in range(warm, warm + timed))
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, *, world: World,
                grad_accum: int = 1, precision: str = "fp32", grad_clip: float = 1.0, gen_weight: float = 1.0,
                mask: torch.Tensor | None = None) -> dict[str, float]:
@@ -189,11 +209,13 @@ class Task:
         """What run.json says about the run besides its progress: kind, data, settings."""
         return {"kind": self.kind, "data": dataclasses.asdict(self.data), "config": dataclasses.asdict(self.cfg)}
 
-    def differences(self, saved: dict) -> list[str]:
-        """How this command differs from the saved run in what defines a run (empty: it may resume)."""
-        if "kind" not in saved:
-            return ["the run folder was written by igpt 0.1, whose runs cannot resume here: start a new run"]
-        now = self.record()
+    def differences(self, saved: dict, now: dict | None = None) -> list[str]:
+        """How this command (`now`: its record, the task's unless given) differs from the saved run in what defines
+        a run (empty: it may resume). `saved` is read as igpt.migrate brings it to today's layout."""
+        saved = run_record(saved)
+        if "written_by" in saved:
+            return [f"the run folder was written by {saved['written_by']}, whose runs cannot resume here: start a new run"]
+        now = self.record() if now is None else now
         return [*differences(saved.get("data") or {}, now["data"], RUNTIME_FIELDS),
                 *differences(saved.get("config") or {}, now["config"], RUNTIME_FIELDS),
                 *differences(saved, {k: v for k, v in now.items() if k not in ("data", "config")})]
@@ -202,8 +224,8 @@ class Task:
         """Metrics to log; the one named `score_name` decides the best model and early stopping."""
         raise NotImplementedError
 
-    def after_step(self, trainer: "Trainer", step: int, last: bool) -> None:
-        """Anything else to do after step `step` (sample grids, say)."""
+    def after_step(self, trainer: "Trainer", step: int, last: bool, folder: RunFolder) -> None:
+        """Anything else to do after step `step` (sample grids, say), writing into `folder`."""
 
     def after_step_every(self) -> int | None:
         """Every how many steps `after_step` works (besides the last step), for --minutes' sizing; None: never."""
@@ -215,20 +237,22 @@ class Task:
 
 
 class Trainer:
-    """One run of `task` in the run folder `out`; `run()` trains to the end (or to early stopping)."""
+    """One run of `task` in the run folder `out`; `run()` trains to the end (or to early stopping).
+
+    `config` is the task's configuration with the run's step count: as given, as --minutes sized it, or, on
+    --resume of a sized run, as it was sized. The task's own configuration stays as the caller made it.
+    """
 
     def __init__(self, task: Task, out: str | Path, *, resume: bool = False, log=print, progress: bool = True):
-        self.task, self.cfg, self.log, self.progress = task, task.cfg, log, progress
+        self.task, self.config, self.log, self.progress = task, task.cfg, log, progress
         self.started = time.perf_counter()  # --minutes counts from here (pretraining's palette fit and data are in it)
-        cfg = self.cfg
         self.folder = RunFolder(out)
-        # a run sized by --minutes resumes with the step count it was given, so that it ends where it would have
-        self.budgeted = cfg.minutes is not None and cfg.steps is None
-        if resume and self.budgeted and (self.folder.path / RUN_CONFIG).is_file():
-            cfg.steps = (self.folder.run_config().get("config") or {}).get("steps")
-            self.budgeted = cfg.steps is None
+        if resume and self._unsized:  # a sized run resumes with the step count it was given: it ends where it would have
+            self.config = dataclasses.replace(task.cfg, steps=RunInfo.read(self.folder.path).config.get("steps"))
+        cfg = self.config
         self.world = init_world(cfg.device)
-        on_main(self.world, lambda: self.folder.prepare(resume=resume, differences=task.differences))
+        on_main(self.world, lambda: self.folder.prepare(
+            resume=resume, differences=lambda saved: task.differences(saved, self.record())))
         try:
             task.prepare(self.folder, resume, self.world, log)
             self.eval_every = cfg.eval_every or task.batches.per_epoch
@@ -243,13 +267,13 @@ class Trainer:
             self.start, self.best, self.stale, self.finished = 0, None, 0, False
             if resume:
                 state = self.folder.train_state()
-                self.start, self.best = state["step"], state.get("best", state.get("best_val"))
+                self.start, self.best = state["step"], state["best"]
                 self.stale, self.finished = state.get("stale", 0), state.get("finished", False)
                 load_full_state(self.engine, self.optimizer, state["model"], state["optimizer"])
             self.step_fn = torch.compile(self.engine) if cfg.compile else self.engine
             self.bert = self.model.config.objective == "bert" and task.gen_weight > 0
             self.cutoff = None
-            if self.budgeted and self.start == 0:
+            if self._unsized and self.start == 0:
                 self._fit_budget()
         except BaseException:
             if self.world.is_main:
@@ -257,6 +281,17 @@ class Trainer:
             self.close(finished=False)
             raise
         self._stop = False
+
+    @property
+    def _unsized(self) -> bool:
+        """Whether --minutes is to size the run: no step count given, nor sized yet."""
+        return self.config.minutes is not None and self.config.steps is None
+
+    def record(self) -> dict:
+        """What run.json says about the run besides its progress: the task's record with this run's step count."""
+        record = self.task.record()
+        record["config"]["steps"] = self.config.steps
+        return record
 
     def close(self, finished: bool = True) -> None:
         """Release the run folder (its lock and writers) and the process group."""
@@ -269,15 +304,15 @@ class Trainer:
         """The run's length and, from it, the default warm-up: about an epoch, at most a fifth of the run."""
         self.total = total
         per_epoch = self.task.batches.per_epoch
-        self.warmup = self.cfg.warmup if self.cfg.warmup is not None else min(per_epoch, total // 5)
+        self.warmup = self.config.warmup if self.config.warmup is not None else min(per_epoch, total // 5)
 
     def _optimizer_step(self, step: int, batch: Batch, lr: float) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        mask = bert_mask(tuple(batch.tokens.shape), seed_of(self.cfg.seed, Stream.BERT_MASK, step)) if self.bert else None
+        mask = bert_mask(tuple(batch.tokens.shape), seed_of(self.config.seed, Stream.BERT_MASK, step)) if self.bert else None
         try:
-            return train_step(self.step_fn, self.optimizer, batch, world=self.world, grad_accum=self.cfg.grad_accum,
-                              precision=self.cfg.precision, grad_clip=self.cfg.grad_clip,
+            return train_step(self.step_fn, self.optimizer, batch, world=self.world, grad_accum=self.config.grad_accum,
+                              precision=self.config.precision, grad_clip=self.config.grad_clip,
                               gen_weight=self.task.gen_weight, mask=mask)
         except NonFiniteLoss:
             raise IgptError(
@@ -291,36 +326,24 @@ class Trainer:
         data thread sharing the cores, the compiled graph the run uses). The timed steps run at learning rate 0
         with no weight decay, which leaves every weight as it was; a new optimizer replaces the timed one and the
         random state is forked, so the run is the one `--steps N` gives. A validation, a checkpoint and the task's
-        after-step work (the sample grid) are timed too, the last two written into a scratch folder. What is left
-        of the budget after the palette, the data, compilation and this timing pays for N steps with their
-        validations (each counted with a best-model save), checkpoints and sample grids, and for the end's; rank
-        0's figures decide for every rank. Should the machine slow down, the loop begins no step that would leave
-        the end's work past the deadline.
+        after-step work (the sample grid) are timed too, the last two written into a scratch folder of their own.
+        What is left of the budget after the palette, the data, compilation and this timing pays for N steps with
+        their validations (each counted with a best-model save), checkpoints and sample grids, and for the end's;
+        rank 0's figures decide for every rank, and `config` becomes a copy with N steps. Should the machine slow
+        down, the loop begins no step that would leave the end's work past the deadline.
         """
-        cfg, world = self.cfg, self.world
-        warm, timed = (3 if cfg.compile else 1), 10  # a compiled model may compile again on its second call
-
-        def seconds(work) -> float:
-            synchronize(world.device)
-            start = time.perf_counter()
-            work()
-            synchronize(world.device)
-            return time.perf_counter() - start
-
+        cfg, world, task = self.config, self.world, self.task
+        warm, timed = (3 if cfg.compile else 1), 10
         with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []):
-            prefetch = Prefetcher(self.task.batches, 0, warm + timed)
-            step_s = statistics.median([seconds(lambda: self._optimizer_step(step, prefetch.get()[1], lr=0.0))
-                                        for step in range(warm + timed)][warm:])
-            validation = seconds(lambda: self.task.validate(self.engine, world))
-            folder = self.folder
-            with tempfile.TemporaryDirectory() as scratch:
-                self.folder = RunFolder(scratch)
-                try:
-                    checkpoint = seconds(lambda: self._save(0))
-                    extra = seconds(lambda: self.task.after_step(self, 0, last=True))
-                finally:
-                    self.folder = folder
-        every = self.task.after_step_every()
+            prefetch = Prefetcher(task.batches, 0, warm + timed)
+            step_s = median_seconds(lambda step: self._optimizer_step(step, prefetch.get()[1], lr=0.0), world.device,
+                                    warm=warm, timed=timed)
+            validation = seconds(lambda: task.validate(self.engine, world), world.device)
+            with tempfile.TemporaryDirectory() as tmp:
+                scratch = RunFolder(tmp)
+                checkpoint = seconds(lambda: self._save(0, scratch), world.device)
+                extra = seconds(lambda: task.after_step(self, 0, True, scratch), world.device)
+        every = task.after_step_every()
         per_step = (step_s + (validation + checkpoint) / self.eval_every + checkpoint / self.save_every
                     + (extra / every if every else 0))
         end = validation + 2 * checkpoint + extra
@@ -333,7 +356,7 @@ class Trainer:
                             f"timing the step took {(time.perf_counter() - self.started) / 60:.1f} minutes): "
                             "give more minutes, or --steps")
         self.cutoff = deadline - step_s - end
-        cfg.steps = steps
+        self.config = dataclasses.replace(cfg, steps=steps)
         self._schedule(steps)
         self.optimizer = self._new_optimizer()  # the timed one has moments (and saving gives any optimizer some)
         self.log(f"--minutes {cfg.minutes:g}: {step_s:.3f} s a step, {validation:.2f} s a validation, {checkpoint:.2f} s "
@@ -347,20 +370,21 @@ class Trainer:
         return bool(all_sum(late, self.world) > 0)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.engine.parameters(), self.cfg.lr, fused=not self.cfg.fsdp)
+        return make_optimizer(self.engine.parameters(), self.config.lr, fused=not self.config.fsdp)
 
     def _improved(self, score: float) -> bool:
         if self.best is None:
             return True
         return score > self.best if self.task.higher_is_better else score < self.best
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int, folder: RunFolder) -> None:
+        """A checkpoint at step `step`, into `folder` (the run's, or the scratch one --minutes times it in)."""
         model_state, optimizer_state = full_state(self.engine, self.optimizer)
         if self.world.is_main:
             state = {"step": step, "best": self.best, "stale": self.stale, "finished": self.finished,
                      "model": model_state, "optimizer": optimizer_state}
-            run = {**self.task.record(), "step": step, f"best_{self.task.score_name}": self.best}
-            self.folder.save(self.model, self.task.palette, run, state)
+            run = {**self.record(), "step": step, f"best_{self.task.score_name}": self.best}
+            folder.save(self.model, self.task.palette, run, state)
 
     def _validate(self, step: int) -> str:
         metrics = self.task.validate(self.engine, self.world)
@@ -395,7 +419,7 @@ class Trainer:
         return result
 
     def _run(self) -> dict:
-        cfg, world, task = self.cfg, self.world, self.task
+        cfg, world, task = self.config, self.world, self.task
         self.folder.trim_metrics(self.start)
         if self.finished or self.start >= self.total:
             self.log(f"run already complete at step {self.start}")
@@ -432,11 +456,11 @@ class Trainer:
                     if cfg.patience is not None and self.stale >= cfg.patience and not last:
                         say(f"early stop: no better {task.score_name} for {self.stale} validations")
                         last = True
-                task.after_step(self, done, last)
+                task.after_step(self, done, last, self.folder)
                 interrupted = self._stop_requested()
                 self.finished = last
                 if done % self.save_every == 0 or last or interrupted:
-                    self._save(done)
+                    self._save(done, self.folder)
                 if interrupted:
                     self.log(f"interrupted: checkpoint saved at step {done}; continue with --resume")
                     break

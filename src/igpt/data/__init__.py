@@ -29,8 +29,13 @@ SPLITS = ("train", "val", "test")
 HOLD_OUT = 0.1
 _PARALLEL_FILES = 2000  # decode in worker processes above this many files
 
-__all__ = ["DATASETS", "DataConfig", "ImageSet", "TokenSet", "fetch", "load", "load_tokens", "pad_crop_flip",
-           "random_resized_crop", "read_images"]
+__all__ = ["DATASETS", "DataConfig", "ImageSet", "TokenSet", "fetch", "labelled_splits", "load", "load_tokens",
+           "pad_crop_flip", "random_resized_crop", "read_images", "split_option"]
+
+
+def split_option(help: str = "the split to read"):
+    """The --split flag of every command that reads one split (a dataclass field)."""
+    return option("test", help, choices=SPLITS)
 
 
 @dataclass
@@ -247,6 +252,14 @@ def load_tokens(spec: str, split: str, resolution: int | None, palette, **kwargs
 
     entry = read_entry("tokens", key) or build_entry("tokens", key, build)
     return TokenSet(entry["tokens"], images.labels, images.classes, images.resolution, palette.hash, images)
+
+
+def labelled_splits(data: DataConfig, palette) -> dict[str, TokenSet]:
+    """train, val and test of a labelled data set, encoded through `palette` (what a classifier learns from)."""
+    splits = {name: data.tokens(name, palette, require_labels=True) for name in SPLITS}
+    if len(splits["train"].classes or []) < 2:
+        raise IgptError(f"{data.name} has fewer than two classes: nothing to classify")
+    return splits
 
 
 def _display_name(spec: str) -> str:

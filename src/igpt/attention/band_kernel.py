@@ -1,17 +1,17 @@
 """Band attention's own CPU kernel (band_kernel.cpp): compiled on first use, run as PyTorch custom operators.
 
 Each query i attends to the keys i - window < j <= i. PyTorch's CPU flash kernel, which the
-blocked path in model.py calls, computes a whole block of queries against every key any of them
-sees under a mask: (rows + 1) x side keys per query where the window holds rows x side, plus the
+blocked backends call, computes a whole block of queries against every key any of them sees
+under a mask: (rows + 1) x side keys per query where the window holds rows x side, plus the
 window copies. This kernel reads only each 16-query tile's window and its backward writes each
-gradient once (measured against it: README, Speed).
+gradient once (bench/band_kernels.py times it against them).
 
 It is built with the machine's C++ compiler ($CXX, else c++) for the machine's own CPU
 (-march=native) into the igpt cache ($IGPT_CACHE, else ~/.cache/igpt), one file per source,
 compiler and CPU, so a later process loads it at once, and called through ctypes inside two
 custom operators (igpt::band_forward, igpt::band_backward), which eager autograd and
 torch.compile both run. It takes float32 with head sizes 16, 32, 64 and 128; where no compiler
-works, or with IGPT_BAND_KERNEL=0, `available()` is False and model.py keeps PyTorch's kernels.
+works, or with IGPT_BAND_KERNEL=0, `available()` is False and the other backends serve.
 The (batch, head) pairs are shared out over torch's own OpenMP threads: built with -fopenmp, the
 library binds to the libgomp that torch loaded, so no second pool competes for the cores (one of
 Python threads did, and lost the kernel's gain inside a training step).
