@@ -16,7 +16,8 @@ from igpt.animation import Animation
 from igpt.cli import main
 from igpt.data.images import decode, fit_to
 from igpt.evaluate import LN2, evaluate
-from igpt.sample import UNKNOWN, image_grid, sample
+from igpt.grids import UNKNOWN, image_grid
+from igpt.sample import sample
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import torch
 from igpt.errors import IgptError
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.probe import (
+    LabelledSplit,
     LogisticRegression,
     Protocols,
-    Split,
     Standardizer,
     extract_features,
     feature_batch_size,
@@ -105,7 +105,7 @@ def test_parse_layers():
 def test_linear_probe_report_and_baselines():
     model, tokens, pixels, labels = _digits_features()
     parts = {"train": slice(0, 1000), "val": slice(1000, 1400), "test": slice(1400, None)}
-    splits = {name: Split(tokens[s], labels[s], pixels[s]) for name, s in parts.items()}
+    splits = {name: LabelledSplit(tokens[s], labels[s], pixels[s]) for name, s in parts.items()}
     report = linear_probe(model, splits, n_classes=10, log=lambda *_: None)
     assert [row["layer"] for row in report["layers"]] == [0, 1, 2]
     best = max(report["layers"], key=lambda row: row["val_acc"])
@@ -324,7 +324,7 @@ def test_few_label_probe_uses_only_the_drawn_labels():
 def test_linear_probe_protocols():
     model, tokens, pixels, labels = _digits_features(n_layer=1)
     parts = {"train": slice(0, 1000), "val": slice(1000, 1400), "test": slice(1400, None)}
-    splits = {name: Split(tokens[s], labels[s], pixels[s]) for name, s in parts.items()}
+    splits = {name: LabelledSplit(tokens[s], labels[s], pixels[s]) for name, s in parts.items()}
     lines = []
     report = linear_probe(model, splits, n_classes=10, protocols=Protocols((4,), draws=1, concat_layers="0,1"),
                           log=lines.append)

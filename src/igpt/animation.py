@@ -14,7 +14,7 @@ import torch
 
 from igpt.errors import IgptError
 from igpt.palette import Palette
-from igpt.sample import UNKNOWN, completion_layout, image_grid
+from igpt.grids import UNKNOWN, completion_layout, image_grid
 
 FORMATS = {".gif": "GIF", ".webp": "WEBP"}
 FRAME_MS = 120

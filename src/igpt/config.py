@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any
 
 from igpt.errors import IgptError
@@ -36,6 +37,14 @@ def device_option() -> Any:
 
 def seed_option(help: str = "seed of the random draws") -> Any:
     return option(0, help)
+
+
+@dataclass(kw_only=True)
+class RunFolderOptions:
+    """Where a training command (train, finetune) writes its run folder, and whether it continues the one there."""
+
+    out: str = option(help="run folder: a new one, or with --resume the run to continue")
+    resume: bool = option(False, "continue the run in --out exactly")
 
 
 def positive_int(text: str) -> int:

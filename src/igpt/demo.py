@@ -2,12 +2,16 @@
 
 Fit a palette, pretrain, measure bits per pixel on the test split, sample, complete the
 bottom halves of test images, probe every layer against the raw-pixel and random-init
-baselines, and write `report.md` and a self-contained `report.html`. The number of training
-steps comes from timing a few real steps first, so the run fits the budget on any machine.
+baselines, and write `report.md` and a self-contained `report.html`. Each stage is the
+library's own pipeline, the one its `igpt` command runs. Pretraining gets TRAIN_SHARE of the
+budget as the Trainer's --minutes: the loop times its own steps, validation, checkpoint and
+sample grid on this machine and sizes the run to fit. It trains in fp32, PretrainConfig's
+default: choosing bf16 where it is faster would mean timing both, which the loop does not do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -15,24 +19,30 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from igpt import fid, plots
-from igpt.animation import Animation
 from igpt.checkpoint import BEST
+from igpt.config import option, positive_int
 from igpt.data import DataConfig
 from igpt.data.sources import SHIFTED_CANVAS, SHIFTED_COPIES
 from igpt.distributed import resolve_device
 from igpt.errors import IgptError
-from igpt.evaluate import LN2, evaluate_split, pixel_bits
+from igpt.evaluate import LN2, SurpriseConfig, evaluate_split, write_surprise
 from igpt.fileio import atomic_write_json
-from igpt.model import ImageGPT, ImageGPTConfig
+from igpt.model import ImageGPT
 from igpt.palette import Palette
-from igpt.precision import autocast, bf16_native
 from igpt.pretrain import PretrainConfig, Pretraining
+from igpt.probe import ProbeConfig, Protocols, run_probe, summary
 from igpt.report import Report
+from igpt.sample import CompletionConfig, SampleConfig, write_completions, write_samples
+from igpt.train import Trainer
 
 TRAIN_SHARE = 0.6  # of the budget; the rest is palette, evaluation, sampling, probes and the report
+# A validation of EVAL_BATCHES batches costs a few steps, so validating every EVAL_EVERY steps spends the same
+# share of the pretraining on the learning curve on any machine (the Trainer's sizing counts it).
+EVAL_EVERY = 50
+EVAL_BATCHES = 16
+PRETRAIN_FLAGS = ("device", "seed", "positions", "attention", "window_rows")  # PretrainConfig's, on `igpt demo`
 
 
 @dataclass
@@ -66,8 +76,9 @@ class Sizing(NamedTuple):
 
 
 PLANS = {
-    # the default: offline, and within five minutes with setup (venv, pip) on a 2-core CPU. Batch 32: more, smaller
-    # steps probe better at this budget; 1,500 probe images keep the probes (11 feature sets) near a minute.
+    # the default: offline, and sized so that setup (venv, pip) and the demo together take a few minutes on a small
+    # CPU. Batch 32: more, smaller steps probe better at this budget; 1,500 probe images keep the probes (11 feature
+    # sets) short.
     "shifted-digits": Sizing(12, 16, 3.5, batch_size=32, probe_images=1500),
     "digits": Sizing(8, 16, 4.0),
     # batch 16: at a fixed number of CPU minutes it reached lower bits/pixel and a better probe than 64 on CIFAR-10
@@ -95,9 +106,8 @@ ABOUT = {  # what the report says about a data set, where its probe needs explai
 }
 
 
-def plan_for(spec: str, budget_minutes: float | None = None, data_dir: str | None = None,
-             **architecture) -> Plan:
-    """`architecture`: PretrainConfig's positions, attention and window_rows (default: PretrainConfig's)."""
+def plan_for(spec: str, budget_minutes: float | None = None, data_dir: str | None = None, **pretrain) -> Plan:
+    """`pretrain`: PretrainConfig's fields the command sets (PRETRAIN_FLAGS; default: PretrainConfig's)."""
     sizing = PLANS.get(spec, OTHER)
     budget = sizing.budget_minutes
     if budget_minutes is not None:
@@ -105,7 +115,8 @@ def plan_for(spec: str, budget_minutes: float | None = None, data_dir: str | Non
             raise IgptError(f"--budget-minutes must be positive, got {budget_minutes}")
         budget = budget_minutes
     data = DataConfig(name=spec, data_dir=data_dir, resolution=sizing.resolution, crop=spec not in PLANS)
-    pretrain = PretrainConfig(clusters=sizing.clusters, **given(batch_size=sizing.batch_size), **architecture)
+    pretrain = PretrainConfig(clusters=sizing.clusters, eval_every=EVAL_EVERY, eval_batches=EVAL_BATCHES,
+                              **given(batch_size=sizing.batch_size), **pretrain)
     return Plan(data, pretrain, budget, **given(probe_images=sizing.probe_images))
 
 
@@ -122,6 +133,15 @@ def budget_help() -> str:
     return "; ".join(f"{b:g} for {', '.join(names)}" for b, names in by_budget.items())
 
 
+@dataclass(kw_only=True)
+class DemoConfig:
+    """`igpt demo`'s own settings (beside DataConfig's name and data_dir, and PretrainConfig's PRETRAIN_FLAGS)."""
+
+    out: str | None = option(None, "output folder (default: a new igpt-demo-<data> folder)")
+    budget_minutes: float | None = option(None, f"wall-time target in minutes (default: {budget_help()})")
+    steps: int | None = option(None, "train exactly this many steps instead", type=positive_int)
+
+
 def default_out(spec: str) -> Path:
     """igpt-demo-<data>, or the first igpt-demo-<data>-N that does not exist: a rerun never overwrites."""
     stem = "igpt-demo-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(spec).name).strip("-")
@@ -131,169 +151,129 @@ def default_out(spec: str) -> Path:
     return candidate
 
 
-def time_step(config: ImageGPTConfig, batch_size: int, device: torch.device, precision: str, steps: int = 5,
-              compile: bool = False) -> float:
-    """Seconds per optimizer step of this model on random tokens (after warm-up steps), through the loop's own
-    step: the median of `steps` steps timed one by one, so one slow step (a busy machine) does not size the run.
-    compile: time the model as `igpt train --compile` runs it (its compilation is left out)."""
-    from igpt.batches import Batch
-    from igpt.distributed import World, synchronize
-    from igpt.train import make_optimizer, train_step
+class Stages:
+    """The demo's numbered stages: each logged as it starts, its seconds kept in `seconds`."""
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = ImageGPT(config).to(device)
-        batch = Batch(torch.randint(0, config.vocab_size, (batch_size, config.n_ctx)))
-    optimizer = make_optimizer(model.parameters(), lr=1e-4)
-    world = World(device=device)
-    step_model = torch.compile(model) if compile else model
+    def __init__(self, log, total: int):
+        self.log, self.total, self.seconds = log, total, {}
+        self.started = time.perf_counter()
 
-    def one():
-        train_step(step_model, optimizer, batch, world=world, precision=precision)
-
-    for _ in range(3 if compile else 1):  # a compiled model may compile again on its second call
-        one()
-    seconds = []
-    for _ in range(steps):
-        synchronize(device)
+    @contextlib.contextmanager
+    def __call__(self, name: str, text: str | None = None):
+        self.log(f"[{len(self.seconds) + 1}/{self.total}] {text or name}")
         start = time.perf_counter()
-        one()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return float(np.median(seconds))
+        yield
+        self.seconds[name] = time.perf_counter() - start
 
 
 def run_demo(spec: str = DEFAULT_DATA, out: str | Path | None = None, *, budget_minutes: float | None = None,
-             steps: int | None = None, device: str | None = None, seed: int = 0, data_dir: str | None = None,
-             positions: str | None = None, attention: str | None = None, window_rows: int | None = None,
-             log=print, progress: bool = True) -> dict:
+             steps: int | None = None, data_dir: str | None = None, log=print, progress: bool = True,
+             **pretrain) -> dict:
     """Run every stage into `out` and return the summary (also written as `summary.json`).
 
-    positions, attention, window_rows: PretrainConfig's, whose defaults stand for None."""
-    from igpt.finetune import labelled_splits
-    from igpt.probe import Protocols, Split, linear_probe, summary
-    from igpt.sample import completion_rows, sample, save_grid
-    from igpt.train import Trainer
-
-    plan = plan_for(spec, budget_minutes, data_dir,
-                    **given(positions=positions, attention=attention, window_rows=window_rows))
+    `pretrain`: PretrainConfig's PRETRAIN_FLAGS (None: its default). `steps`: exactly so many pretraining
+    steps instead of TRAIN_SHARE of the budget."""
+    plan = plan_for(spec, budget_minutes, data_dir, **given(**pretrain))
     if steps is not None and steps <= 0:
         raise IgptError(f"--steps must be positive, got {steps}")
-    dev = resolve_device(device)
     folder = Path(out) if out is not None else default_out(spec)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise IgptError(f"--out {folder} exists and is not empty: choose a new folder")
-    data = plan.data
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-    stages = 6
-
-    def stage(i: int, text: str) -> float:
-        log(f"[{i}/{stages}] {text}")
-        return time.perf_counter()
-
-    # 1. data and palette ---------------------------------------------------------------------
-    t = stage(1, f"data and palette: {plan.describe()}")
-    train_images = data.images("train")
-    log(f"  {train_images.describe()}")
-    palette = Palette.fit(train_images.images, clusters=plan.pretrain.clusters, seed=seed, device=str(dev), log=log)
-    folder.mkdir(parents=True, exist_ok=True)
-    palette_path = folder / "palette.npy"
-    palette.save(palette_path)
-    timings["data and palette"] = time.perf_counter() - t
-
-    # 2. pretraining --------------------------------------------------------------------------
-    t = stage(2, "pretraining")
-    batch_size = plan.pretrain.batch_size
-    model_config = plan.pretrain.model_config(palette.size, data.resolution)
-    candidates = ("fp32", "bf16") if bf16_native(dev) else ("fp32",)  # emulated bf16 is not worth timing
-    timed = {p: time_step(model_config, batch_size, dev, p) for p in candidates}
-    precision = min(timed, key=timed.get)
-    train_seconds = plan.budget_minutes * 60 * TRAIN_SHARE
-    n_steps = steps or max(20, int(train_seconds / (timed[precision] * 1.15)))  # 15% for data, validation, saving
-    measured = ", ".join(f"{p} {s:.3f}" for p, s in timed.items()) + ("" if "bf16" in timed else ", bf16 not native")
-    log(f"  {timed[precision]:.3f} s/step in {precision} ({measured}): "
-        f"{n_steps} steps of batch {batch_size} fit {train_seconds / 60:.1f} minutes")
-    cfg = dataclasses.replace(plan.pretrain, palette=str(palette_path), steps=n_steps, seed=seed, precision=precision,
-                              device=str(dev), eval_every=max(1, n_steps // 10), save_every=n_steps,
-                              sample_every=n_steps, eval_batches=16)
-    run_dir = folder / "run"
-    trainer = Trainer(Pretraining(data, cfg), run_dir, log=log, progress=progress)
-    trainer.run()
-    model = ImageGPT.from_pretrained(run_dir / BEST).to(dev)
-    timings["pretraining"] = time.perf_counter() - t
-
-    # 3. bits per pixel -----------------------------------------------------------------------
-    t = stage(3, "test bits per pixel")
-    evaluation = evaluate_split(model, palette, data, "test", precision=precision)
-    atomic_write_json(folder / "eval.json", evaluation)
-    base = evaluation["baselines"]
-    log(f"  {evaluation['bits_per_pixel']:.3f} bits/pixel (uniform {base['uniform_bits_per_pixel']:.3f}, "
-        f"unigram {base['unigram_bits_per_pixel']:.3f})")
-    records = trainer.folder.metrics()
-    plots.learning_curve(records, folder / "learning_curve.png", {
-        "uniform": base["uniform_bits_per_pixel"], "unigram": base["unigram_bits_per_pixel"]})
-    timings["evaluation"] = time.perf_counter() - t
-
-    # 4. samples and completions -----------------------------------------------------------------
-    t = stage(4, "samples and completions")
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    animation = Animation(palette, 32, data.resolution, columns=8)
-    with autocast(dev, precision):
-        tokens = sample(model, 32, generator=generator, watch=animation.watch)
-    save_grid(palette.decode(tokens.cpu().numpy()), folder / "samples.png", columns=8)
-    animation.save(folder / "samples.gif")
-    test_images = data.images("test")
-    keep = data.resolution // 2
-    picks = np.sort(np.random.default_rng(seed).choice(len(test_images), min(8, len(test_images)), replace=False))
-    with autocast(dev, precision):
-        rows = completion_rows(model, palette, np.asarray(test_images.images[picks]), keep, 4, generator=generator)
-    save_grid(rows.reshape(-1, data.resolution, data.resolution, 3), folder / "completions.png", columns=6)
-    sample_quality = score_sample_quality(model, palette, data, seed)
-    log("  " + (fid.summary(sample_quality) if "fid" in sample_quality else f"FID skipped: {sample_quality['skipped']}"))
-    surprising = np.asarray(test_images.images[picks[:2]])
-    bits = pixel_bits(model, palette.encode(surprising).astype(np.int64), precision=precision)
-    plots.surprise_maps(surprising, bits.numpy(), [f"test image {i}" for i in picks[:2]], folder / "surprise.png")
-    timings["sampling"] = time.perf_counter() - t
-
-    # 5. linear probes ------------------------------------------------------------------------
-    t = stage(5, "linear probes of every layer, all labels and few, with raw-pixel and random-init baselines")
-    probe = None
-    if train_images.labels is not None and train_images.classes and len(train_images.classes) > 1:
-        tokensets = labelled_splits(data, palette)
-        splits = {name: Split.of(s, plan.probe_images, seed) for name, s in tokensets.items()}
-        fewest = int(np.bincount(splits["train"].labels).min())
-        protocols = Protocols(tuple(k for k in plan.labels_per_class if k <= fewest), plan.draws)
-        probe = linear_probe(model, splits, n_classes=len(train_images.classes), protocols=protocols,
-                             precision=precision, seed=seed, log=log, progress=progress)
-        probe["classes"] = list(train_images.classes)
-        atomic_write_json(folder / "probe.json", probe)
-        plots.probe_accuracy(probe, folder / "probe.png")
-        log("  " + summary(probe).replace("\n", "\n  "))
-    else:
-        log("  skipped: the data has no class labels")
-    timings["probe"] = time.perf_counter() - t
-
-    # 6. report -------------------------------------------------------------------------------
-    t = stage(6, "report")
-    timings["report"] = 0.0
-    timings["total"] = time.perf_counter() - t_all
+    device, seed, data = resolve_device(plan.pretrain.device), plan.pretrain.seed, plan.data
+    stage = Stages(log, total=6)
+    with stage("data and palette", f"data and palette: {plan.describe()}"):
+        train_images = data.images("train")
+        log(f"  {train_images.describe()}")
+        palette = Palette.fit(train_images.images, clusters=plan.pretrain.clusters, seed=seed, device=str(device),
+                              log=log)
+        folder.mkdir(parents=True, exist_ok=True)
+        palette.save(folder / "palette.npy")
+    with stage("pretraining"):
+        trainer, trained = pretrain_within(plan, folder, steps, log, progress)
+        model = ImageGPT.from_pretrained(trainer.folder.path / BEST).to(device)
+    with stage("evaluation", "test bits per pixel"):
+        evaluation = evaluate_demo(model, palette, data, folder, trainer.folder.metrics(), log)
+    with stage("sampling", "samples and completions"):
+        sample_quality = show_samples(model, palette, data, folder, seed, log)
+    with stage("probe", "linear probes of every layer, all labels and few, with raw-pixel and random-init baselines"):
+        labelled = train_images.labels is not None and len(train_images.classes or []) > 1
+        probe = probe_demo(model, palette, plan, folder, log, progress) if labelled else None
+        if not labelled:
+            log("  skipped: the data has no class labels")
     result = {
-        "plan": dataclasses.asdict(plan), "steps": n_steps, "precision": precision, "device": str(dev),
-        "seconds_per_step": timed[precision], "model": dataclasses.asdict(model.config),
+        "plan": dataclasses.asdict(plan), "steps": trained["step"], "precision": plan.pretrain.precision,
+        "device": str(device), "model": dataclasses.asdict(model.config),
         "n_params": sum(p.numel() for p in model.parameters()), "eval": evaluation,
-        "best_val_bits_per_pixel": trainer.best / LN2, "probe": probe, "sample_quality": sample_quality,
-        "timings": timings,
+        "best_val_bits_per_pixel": trained["best_val_loss"] / LN2, "probe": probe, "sample_quality": sample_quality,
+        "timings": stage.seconds,
     }
-    _write_report(folder, result, records)
-    timings["report"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_all
+    with stage("report"):
+        stage.seconds.update(report=0.0, total=time.perf_counter() - stage.started)
+        _write_report(folder, result, trainer.folder.metrics())
+    stage.seconds["total"] = time.perf_counter() - stage.started
     atomic_write_json(folder / "summary.json", result)
     log(_screen_summary(folder, result))
     return result
 
 
-FID_IMAGES = 500  # samples (and test images) the demo scores: a minute of Inception on a small CPU
+def pretrain_within(plan: Plan, folder: Path, steps: int | None, log, progress: bool) -> tuple[Trainer, dict]:
+    """Pretraining on the palette in `folder` into `folder`/run: TRAIN_SHARE of the budget as the Trainer's
+    --minutes, or exactly `steps`. The Trainer and its result (the step count it ran in "step")."""
+    minutes = None if steps else plan.budget_minutes * TRAIN_SHARE
+    cfg = dataclasses.replace(plan.pretrain, palette=str(folder / "palette.npy"), steps=steps, minutes=minutes)
+    trainer = Trainer(Pretraining(plan.data, cfg), folder / "run", log=log, progress=progress)
+    return trainer, trainer.run()
+
+
+def evaluate_demo(model: ImageGPT, palette: Palette, data: DataConfig, folder: Path, records: list[dict],
+                  log) -> dict:
+    """Test bits per pixel, written beside the report and into the run folder (where `igpt serve --ckpt` finds
+    it), and the learning curve against its baselines."""
+    evaluation = evaluate_split(model, palette, data, "test")
+    for path in (folder / "eval.json", folder / "run" / "eval.json"):
+        atomic_write_json(path, evaluation)
+    base = evaluation["baselines"]
+    log(f"  {evaluation['bits_per_pixel']:.3f} bits/pixel (uniform {base['uniform_bits_per_pixel']:.3f}, "
+        f"unigram {base['unigram_bits_per_pixel']:.3f})")
+    plots.learning_curve(records, folder / "learning_curve.png", {
+        "uniform": base["uniform_bits_per_pixel"], "unigram": base["unigram_bits_per_pixel"]})
+    return evaluation
+
+
+def show_samples(model: ImageGPT, palette: Palette, data: DataConfig, folder: Path, seed: int, log) -> dict:
+    """Samples with their animation, completions of test images' bottom halves, and the surprise maps of two of
+    them, each through its command's pipeline; returns the samples' quality (score_sample_quality)."""
+    run = str(folder / "run")
+
+    def say(text: str) -> None:
+        log("  " + text)
+
+    write_samples(model, palette, SampleConfig(ckpt=run, n=32, columns=8, seed=seed, out=str(folder / "samples.png"),
+                                               animate=str(folder / "samples.gif")), log=say)
+    test = data.images("test")
+    picks = np.sort(np.random.default_rng(seed).choice(len(test), min(8, len(test)), replace=False))
+    originals = np.asarray(test.images[picks])
+    write_completions(model, palette, originals, CompletionConfig(ckpt=run, seed=seed,
+                                                                  out=str(folder / "completions.png")), log=say)
+    quality = score_sample_quality(model, palette, data, seed)
+    say(fid.summary(quality) if "fid" in quality else f"FID skipped: {quality['skipped']}")
+    write_surprise(model, palette, originals[:2], [f"test image {i}" for i in picks[:2]],
+                   SurpriseConfig(ckpt=run, out=str(folder / "surprise.png")), log=say)
+    return quality
+
+
+def probe_demo(model: ImageGPT, palette: Palette, plan: Plan, folder: Path, log, progress: bool) -> dict:
+    """The probe command's pipeline on at most `plan.probe_images` images per split, with the plan's few-label
+    protocols that every class has the images for."""
+    cfg = ProbeConfig(ckpt=str(folder / "run"), max_images=plan.probe_images, fit_labels_per_class=True,
+                      seed=plan.pretrain.seed, out=str(folder / "probe.json"))
+    protocols = Protocols(plan.labels_per_class, plan.draws)
+    probe = run_probe(model, palette, plan.data, cfg, protocols, log=log, progress=progress)
+    log("  " + summary(probe).replace("\n", "\n  "))
+    return probe
+
+
+FID_IMAGES = 500  # samples (and test images) the demo scores: few enough for Inception on a small CPU in the budget
 
 
 def score_sample_quality(model: ImageGPT, palette: Palette, data: DataConfig, seed: int) -> dict:

@@ -1,18 +1,24 @@
-"""Evaluation: exact bits per pixel on a split (with its baselines), and classification accuracy."""
+"""Evaluation: exact bits per pixel on a split (with its baselines), each pixel's bits (the surprise map), and
+classification accuracy."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from igpt.batches import Stream, seed_of
-from igpt.data import DataConfig, TokenSet
+from igpt.config import device_option, option, positive_int, seed_option
+from igpt.data import DataConfig, TokenSet, split_option
 from igpt.distributed import World, all_sum
+from igpt.fileio import atomic_write_json
 from igpt.model import BERT_MASK_RATE, ImageGPT, bert_mask, nll, token_nll
 from igpt.palette import Palette
-from igpt.precision import autocast
+from igpt.plots import surprise_maps
+from igpt.precision import autocast, precision_option
 
 LN2 = math.log(2.0)
 
@@ -62,6 +68,19 @@ def unigram_nats(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab: int) 
     for start in range(0, len(eval_tokens), 4096):
         seen += np.bincount(eval_tokens[start : start + 4096].ravel(), minlength=vocab)[:vocab]
     return float(-(seen * logp).sum() / max(1.0, seen.sum()))
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """`igpt eval`'s settings: which run and split, how, and where the result goes."""
+
+    ckpt: str = option(help="run folder")
+    split: str = split_option("the split measured")
+    batch_size: int = option(64, "images per forward pass", type=positive_int)
+    device: str | None = device_option()
+    precision: str = precision_option()
+    json: str | None = option(None, "also write the result as JSON (eval.json when no file is named)", nargs="?",
+                              const="eval.json")
 
 
 def evaluate_split(model: ImageGPT, palette: Palette, data: DataConfig, split: str = "test", *,
@@ -114,6 +133,37 @@ def pixel_bits(model: ImageGPT, tokens: torch.Tensor, *, rounds: int = 2, seed: 
     model.train(was_training)
     side = model.config.side
     return (nats / LN2).view(n, side, side).cpu()
+
+
+@dataclass(kw_only=True)
+class SurpriseConfig:
+    """`igpt surprise`'s settings: which run and images, how, and where the maps go."""
+
+    ckpt: str = option(help="run folder (or a converted model folder)")
+    images: tuple[str, ...] = option((), "image files (any size: centre-cropped, resized); without them, the first "
+                                     "--n images of --split", flag="images", nargs="*")
+    split: str = split_option("the split whose first --n images are mapped, without image files")
+    n: int = option(4, "number of images from --split", type=positive_int)
+    rounds: int = option(2, "bert: times each pixel is masked and predicted", type=positive_int)
+    seed: int = seed_option("bert: seed of the masks")
+    device: str | None = device_option()
+    precision: str = precision_option()
+    out: str = option(help="output PNG: each image beside its heat map")
+    json: str | None = option(None, "also write every pixel's bits as JSON")
+
+
+def write_surprise(model: ImageGPT, palette: Palette, images: np.ndarray, names: list[str], cfg: SurpriseConfig, *,
+                   log: Callable[[str], None] = print) -> torch.Tensor:
+    """The surprise command's whole job: each image's per-pixel bits (returned, (N, R, R)), drawn beside it into
+    `cfg.out`, and with `cfg.json` written as JSON."""
+    bits = pixel_bits(model, palette.encode(images).astype(np.int64), rounds=cfg.rounds, seed=cfg.seed,
+                      precision=cfg.precision)
+    surprise_maps(images, bits.numpy(), names, cfg.out)
+    log(f"wrote {cfg.out}: bits/pixel " + ", ".join(f"{b.mean():.2f}" for b in bits))
+    if cfg.json:
+        atomic_write_json(cfg.json, {"images": names, "bits_per_pixel": [float(b.mean()) for b in bits],
+                                     "pixel_bits": bits.tolist(), "objective": model.config.objective})
+    return bits
 
 
 @torch.no_grad()

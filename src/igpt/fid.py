@@ -22,13 +22,18 @@ import contextlib
 import importlib
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from igpt.config import device_option, option, positive_int, seed_option
+from igpt.data import split_option
 from igpt.data.images import fit_to, read_images
+from igpt.distributed import resolve_device
 from igpt.errors import IgptError
+from igpt.fileio import check_folder
 
 DIMS = (64, 192, 768, 2048)  # the Inception-v3 layers torch-fidelity exposes; FID differs between them
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -36,6 +41,7 @@ WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.
 INSTALL = "pip install 'igpt[fid]'"
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default; smaller sets use all their images per subset
+SAMPLES = 5000  # samples of a run scored without --n: the count FIDs are usually reported at
 
 
 def check_dims(dims: int) -> None:
@@ -47,6 +53,41 @@ def check_dims(dims: int) -> None:
 def check_n(n: int) -> None:
     if n < 2:
         raise IgptError(f"--n must be at least 2 (a covariance needs two images), got {n}")
+
+
+@dataclass(kw_only=True)
+class FidConfig:
+    """`igpt fid`'s settings: what is scored against which real split, how, and where the result goes."""
+
+    ckpt: str | None = option(None, "run folder: its samples are scored, or it names the data and size")
+    images: str | None = option(None, "score these instead of sampling: a folder of images or an .npy of uint8 "
+                                "(N, H, W, 3)", metavar="X")
+    n: int | None = option(None, f"images on each side (default: {SAMPLES} samples, or every image of --images)")
+    split: str = split_option("the real split compared with")
+    dims: int = option(2048, f"Inception-v3 features: {' | '.join(map(str, DIMS))}; FIDs at different sizes are "
+                             "not comparable")
+    batch_size: int = option(100, "images sampled, and fed to Inception, at once", type=positive_int)
+    device: str | None = device_option()
+    fid_weights: str | None = option(None, f"a local copy of torch-fidelity's {WEIGHTS_FILE} (default: torch "
+                                           "hub's cache, downloaded once)", metavar="PATH")
+    seed: int = seed_option("sampling, the real subset and KID's subsets")
+    json: str = option("fid.json", "where the result goes")
+
+    def check(self, data_given: dict) -> Path:
+        """Refuse what cannot work before any model, data or network loads; `data_given`: the DataConfig
+        fields given on the command line. Returns the result's path."""
+        check_dims(self.dims)
+        if self.n is not None:
+            check_n(self.n)
+        out = check_folder(self.json)
+        if out.suffix.lower() != ".json":
+            raise IgptError(f"--json {out} must name a .json file")
+        if self.ckpt is None and self.images is None:
+            raise IgptError("give --ckpt RUN to score its samples, or --images X (with --ckpt RUN or --data) to "
+                            "score those")
+        if self.ckpt is None and not {"name", "resolution"} <= set(data_given):
+            raise IgptError("--images without --ckpt needs --data and --resolution: the real images to compare with")
+        return out
 
 
 def weights_dir() -> Path:
@@ -253,6 +294,19 @@ def score_files(path: str | os.PathLike, data, extractor: torch.nn.Module, *, n:
     result = score_images(real, fake, extractor, batch_size=batch_size, device=device, seed=seed)
     return {**result, "n": n, "split": split, "data": data.name, "resolution": data.resolution, "seed": seed,
             "sampled": False, "source": str(path), "skipped": skipped}
+
+
+def score(cfg: FidConfig, data, model=None, palette=None) -> dict:
+    """What `igpt fid` measures: FID and KID of `model`'s samples (or, with `cfg.images`, of those images) against
+    `data`'s `cfg.split`. The Inception network loads first: the offline check, before any data or sampling work."""
+    extractor = inception(cfg.dims, cfg.fid_weights)
+    if cfg.images is None:
+        result = score_samples(model, palette, data, extractor, n=cfg.n or SAMPLES, split=cfg.split,
+                               batch_size=cfg.batch_size, seed=cfg.seed, run=cfg.ckpt)
+    else:
+        result = score_files(cfg.images, data, extractor, n=cfg.n, split=cfg.split, batch_size=cfg.batch_size,
+                             device=resolve_device(cfg.device), seed=cfg.seed)
+    return {**result, "dims": cfg.dims}
 
 
 def summary(result: dict) -> str:

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from igpt import data as datasets
 from igpt.batches import Batches, PadCropFlip
 from igpt.checkpoint import BEST, RunFolder, load_run
-from igpt.config import check, option
-from igpt.data import DataConfig
+from igpt.config import RunFolderOptions, check, device_option, option
+from igpt.data import labelled_splits
 from igpt.distributed import World
 from igpt.errors import IgptError
 from igpt.evaluate import accuracy
@@ -59,12 +58,11 @@ class FinetuneConfig(TrainConfig):
         check([(self.gen_weight >= 0 and math.isfinite(self.gen_weight), "--gen-weight must be >= 0")])
 
 
-def labelled_splits(data: DataConfig, palette: Palette) -> dict[str, datasets.TokenSet]:
-    """train, val and test of a labelled data set, encoded through `palette`."""
-    splits = {name: data.tokens(name, palette, require_labels=True) for name in ("train", "val", "test")}
-    if len(splits["train"].classes or []) < 2:
-        raise IgptError(f"{data.name} has fewer than two classes: nothing to classify")
-    return splits
+@dataclass(kw_only=True)
+class FinetuneRun(RunFolderOptions):
+    """Which pretrained run `igpt finetune` starts from; its own run folder is RunFolderOptions'."""
+
+    ckpt: str = option(help="pretrained run folder")
 
 
 def classifier_model(pretrained: ImageGPT, n_classes: int, from_scratch: bool, seed: int) -> ImageGPT:
@@ -135,3 +133,13 @@ def load_classifier(path: str | Path, device: str | None = None) -> tuple[ImageG
     if model.classifier is None:
         raise IgptError(f"{path} has no classifier head: fine-tune it first with igpt finetune")
     return model, palette, RunInfo.read(path).classes
+
+
+@dataclass(kw_only=True)
+class ClassifyConfig:
+    """`igpt classify`'s settings."""
+
+    ckpt: str = option(help="fine-tuned folder (from igpt finetune)")
+    images: tuple[str, ...] = option(help="image files", flag="images", nargs="+", metavar="IMAGE")
+    crop: bool = option(False, "centre-crop to square before resizing")
+    device: str | None = device_option()

@@ -16,12 +16,24 @@ from pathlib import Path
 
 import torch
 
+from igpt.config import option
 from igpt.errors import IgptError
 from igpt.fileio import atomic_write, atomic_write_json
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.palette import HF_CONFIG_NAME, Palette
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ConvertConfig:
+    """`igpt convert`'s settings: one direction, and where the converted model goes."""
+
+    from_hf: str | None = option(help="a Hugging Face folder or hub id (openai/imagegpt-small)", metavar="SRC",
+                                 exclusive="direction")
+    to_hf: str | None = option(help="an igpt run or model folder", metavar="DIR", exclusive="direction")
+    out: str = option(help="output folder")
+    palette: str | None = option(None, "palette for an import without preprocessor_config.json")
 
 
 # ---- reading a Hugging Face folder -----------------------------------------------------------

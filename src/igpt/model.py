@@ -173,8 +173,8 @@ def nll(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = 
     """The generative loss: summed NLL in nats over the predicted pixels, and their number.
 
     logits[:, i] predicts tokens[:, i] (the sos shift is inside the model); `mask` (bert)
-    restricts both to the masked positions. Training, evaluation, fine-tuning and the demo's
-    step timing all use this one function; sums (not means) let gradient accumulation and
+    restricts both to the masked positions. Training, evaluation and fine-tuning all use this
+    one function; sums (not means) let gradient accumulation and
     several processes add up to exactly the single-batch mean.
     """
     per_token = token_nll(logits, tokens).flatten()

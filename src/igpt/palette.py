@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from igpt.config import option, positive_int
 from igpt.errors import IgptError
 from igpt.fileio import atomic_write, atomic_write_json
 
@@ -30,6 +32,15 @@ _UNSET = np.uint16(MAX_SIZE)
 _CHUNK_PIXELS = 1 << 22  # pixels encoded per step: bounds the temporary arrays to a few tens of MB
 _CHUNK_BYTES = 2 << 20  # k-means distance-matrix bytes per step: small enough to stay in cache
 _EXACT_CHUNK_BYTES = 32 << 20  # exact search: big enough that per-call overhead vanishes
+FIT_PIXELS = 2_000_000  # pixels a fit samples by default
+
+
+@dataclass(kw_only=True)
+class PaletteFitConfig:
+    """`igpt palette fit`'s own settings (the palette's size, seed and device are pretraining's)."""
+
+    out: str = option(help="output .npy (or preprocessor_config.json for Hugging Face)")
+    max_pixels: int = option(FIT_PIXELS, "pixels sampled", type=positive_int)
 
 
 def colour_codes(pixels: np.ndarray, rgb: bool) -> np.ndarray:
@@ -175,7 +186,7 @@ class Palette:
         images: np.ndarray,
         clusters: int = 512,
         *,
-        max_pixels: int = 2_000_000,
+        max_pixels: int = FIT_PIXELS,
         seed: int = 0,
         device: str | torch.device | None = None,
         max_iter: int = 300,

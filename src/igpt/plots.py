@@ -60,6 +60,11 @@ def learning_curve(records: list[dict], path: str | Path, baselines: dict[str, f
     return _save(plt, fig, path)
 
 
+def pooling_text(grid: int) -> str:
+    """How a report names a pooling grid other than the paper's: "" for 1, else ", features pooled over a GxG grid"."""
+    return f", features pooled over a {grid}x{grid} grid" if grid > 1 else ""
+
+
 def probe_accuracy(report: dict, path: str | Path) -> Path:
     """Linear-probe accuracy against layer, best layer marked, baselines as horizontal lines; with the
     low-data protocol, a second panel of accuracy against labels per class beside it."""
@@ -90,8 +95,6 @@ def probe_accuracy(report: dict, path: str | Path) -> Path:
         ax.axhline(100 * baselines["chance"], linestyle=":", color="black", linewidth=1, label="chance")
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel("accuracy (%)")
-    from igpt.probe import pooling_text
-
     ax.set_title(f"all {report['n_train']:,} training labels" + pooling_text(report.get("pool_grid", 1)), fontsize=9)
     ax.set_xticks(layers if len(layers) <= 25 else layers[:: math.ceil(len(layers) / 25)])
     ax.legend(loc="lower right", fontsize=7)

@@ -135,7 +135,8 @@ class Pretraining(Task):
             return
         if cfg.fsdp and world.distributed:
             return
-        from igpt.sample import sample, save_grid
+        from igpt.grids import save_grid
+        from igpt.sample import sample
 
         gen = torch.Generator(device=world.device).manual_seed(cfg.seed)
         with autocast(world.device, cfg.precision):

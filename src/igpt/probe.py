@@ -10,18 +10,23 @@ randomly initialised model of the same shape, the two baselines a probe must bea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-
 import functools
 import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from igpt.config import device_option, option, positive_int, positive_ints, seed_option
+from igpt.data import DataConfig, labelled_splits
 from igpt.errors import IgptError
+from igpt.fileio import atomic_write_json
 from igpt.model import ImageGPT, ImageGPTConfig
+from igpt.plots import pooling_text, probe_accuracy
+from igpt.precision import autocast, precision_option
 
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6)  # strongest first, each fit warm-starting the next
 # A few hundred labelled images: below 1e-4 the fit is as good as unregularised, and the slowest to converge.
@@ -71,8 +76,8 @@ GPU_IMAGES_PER_PASS = 256
 
 def feature_batch_size(n_ctx: int, device: torch.device) -> int:
     """Images per forward pass when none is asked for. On a CPU a pass of about CPU_PIXELS_PER_PASS pixels:
-    larger ones spill their activations out of the caches and into fresh pages of memory, and ran at half the
-    speed (README, "Speed"); a GPU wants large batches."""
+    larger ones spill their activations out of the caches and into fresh pages of memory, which slows the
+    pass; a GPU wants large batches."""
     return GPU_IMAGES_PER_PASS if device.type == "cuda" else max(1, CPU_PIXELS_PER_PASS // n_ctx)
 
 
@@ -103,7 +108,7 @@ def extract_features(
     try:
         for start in range(0, n, batch_size):
             batch = torch.from_numpy(np.asarray(tokens[start : start + batch_size]).astype(np.int64)).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast(device, precision):
                 features = model.features(batch, layers, functools.partial(pool_positions, grid=grid))
             for layer, values in features.items():
                 out[layer][start : start + len(batch)] = values.float().cpu().numpy()
@@ -137,8 +142,8 @@ class LogisticRegression:
 
     The same objective as scikit-learn's LogisticRegression(C=1 / (l2 * n_samples)), minimised by
     full-batch L-BFGS with a strong-Wolfe line search in float64 for at most `max_iter` iterations
-    (weak strengths on tens of thousands of images stop there, short of the optimum: README,
-    "A longer probe fit changes the figures by about a tenth of a point"). Hand-written rather than
+    (weak strengths on tens of thousands of images stop there, short of the optimum; the results
+    documents say how little a longer fit moves the figures). Hand-written rather than
     scikit-learn's for speed: the gradient in closed form on torch's threaded matmuls, warm
     starts along the L2 grid, and a whole cross-validation grid fitted as one batched problem.
     """
@@ -274,16 +279,17 @@ def probe_few_labels(
 
 # ---- the whole probe --------------------------------------------------------------------------
 @dataclass
-class Split:
-    """One labelled split: tokens (N, n_ctx), labels (N,) and the pixels (N, R, R, 3) behind them."""
+class LabelledSplit:
+    """One labelled split as the probe reads it: tokens (N, n_ctx), labels (N,) and the pixels (N, R, R, 3)
+    behind them."""
 
     tokens: np.ndarray
     labels: np.ndarray
     pixels: np.ndarray
 
     @classmethod
-    def of(cls, tokenset, limit: int | None = None, seed: int = 0) -> "Split":
-        """A data.TokenSet as a Split; with `limit`, a seeded subset of at most `limit` images."""
+    def of(cls, tokenset, limit: int | None = None, seed: int = 0) -> "LabelledSplit":
+        """A data.TokenSet as a LabelledSplit; with `limit`, a seeded subset of at most `limit` images."""
         n = len(tokenset.tokens)
         if limit is None or limit >= n:
             return cls(tokenset.tokens, np.asarray(tokenset.labels), tokenset.images.images)
@@ -298,10 +304,13 @@ class Protocols:
     `labels_per_class`, over `draws` seeded draws; one more probe on the concatenated `concat_layers`.
     `pool_grid`: the network's features pool over each cell of this grid (1: the paper's mean over positions)."""
 
-    labels_per_class: tuple[int, ...] = ()
-    draws: int = 5
-    concat_layers: tuple[int, ...] | str = ()
-    pool_grid: int = 1
+    labels_per_class: tuple[int, ...] = option((), "also the low-data probe: K labelled training images per class, "
+                                               "such as 4,25,100", type=positive_ints, metavar="K[,K...]")
+    draws: int = option(5, "seeded draws per K", type=positive_int)
+    concat_layers: tuple[int, ...] | str = option((), "also probe these layers' features concatenated, such as 2,3,4",
+                                                  type=str, metavar="L,L[,...]")
+    pool_grid: int = option(1, "pool each layer over a GxG grid of image cells, G*G*n_embd features (1: the paper's "
+                            "mean over all positions)", type=positive_int, metavar="G")
 
     def check(self, config: ImageGPTConfig) -> "Protocols":
         check_pool_grid(config, self.pool_grid)
@@ -317,12 +326,7 @@ class Protocols:
         return self
 
 
-def pooling_text(grid: int) -> str:
-    """How a report names a pooling grid other than the paper's: "" for 1, else ", features pooled over a GxG grid"."""
-    return f", features pooled over a {grid}x{grid} grid" if grid > 1 else ""
-
-
-def _features(model, splits: dict[str, Split], layers, batch_size, precision, grid, progress, desc: str):
+def _features(model, splits: dict[str, LabelledSplit], layers, batch_size, precision, grid, progress, desc: str):
     """{split: {layer: (N, grid * grid * d)}} for every layer in `layers`, one forward pass per batch."""
     bar = None
     if progress:
@@ -339,7 +343,7 @@ def _features(model, splits: dict[str, Split], layers, batch_size, precision, gr
             bar.close()
 
 
-def _probe_sets(sets: dict, splits: dict[str, Split], n_classes: int, draws: dict[int, list], log,
+def _probe_sets(sets: dict, splits: dict[str, LabelledSplit], n_classes: int, draws: dict[int, list], log,
                 name: Callable[[object], str]) -> tuple[list[dict], dict[int, list[dict]]]:
     """Full-label rows and, per labels-per-class K, few-label rows for each feature set {key: {split: (N, d)}}."""
     full, few = [], {k: [] for k in draws}
@@ -369,7 +373,7 @@ def _by_layer(features: dict[str, dict[int, np.ndarray]], layers) -> dict[int, d
 
 def linear_probe(
     model: ImageGPT,
-    splits: dict[str, Split],
+    splits: dict[str, LabelledSplit],
     *,
     n_classes: int,
     layers: Sequence[int] | None = None,
@@ -383,7 +387,7 @@ def linear_probe(
 ) -> dict:
     """Probe every layer in `layers` (default: all) and, with `baselines`, raw pixels and a random-init model.
 
-    `splits` maps "train", "val" and "test" to labelled Splits. The layer whose validation
+    `splits` maps "train", "val" and "test" to LabelledSplits. The layer whose validation
     accuracy is highest is the best layer; its test accuracy is the probe's result. With
     `protocols`, also the low-data probe of every feature set (its best layer chosen by
     cross-validated accuracy on the draws, never by test) and the concatenated layers.
@@ -446,6 +450,49 @@ def linear_probe(
                 entry["random_init"] = {"layer": random_chosen["layer"], "test_acc": random_chosen["test_acc"],
                                         "test_std": random_chosen["test_std"]}
             report["few_label"]["protocols"].append(entry)
+    return report
+
+
+@dataclass(kw_only=True)
+class ProbeConfig:
+    """`igpt probe`'s settings besides its Protocols: which run, layers and images, how, and where the report goes."""
+
+    ckpt: str = option(help="run folder")
+    layers: str = option("all", "all, or comma-separated layers such as 0,4,8")
+    max_train: int | None = option(None, "cap the training images (seeded subset)", type=positive_int)
+    max_images: int | None = None  # every split's images, at most (the demo's probe on a budget); not a flag
+    fit_labels_per_class: bool = False  # keep only the Ks every class has training images for (the demo's); not a flag
+    batch_size: int | None = option(None, "images per forward pass (default: sized for the device, "
+                                    "igpt.probe.feature_batch_size)", type=positive_int)
+    baselines: bool = option(True, "the raw-pixel and random-init probes beside the network's")
+    device: str | None = device_option()
+    precision: str = precision_option()
+    seed: int = seed_option("seed of the training subset, the few-label draws and the random-init network")
+    out: str = option("probe.json", "report JSON; the plot goes beside it")
+
+
+def run_probe(model: ImageGPT, palette, data: DataConfig, cfg: ProbeConfig, protocols: Protocols | None = None, *,
+              log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """The probe's whole job: `model`'s layers probed on `data`'s labelled splits with `protocols`, against the
+    baselines; the report is written to `cfg.out` (JSON), its plot beside it (.png), and returned."""
+    out = Path(cfg.out)
+    if out.suffix.lower() != ".json":
+        raise IgptError(f"--out {out} must name a .json file (probe.png is written beside it)")
+    layers = parse_layers(cfg.layers, model.config.n_layer)  # bad settings fail before any data work
+    protocols = (protocols or Protocols()).check(model.config)
+    tokensets = labelled_splits(data, palette)
+    limits = {"train": cfg.max_train or cfg.max_images}
+    splits = {name: LabelledSplit.of(s, limits.get(name, cfg.max_images), cfg.seed) for name, s in tokensets.items()}
+    if cfg.fit_labels_per_class:
+        fewest = int(np.bincount(splits["train"].labels).min())
+        protocols = replace(protocols, labels_per_class=tuple(k for k in protocols.labels_per_class if k <= fewest))
+    classes = tokensets["train"].classes
+    report = linear_probe(model, splits, n_classes=len(classes), layers=layers, protocols=protocols,
+                          batch_size=cfg.batch_size, precision=cfg.precision, baselines=cfg.baselines, seed=cfg.seed,
+                          log=log, progress=progress)
+    report.update(ckpt=cfg.ckpt, data=data.name, classes=list(classes), objective=model.config.objective)
+    atomic_write_json(out, report)
+    probe_accuracy(report, out.with_suffix(".png"))
     return report
 
 

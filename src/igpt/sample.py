@@ -8,14 +8,21 @@ attention, a window or a column for local and strided), never a full forward pas
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from igpt.animation import Animation, check_animation_path
+from igpt.config import device_option, option, positive_int, seed_option
+from igpt.data import split_option
 from igpt.decoding import Decoder
 from igpt.errors import IgptError
+from igpt.fileio import atomic_write
+from igpt.grids import completion_layout, save_grid
+from igpt.precision import autocast, precision_option
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -73,7 +80,7 @@ def sample(
 
     `compile` runs each pixel's step through torch.compile with static shapes (CUDA graphs on
     GPUs), the route to launch-free decoding there. On CPUs leave it off: the eager step attends
-    over the pixels so far only and is faster (32x32, 2-core EPYC, bench/bench_sample.py).
+    over the pixels so far only and is faster (bench/bench_sample.py measures both).
     """
     if model.config.objective != "ar":
         raise IgptError("sampling needs an autoregressive (ar) model; this one was trained with the bert objective")
@@ -146,9 +153,6 @@ def complete(
     return out.view(len(tokens), samples, -1)
 
 
-UNKNOWN = 127  # the grey of pixels not (yet) known: below the cut of an occluded input, ahead of the decoder
-
-
 def completion_rows(model, palette, originals: np.ndarray, keep_rows: int, samples: int, **options) -> np.ndarray:
     """uint8 (N, samples + 2, R, R, 3): per image the occluded input (grey below the kept rows),
     `samples` completions, and the original. `options` go to `sample` (a `watch` included: the
@@ -159,35 +163,106 @@ def completion_rows(model, palette, originals: np.ndarray, keep_rows: int, sampl
     return completion_layout(palette, originals, keep_rows)(palette.decode(completed.flatten(0, 1).cpu().numpy()))
 
 
-def completion_layout(palette, originals: np.ndarray, keep_rows: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Completions as sampled, (N x samples, R, R, 3), -> the rows of `completion_rows`: occluded input,
-    completions, original, (N, samples + 2, R, R, 3)."""
-    occluded = palette.decode(palette.encode(originals))
-    occluded[:, keep_rows:] = UNKNOWN
-    originals = np.asarray(originals)
-    return lambda sampled: np.concatenate(
-        [occluded[:, None], sampled.reshape(len(originals), -1, *sampled.shape[1:]), originals[:, None]], axis=1)
+# ---- the sample and complete commands ----------------------------------------------------------
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """How `igpt sample` and `igpt complete` draw their pixels (`sample`'s options), from which run, and where
+    the grid goes."""
+
+    ckpt: str = option(help="run folder (or a converted model folder)")
+    temperature: float = option(1.0, "divide the logits by this before drawing")
+    top_k: int | None = option(None, "draw among the k likeliest colours only")
+    top_p: float | None = option(None, "draw among the likeliest colours that hold this much probability only")
+    seed: int = seed_option()
+    batch_size: int | None = option(None, "images sampled at once", type=positive_int)
+    device: str | None = device_option()
+    precision: str = precision_option()
+    compile: bool = option(False, "torch.compile the decoding step (CUDA graphs on GPUs; on CPUs the eager step "
+                                  "is faster)")
+    out: str = option(help="output PNG (an .npy of the images is written beside it)")
+    animate: str | None = option(None, "also write the images filling in, a frame every few rows (.gif or .webp)",
+                                 metavar="GIF_OR_WEBP")
+
+    def check(self) -> None:
+        """Bad options fail here, before any model loads."""
+        filter_logits(torch.zeros(1, 2), self.temperature, self.top_k, self.top_p)
+        if self.animate:
+            check_animation_path(self.animate)
+
+    def options(self, device: torch.device) -> dict:
+        """`sample`'s keyword arguments, the generator seeded on `device`."""
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, generator=generator,
+                    batch_size=self.batch_size, compile=self.compile)
 
 
-def image_grid(images: np.ndarray, columns: int | None = None, scale: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile uint8 images (N, H, W, 3) into one image, each enlarged by nearest neighbour."""
-    n, h, w = images.shape[:3]
-    columns = columns or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / columns))
-    scale = scale or max(1, 64 // max(h, w))
-    big = images.repeat(scale, 1).repeat(scale, 2)
-    bh, bw = h * scale, w * scale
-    grid = np.full((rows * (bh + pad) + pad, columns * (bw + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(big):
-        r, c = divmod(i, columns)
-        grid[pad + r * (bh + pad) : pad + r * (bh + pad) + bh, pad + c * (bw + pad) : pad + c * (bw + pad) + bw] = img
-    return grid
+@dataclass(kw_only=True)
+class SampleConfig(SamplingConfig):
+    n: int = option(64, "number of images", type=positive_int)
+    columns: int | None = None  # of the grid (default: about square); not a flag
 
 
-def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None, scale: int | None = None) -> Path:
-    from PIL import Image
+@dataclass(kw_only=True)
+class CompletionConfig(SamplingConfig):
+    """The paper's figure: the top rows of `n` images kept, the rest sampled `samples` times."""
 
-    from igpt.fileio import atomic_write
+    images: tuple[str, ...] = option((), "your own image files (any size: centre-cropped, resized); without them, "
+                                     "the first --n images of --split", flag="images", nargs="*")
+    split: str = split_option("the split whose first --n images are completed, without image files")
+    n: int = option(8, "number of images", type=positive_int)
+    samples: int = option(4, "completions per image", type=positive_int)
+    keep_rows: int | None = option(None, "rows kept from the top", exclusive="keep")
+    keep: float = option(0.5, "fraction of rows kept", exclusive="keep")
 
-    grid = Image.fromarray(image_grid(images, columns, scale))
-    return atomic_write(path, lambda f: grid.save(f, format="PNG"))
+    def check(self) -> None:
+        super().check()
+        if self.keep_rows is None and not 0 <= self.keep <= 1:
+            raise IgptError(f"--keep must lie in [0, 1], got {self.keep}")
+
+    def rows_kept(self, side: int) -> int:
+        return self.keep_rows if self.keep_rows is not None else round(self.keep * side)
+
+
+def write_samples(model, palette, cfg: SampleConfig, *, log: Callable[[str], None] = print) -> np.ndarray:
+    """The sample command's whole job: `cfg.n` images drawn with `cfg`'s options; their grid written to `cfg.out`,
+    the images (uint8 (n, R, R, 3), returned) as .npy beside it, and with `cfg.animate` the filling-in animation."""
+    device = next(model.parameters()).device
+    animation = Animation(palette, cfg.n, model.config.side, columns=cfg.columns) if cfg.animate else None
+    with autocast(device, cfg.precision):
+        tokens = sample(model, cfg.n, watch=animation and animation.watch, **cfg.options(device))
+    images = palette.decode(tokens.cpu().numpy())
+    log(_write(images, images, cfg, cfg.columns, animation) + f": {cfg.n} samples" + _animation_text(cfg, animation))
+    return images
+
+
+def write_completions(model, palette, originals: np.ndarray, cfg: CompletionConfig, *,
+                      log: Callable[[str], None] = print) -> np.ndarray:
+    """The complete command's whole job: the top rows of `originals` kept, the rest sampled `cfg.samples` times;
+    the grid of `completion_rows` written to `cfg.out`, the rows (returned) as .npy beside it, and with
+    `cfg.animate` the completions filling in."""
+    side = model.config.side
+    keep_rows = cfg.rows_kept(side)
+    animation = Animation.of_completions(palette, originals, keep_rows, cfg.samples) if cfg.animate else None
+    device = next(model.parameters()).device
+    with autocast(device, cfg.precision):
+        rows = completion_rows(model, palette, originals, keep_rows, cfg.samples,
+                               watch=animation and animation.watch, **cfg.options(device))
+    log(_write(rows.reshape(-1, side, side, 3), rows, cfg, cfg.samples + 2, animation)
+        + f": {len(rows)} images x {cfg.samples} completions from the top {keep_rows} of {side} rows"
+        + _animation_text(cfg, animation))
+    return rows
+
+
+def _write(grid: np.ndarray, array: np.ndarray, cfg: SamplingConfig, columns: int | None,
+           animation: Animation | None) -> str:
+    """The grid PNG, the array beside it and the animation, if any: "wrote A and B"."""
+    out = Path(cfg.out)
+    save_grid(grid, out, columns=columns)
+    atomic_write(out.with_suffix(".npy"), lambda f: np.save(f, array))
+    if animation is not None:
+        animation.save(cfg.animate)
+    return f"wrote {out} and {out.with_suffix('.npy')}"
+
+
+def _animation_text(cfg: SamplingConfig, animation: Animation | None) -> str:
+    return "" if animation is None else f"; the filling-in animation ({len(animation.frames)} frames) in {cfg.animate}"

@@ -33,8 +33,10 @@ import numpy as np
 import torch
 
 from igpt.animation import Animation
+from igpt.config import device_option, option, positive_int
 from igpt.errors import IgptError
-from igpt.sample import save_grid
+from igpt.grids import save_grid
+from igpt.precision import precision_option
 
 INSTALL = "pip install 'igpt[app]'"
 MAX_UPLOAD_MB = 20.0
@@ -46,6 +48,19 @@ EVAL_FILES = ("eval.json", "test.json")  # where `igpt eval --json` results are 
 BERT_CANNOT_COMPLETE = ("this model was trained with the bert objective: it predicts hidden pixels from all the "
                         "others, not the next pixel from those before it, so it cannot complete a picture from its "
                         "top rows. Its surprise map works.")
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """`igpt serve`'s settings: `serve`'s arguments (the data's are DataConfig's)."""
+
+    ckpt: str = option(help="run folder (or a converted model folder)")
+    host: str = option("127.0.0.1", "address to serve on: 127.0.0.1 is this machine only, 0.0.0.0 serves other "
+                                    "machines too")
+    port: int = option(7860, "port to serve on", type=positive_int)
+    device: str | None = device_option()
+    precision: str = precision_option()
+    max_upload_mb: float = option(MAX_UPLOAD_MB, "largest image file the page accepts")
 
 
 def require_gradio() -> None:
@@ -122,7 +137,8 @@ class ModelWorker:
         once it has ended, so the model is free again.
         """
         from igpt.precision import autocast
-        from igpt.sample import completion_rows, filter_logits, image_grid
+        from igpt.grids import image_grid
+        from igpt.sample import completion_rows, filter_logits
 
         if not self.can_complete:
             raise IgptError(BERT_CANNOT_COMPLETE)
@@ -227,14 +243,14 @@ def read_drawing(value: dict | None, side: int) -> np.ndarray:
 
 def enlarged(image: np.ndarray, pixels: int = PREVIEW_PIXELS) -> np.ndarray:
     """A small picture enlarged by whole pixels, so it stays sharp wherever it is shown."""
-    from igpt.sample import image_grid
+    from igpt.grids import image_grid
 
     return image_grid(image[None], columns=1, scale=max(1, pixels // max(image.shape[:2])), pad=0)
 
 
 def cut_preview(seen: np.ndarray, keep_rows: int) -> np.ndarray:
     """The picture enlarged with the hidden rows faded and a red line at the cut: what a completion keeps."""
-    from igpt.sample import UNKNOWN
+    from igpt.grids import UNKNOWN
 
     big = enlarged(seen).astype(np.float32)
     cut = keep_rows * (len(big) // len(seen))

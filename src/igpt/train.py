@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from igpt.batches import Batch, Batches, Prefetcher, Stream, seed_of
 from igpt.checkpoint import RunFolder
-from igpt.config import check, differences, option
+from igpt.config import check, device_option, differences, option, seed_option
 from igpt.data import DataConfig
 from igpt.distributed import (World, all_sum, close_world, full_state, init_world, load_full_state, no_sync, on_main,
                                synchronize, wrap)
@@ -34,7 +34,7 @@ from igpt.errors import IgptError
 from igpt.migrate import run_record
 from igpt.model import ImageGPT, bert_mask, nll
 from igpt.palette import Palette
-from igpt.precision import PRECISIONS, autocast
+from igpt.precision import PRECISIONS, autocast, precision_option
 from igpt.runrecord import RunInfo
 
 SCHEDULES = ("cosine", "constant")
@@ -58,9 +58,9 @@ class TrainConfig:
     minutes: float | None = option(None, "wall-clock budget when --steps is not given: as many steps as the loop, "
                                          "timed, fits, and a stop at the deadline (overrides --epochs)")
     grad_clip: float = option(1.0, "clip the gradient norm to this")
-    seed: int = option(0, "seed of every random stream (batches, crops, masks, initialisation)")
-    precision: str = option("fp32", "fp32 | bf16 (autocast)", choices=PRECISIONS)
-    device: str | None = option(None, "cpu | cuda (default: cuda when available)")
+    seed: int = seed_option("seed of every random stream (batches, crops, masks, initialisation)")
+    precision: str = precision_option()
+    device: str | None = device_option()
     compile: bool = option(False, "torch.compile the model")
     fsdp: bool = option(False, "shard with FSDP2 under torchrun (default: DDP)")
     eval_every: int | None = option(100, "steps between validations")
@@ -214,7 +214,8 @@ class Task:
         a run (empty: it may resume). `saved` is read as igpt.migrate brings it to today's layout."""
         saved = run_record(saved)
         if "written_by" in saved:
-            return [f"the run folder was written by {saved['written_by']}, whose runs cannot resume here: start a new run"]
+            return [f"the run folder was written by {saved['written_by']}, whose runs cannot resume here: "
+                    "start a new run"]
         now = self.record() if now is None else now
         return [*differences(saved.get("data") or {}, now["data"], RUNTIME_FIELDS),
                 *differences(saved.get("config") or {}, now["config"], RUNTIME_FIELDS),
@@ -247,7 +248,7 @@ class Trainer:
         self.task, self.config, self.log, self.progress = task, task.cfg, log, progress
         self.started = time.perf_counter()  # --minutes counts from here (pretraining's palette fit and data are in it)
         self.folder = RunFolder(out)
-        if resume and self._unsized:  # a sized run resumes with the step count it was given: it ends where it would have
+        if resume and self._unsized:  # a sized run resumes with the step count it was given, to end where it would have
             self.config = dataclasses.replace(task.cfg, steps=RunInfo.read(self.folder.path).config.get("steps"))
         cfg = self.config
         self.world = init_world(cfg.device)
@@ -309,7 +310,9 @@ class Trainer:
     def _optimizer_step(self, step: int, batch: Batch, lr: float) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        mask = bert_mask(tuple(batch.tokens.shape), seed_of(self.config.seed, Stream.BERT_MASK, step)) if self.bert else None
+        mask = None
+        if self.bert:
+            mask = bert_mask(tuple(batch.tokens.shape), seed_of(self.config.seed, Stream.BERT_MASK, step))
         try:
             return train_step(self.step_fn, self.optimizer, batch, world=self.world, grad_accum=self.config.grad_accum,
                               precision=self.config.precision, grad_clip=self.config.grad_clip,

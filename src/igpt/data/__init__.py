@@ -80,8 +80,8 @@ class DataConfig:
     change only what they are told; the resolution then follows the model.
     """
 
-    name: str = option("digits", "digits | shifted-digits | mnist | fashion-mnist | cifar10 | cifar100 | an image folder, "
-                       ".tar/.tar.gz/.zip of one, or a .npz", flag="--data")
+    name: str = option("digits", " | ".join(DATASETS) + " | an image folder, .tar/.tar.gz/.zip of one, or a .npz",
+                       flag="--data")
     data_dir: str | None = option(None, "folder holding existing copies of a named data set")
     crop: bool = option(False, "centre-crop images to square before resizing")
     skip_bad: bool = option(False, "skip (and count) corrupt images instead of stopping")
@@ -121,7 +121,7 @@ def open_source(spec: str, data_dir: str | os.PathLike | None = None) -> Native:
 def _plan(native: Native, split: str, seed: int) -> tuple[str, np.ndarray | None, str]:
     """Which native split serves `split`, which of its rows (None: all), and a note saying so."""
     if split not in SPLITS:
-        raise IgptError(f"unknown split {split!r}: use train, val or test")
+        raise IgptError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     if split in native.splits and split != "train":
         return split, None, ""
     if "train" not in native.splits:
