@@ -86,7 +86,7 @@ MiB = 2**20
 
 
 @dataclass(frozen=True)
-class Pattern:
+class Variant:
     name: str
     positions: str
     attention: str
@@ -98,9 +98,9 @@ class Pattern:
                               attention=self.attention, window_rows=self.window_rows)
 
 
-def patterns(window_rows: list[int]) -> list[Pattern]:
-    return [Pattern("dense-1d", "1d", "dense"), Pattern("dense", "2d", "dense"),
-            *(Pattern(f"local R={r}", "2d", "local", r) for r in window_rows), Pattern("strided", "2d", "strided")]
+def patterns(window_rows: list[int]) -> list[Variant]:
+    return [Variant("dense-1d", "1d", "dense"), Variant("dense", "2d", "dense"),
+            *(Variant(f"local R={r}", "2d", "local", r) for r in window_rows), Variant("strided", "2d", "strided")]
 
 
 def setting(text: str) -> tuple[int, int]:
@@ -125,7 +125,7 @@ def serve_training(spec: dict) -> None:
     pattern at 4x4, batch 1, which pages in the code and libraries any step touches (resident set
     that is the same for every configuration), so the peak is the configuration's."""
     device = spec["device"]
-    pattern, world = Pattern(**spec["pattern"]), World(device=torch.device(device))
+    pattern, world = Variant(**spec["pattern"]), World(device=torch.device(device))
 
     def stepper(side: int, rows: int):
         torch.manual_seed(0)
@@ -209,7 +209,7 @@ def settle() -> None:
     time.sleep(0.2)
 
 
-def train_side(side: int, batch: int, pats: list[Pattern], dims: dict, device: str, repeat: int,
+def train_side(side: int, batch: int, pats: list[Variant], dims: dict, device: str, repeat: int,
                peak: float, compile: bool = False) -> list[dict]:
     """Every pattern at one resolution: tokens/s (best of `repeat` steps, taken in turns) and peak memory."""
     workers = {}
@@ -242,7 +242,7 @@ def train_side(side: int, batch: int, pats: list[Pattern], dims: dict, device: s
 
 
 # ---- sampling -------------------------------------------------------------------------------------------
-def random_model(p: Pattern, dims: dict, side: int, device: str) -> ImageGPT:
+def random_model(p: Variant, dims: dict, side: int, device: str) -> ImageGPT:
     torch.manual_seed(0)
     model = ImageGPT(p.config(dims, side)).to(device).eval()
     with torch.no_grad():
@@ -282,7 +282,7 @@ class Bandwidth:
         return float(self.rates[-1])
 
 
-def sample_setting(side: int, batch: int, pats: list[Pattern], dims: dict, device: str, repeat: int,
+def sample_setting(side: int, batch: int, pats: list[Variant], dims: dict, device: str, repeat: int,
                    bandwidth: Bandwidth) -> list[dict]:
     models = {p.name: random_model(p, dims, side, device) for p in pats}
     for model in models.values():
@@ -344,7 +344,7 @@ def print_sampling(rows: list[dict]) -> None:
               f"{r['of_floor']:8.0%} {r['above_floor_ms_per_step']:8.2f} {r['bytes_per_step'] / MiB:9.1f}", flush=True)
 
 
-def print_scaling(title: str, rows: list[dict], pats: list[Pattern]) -> dict[str, float | None]:
+def print_scaling(title: str, rows: list[dict], pats: list[Variant]) -> dict[str, float | None]:
     ns = sorted({r["n"] for r in rows})
     print(f"  {title:24s}" + "".join(f"{f'n={n}':>10s}" for n in ns) + "   exponent")
     fitted = {}
@@ -394,7 +394,7 @@ def settings(args: argparse.Namespace) -> tuple[list[tuple[int, int]], list[tupl
     return train, samples
 
 
-def print_setup(args: argparse.Namespace, dims: dict, pats: list[Pattern], sides: set[int]) -> float:
+def print_setup(args: argparse.Namespace, dims: dict, pats: list[Variant], sides: set[int]) -> float:
     """The machine, its load and the model at every side; returns the fp32 matmul peak that MFU is against."""
     print(f"machine: {machine(args.device)}; load average {os.getloadavg()[0]:.2f} at the start")
     if args.device == "cpu":
@@ -414,7 +414,7 @@ def print_setup(args: argparse.Namespace, dims: dict, pats: list[Pattern], sides
     return peak
 
 
-def run_training(args: argparse.Namespace, train: list[tuple[int, int]], pats: list[Pattern], dims: dict,
+def run_training(args: argparse.Namespace, train: list[tuple[int, int]], pats: list[Variant], dims: dict,
                  peak: float) -> list[dict]:
     print(f"\ntraining: igpt.train.train_step, fp32{', torch.compile' if args.compile else ''}, forward + backward "
           "+ AdamW, random tokens; one process per "
@@ -428,7 +428,7 @@ def run_training(args: argparse.Namespace, train: list[tuple[int, int]], pats: l
     return training
 
 
-def run_sampling(args: argparse.Namespace, samples: list[tuple[int, int]], pats: list[Pattern],
+def run_sampling(args: argparse.Namespace, samples: list[tuple[int, int]], pats: list[Variant],
                  dims: dict) -> tuple[list[dict], Bandwidth]:
     """Every sampling setting, after the read bandwidth its floors are measured against."""
     largest = max(step_bytes(p.config(dims, side), batch, 4).max() for side, batch in samples for p in pats)
@@ -447,7 +447,7 @@ def run_sampling(args: argparse.Namespace, samples: list[tuple[int, int]], pats:
     return sampling, bandwidth
 
 
-def print_exponents(training: list[dict], sampling: list[dict], pats: list[Pattern]) -> dict[str, dict]:
+def print_exponents(training: list[dict], sampling: list[dict], pats: list[Variant]) -> dict[str, dict]:
     """The scaling table of training and of each sampling batch measured at two sides or more; their exponents."""
     print("\ntime per image (s) against n = side^2; exponent: least squares on log time against log n")
     exponents: dict[str, dict] = {}
@@ -461,7 +461,7 @@ def print_exponents(training: list[dict], sampling: list[dict], pats: list[Patte
 
 
 def print_summary(training: list[dict], sampling: list[dict], exponents: dict[str, dict],
-                  pats: list[Pattern]) -> None:
+                  pats: list[Variant]) -> None:
     print("\nsummary: speed against dense with 2-D positions (same run; peak memory ratio in brackets)")
     columns = [(f"train {r['side']}^2", "train", r["side"], r["batch"]) for r in training if r["pattern"] == REFERENCE]
     columns += [(f"sample {r['side']}^2/{r['batch']}", "sample", r["side"], r["batch"])
@@ -480,7 +480,7 @@ def print_summary(training: list[dict], sampling: list[dict], exponents: dict[st
               + "".join(f"{fmt(fitted[p.name], '.2f'):>16s}" for fitted in exponents.values()))
 
 
-def check_goals(training: list[dict], sampling: list[dict], pats: list[Pattern]) -> list[dict]:
+def check_goals(training: list[dict], sampling: list[dict], pats: list[Variant]) -> list[dict]:
     """Each of the issue's goals met, not met, or not measured (with the flag that measures it)."""
     goals = []
     print("goals (the issue's, on this machine):")

@@ -46,7 +46,7 @@ def machine(device: str = "cpu") -> str:
 
 
 def band_kernel_state() -> str:
-    """Which kernel runs float32 band attention on a CPU in this process (igpt.band_kernel)."""
+    """Which kernel runs float32 band attention on a CPU in this process (igpt.attention.band_kernel)."""
     from igpt.attention import band_kernel
 
     return ("igpt's band kernel (built for this CPU)" if band_kernel.available()
@@ -95,9 +95,10 @@ def best_of(contenders: dict, repeat: int = 3, pause=None, own_time: bool = Fals
 
 def step_seconds(config, batch_size: int, device="cpu", precision: str = "fp32", steps: int = 5,
                  compile: bool = False) -> float:
-    """Seconds per optimizer step of a fresh model of `config` on random tokens, timed as `igpt train --minutes` times
-    its steps (igpt.train.median_seconds over igpt.train.train_step). compile: the model as `--compile` runs it
-    (its compilation is left out)."""
+    """Seconds per optimizer step of a fresh model of `config` on random tokens, with the loop's own step and timer
+    (igpt.train.train_step, igpt.train.median_seconds): the model alone, without the data thread, validations or
+    checkpoints that `igpt train --minutes` also counts. compile: the model as `--compile` runs it (its
+    compilation is left out)."""
     from igpt.batches import Batch
     from igpt.distributed import World
     from igpt.model import ImageGPT

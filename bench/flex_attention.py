@@ -2,11 +2,12 @@
 
     python bench/flex_attention.py --device cuda [--sides 32 64] [--batch 16] [--heads 8] [--head-dim 32]
 
-igpt's local and strided layers run `band_attention` and `column_attention` (igpt.attention): plain
-SDPA over blocked or reshaped tensors, which has a backward on every device. On CUDA,
-FlexAttention (torch.nn.attention.flex_attention, compiled) can skip the masked-out blocks of a
-dense layout instead. This times forward + backward of the attention alone for both, on the same
-q, k, v, checks that they agree, and prints the ratio; dense causal SDPA (the paper's layer) is
+igpt's local and strided layers run, among igpt.attention's backends, `blocked` (bands) and `sdpa`
+(columns, reshaped): plain SDPA over blocked or reshaped tensors, which has a backward on every
+device. On CUDA, the `flex` backend (FlexAttention, compiled, masked by the pattern's own `sees`)
+can skip the masked-out blocks of a dense layout instead. This times forward + backward of the
+attention alone for both backends, called directly, on the same q, k, v, checks that they agree,
+and prints the ratio; dense causal SDPA (the paper's layer) is
 the baseline row. FlexAttention has no backward on the CPU in torch 2.13: there the script times
 the blocked kernels only (--device cpu is for checking the script itself).
 """
@@ -20,24 +21,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-from igpt.attention import band_attention, column_attention
+from igpt.attention import ATTENTION_BACKENDS, Pattern
 
 
-def masks(side: int, window_rows: int):
-    """Each pattern's rule as FlexAttention's mask_mod, beside igpt's blocked kernel for it."""
-    local = window_rows * side
+def contenders(side: int, window_rows: int):
+    """Each pattern with its blocked backend's call and the flex backend's, computed without the rule's choice."""
+    patterns = {f"local R={window_rows}": Pattern("band", side, window_rows * side),
+                "strided: row layer": Pattern("band", side, side), "strided: column layer": Pattern("column", side)}
 
-    def band(window):
-        return lambda b, h, q, kv: (kv <= q) & (kv > q - window)
+    def call(name, pattern):
+        return lambda q, k, v: ATTENTION_BACKENDS[name].compute(q, k, v, pattern)
 
-    def column(b, h, q, kv):
-        return (kv <= q) & ((q - kv) % side == 0)
-
-    return {
-        f"local R={window_rows}": (band(local), lambda q, k, v: band_attention(q, k, v, local, side)),
-        "strided: row layer": (band(side), lambda q, k, v: band_attention(q, k, v, side, side)),
-        "strided: column layer": (column, lambda q, k, v: column_attention(q, k, v, side)),
-    }
+    return {label: (call("blocked" if pattern.kind == "band" else "sdpa", pattern), call("flex", pattern))
+            for label, pattern in patterns.items()}
 
 
 def fwd_bwd_ms(fn, q, k, v, repeat: int) -> float:
@@ -74,11 +70,6 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    flex = None
-    if device.type == "cuda":
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        flex = torch.compile(flex_attention)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, {dtype}, batch {args.batch}, {args.heads} heads of {args.head_dim}; "
           f"forward + backward of attention alone, best of {args.repeat}")
@@ -91,14 +82,13 @@ def main() -> None:
         q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         dense = fwd_bwd_ms(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v,
                            args.repeat)
-        for pattern, (mask_mod, blocked) in masks(side, args.window_rows).items():
+        for pattern, (blocked, flex) in contenders(side, args.window_rows).items():
             blocked_ms = fwd_bwd_ms(blocked, q, k, v, args.repeat)
             flex_ms = diff = None
-            if flex is not None:
-                block_mask = create_block_mask(mask_mod, None, None, t, t, device=device)
-                flex_ms = fwd_bwd_ms(lambda q, k, v: flex(q, k, v, block_mask=block_mask), q, k, v, args.repeat)
+            if device.type == "cuda":
+                flex_ms = fwd_bwd_ms(flex, q, k, v, args.repeat)
                 with torch.no_grad():
-                    diff = (flex(q, k, v, block_mask=block_mask).float() - blocked(q, k, v).float()).abs().max().item()
+                    diff = (flex(q, k, v).float() - blocked(q, k, v).float()).abs().max().item()
             faster = "-" if flex_ms is None else ("flex" if flex_ms < blocked_ms else "blocked")
             rows.append({"side": side, "pattern": pattern, "dense_ms": dense, "blocked_ms": blocked_ms,
                          "flex_ms": flex_ms, "max_diff": diff, "faster": faster})

@@ -1,4 +1,4 @@
-"""igpt's C++ band kernel (igpt/band_kernel.py): exact against dense attention under the band's mask,
+"""igpt's C++ band kernel (igpt/attention/band_kernel.py): exact against dense attention under the band's mask,
 chosen by band_attention for float32 on a CPU, built once into the cache, and replaced by
 PyTorch's kernels wherever it cannot be built."""
 

@@ -128,6 +128,18 @@ def test_minutes_size_the_run_that_its_steps_give(tmp_path, monkeypatch):
     assert sorted(p.name for p in (budgeted / "samples").iterdir()) == sorted(p.name for p in (fixed / "samples").iterdir())
 
 
+def test_sizing_a_budgeted_run_changes_neither_the_callers_config_nor_the_run_folder(tmp_path):
+    """The Trainer keeps its sized copy of the configuration; the checkpoint and sample grid it times go to a
+    scratch folder, so its own folder holds nothing but its lock until the run begins."""
+    task = pretraining(steps=None, minutes=0.2)
+    trainer = Trainer(task, tmp_path / "run", log=lambda line: None, progress=False)
+    try:
+        assert task.cfg.steps is None and trainer.config.steps >= 1 and trainer.config.minutes == 0.2
+        assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
+    finally:
+        trainer.close(finished=False)
+
+
 def test_minutes_end_the_run_before_the_deadline(tmp_path, monkeypatch):
     """Steps slower than timed (here: twenty times too many sized) end before the deadline, validated and saved."""
     import igpt.train as train_module

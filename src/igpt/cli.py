@@ -66,8 +66,8 @@ def _cmd_palette_fit(args: argparse.Namespace) -> None:
 
     cfg = from_flags(PaletteFitConfig, args)
     train = from_flags(DataConfig, args).images("train")
-    palette = Palette.fit(train.images, clusters=args.clusters, max_pixels=cfg.max_pixels, seed=args.seed,
-                          device=args.device, log=print)
+    palette = Palette.fit(train.images, clusters=cfg.clusters, max_pixels=cfg.max_pixels, seed=cfg.seed,
+                          device=cfg.device, log=print)
     palette.save(cfg.out)
     print(f"wrote {cfg.out}: {palette.size} colours fitted on {train.describe()}")
 
@@ -256,7 +256,7 @@ def _commands() -> list[tuple[str, str, object, list[tuple[type, dict]]]]:
          [(DataConfig, {"only": ("name", "data_dir"), "defaults": {"name": DEFAULT_DATA}}), (DemoConfig, {}),
           (PretrainConfig, {"only": PRETRAIN_FLAGS})]),
         ("palette fit", "k-means colour palette over a data set's training pixels", _cmd_palette_fit,
-         [(DataConfig, {}), (PretrainConfig, {"only": ("clusters", "seed", "device")}), (PaletteFitConfig, {})]),
+         [(DataConfig, {}), (PaletteFitConfig, {})]),
         ("train", "pretrain a model (AR or BERT objective) into a run folder", _cmd_train,
          [(DataConfig, {}), (PretrainConfig, {}), (RunFolderOptions, {})]),
         ("eval", "exact loss (nats/token, bits/pixel) of a checkpoint on a split", _cmd_eval,

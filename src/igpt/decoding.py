@@ -6,8 +6,9 @@ attending over the keys and values stored so far instead of recomputing the whol
 Why the block is written here a second time, with its weights folded (`DecodeWeights`): a
 step at a small batch is a chain of tiny operations whose number, not their arithmetic, sets
 its pace, and folding the norm gains and GELU's scale into the matrices removes a third of
-them. tests/test_decoding.py holds every pattern's steps equal to the model's forward, and
-this is the only other place the block's forward is written. Two forms of the one-pixel step exist:
+them. tests/test_attention.py::test_cached_decoding_equals_the_full_forward_at_every_position
+holds every pattern's steps equal to the model's forward, and this is the only other place
+the block's forward is written. Two forms of the one-pixel step exist:
 
 - eager: attention over the pixels so far only (half the work on average; fastest on CPUs);
 - static: attention over the whole cache under a position mask, so every step has the same
@@ -156,7 +157,7 @@ def _attend_cached(cache: KVCache, i: int, q: torch.Tensor, k: torch.Tensor, v: 
     end = position + t  # only dense models feed a chunk after earlier context (Decoder.feed)
     keys[:, :, position:end] = k
     values[:, :, position:end] = v
-    mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(position)
+    mask = pattern.sees(torch.arange(position, end, device=q.device)[:, None], torch.arange(end, device=q.device))
     return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from igpt import migrate
 from igpt.attention import attend, layer_pattern
-from igpt.errors import IgptError
+from igpt.errors import IgptError, one_of
 from igpt.ops import RMSNorm, quick_gelu
 from igpt.palette import Palette
 from igpt.pretrained import Pretrained
@@ -77,12 +77,12 @@ class ImageGPTConfig:
             (self.n_layer >= 1, "n_layer must be >= 1"),
             (self.n_head >= 1 and self.n_embd % self.n_head == 0,
              f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"),
-            (self.objective in OBJECTIVES, f"objective must be 'ar' or 'bert', got {self.objective!r}"),
+            (self.objective in OBJECTIVES, f"objective must be {one_of(OBJECTIVES)}, got {self.objective!r}"),
             (self.eps > 0, "eps must be > 0"),
             (self.n_classes >= 0, "n_classes must be >= 0"),
-            (self.positions in POSITIONS, f"positions must be '1d' or '2d', got {self.positions!r}"),
+            (self.positions in POSITIONS, f"positions must be {one_of(POSITIONS)}, got {self.positions!r}"),
             (self.attention in ATTENTIONS,
-             f"attention must be 'dense', 'local' or 'strided', got {self.attention!r}"),
+             f"attention must be {one_of(ATTENTIONS)}, got {self.attention!r}"),
             (self.window_rows >= 1, "window_rows must be >= 1"),
             (self.objective == "ar" or self.attention == "dense",
              f"the bert objective sees every pixel, so it needs attention 'dense', not {self.attention!r}"),

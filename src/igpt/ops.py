@@ -3,7 +3,8 @@
 Each keeps the reference formula's forward, bit for bit, and replaces only the backward
 that autograd would build from it: on a CPU those backwards are chains of memory-bound
 element-wise passes over the block's largest activations, and one fused pass does the same
-work. Compiled models take the plain formulas, which inductor fuses itself.
+work. Compiled, RMS norm takes PyTorch's composite, which inductor fuses itself; quick GELU's
+Function is traced as it is.
 tests/test_model.py holds each equal to its formula (gradcheck in float64);
 bench/bench_elementwise.py times each against PyTorch's own.
 """

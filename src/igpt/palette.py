@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from igpt.config import option, positive_int
+from igpt.config import device_option, option, positive_int, seed_option
 from igpt.errors import IgptError
 from igpt.fileio import atomic_write, atomic_write_json
 
@@ -33,14 +33,18 @@ _CHUNK_PIXELS = 1 << 22  # pixels encoded per step: bounds the temporary arrays 
 _CHUNK_BYTES = 2 << 20  # k-means distance-matrix bytes per step: small enough to stay in cache
 _EXACT_CHUNK_BYTES = 32 << 20  # exact search: big enough that per-call overhead vanishes
 FIT_PIXELS = 2_000_000  # pixels a fit samples by default
+CLUSTERS = 512  # a fitted palette's size by default: the released palette's
 
 
 @dataclass(kw_only=True)
 class PaletteFitConfig:
-    """`igpt palette fit`'s own settings (the palette's size, seed and device are pretraining's)."""
+    """`igpt palette fit`'s settings."""
 
     out: str = option(help="output .npy (or preprocessor_config.json for Hugging Face)")
+    clusters: int = option(CLUSTERS, "palette size")
     max_pixels: int = option(FIT_PIXELS, "pixels sampled", type=positive_int)
+    seed: int = seed_option("seed of the pixel sample and of k-means")
+    device: str | None = device_option()
 
 
 def colour_codes(pixels: np.ndarray, rgb: bool) -> np.ndarray:
@@ -184,7 +188,7 @@ class Palette:
     def fit(
         cls,
         images: np.ndarray,
-        clusters: int = 512,
+        clusters: int = CLUSTERS,
         *,
         max_pixels: int = FIT_PIXELS,
         seed: int = 0,

@@ -21,7 +21,7 @@ from igpt.distributed import World, on_main
 from igpt.errors import IgptError
 from igpt.evaluate import LN2, evaluate
 from igpt.model import ATTENTIONS, OBJECTIVES, POSITIONS, PRESETS, ImageGPT, ImageGPTConfig
-from igpt.palette import Palette
+from igpt.palette import CLUSTERS, Palette
 from igpt.precision import autocast
 from igpt.train import Task, TrainConfig
 
@@ -39,7 +39,7 @@ class PretrainConfig(TrainConfig):
     """Pretraining's settings: the loop's, plus the palette, the model and the objective."""
 
     palette: str = option("fit", "fit | openai | PATH to a palette")
-    clusters: int = option(512, "palette size when fitting")
+    clusters: int = option(CLUSTERS, "palette size when fitting")
     model: str = option("tiny", "preset: " + ", ".join(PRESETS))
     n_layer: int | None = option(None, "override the preset's depth")
     n_embd: int | None = option(None, "override the preset's width")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from igpt.config import device_option, option, positive_int, positive_ints, seed_option
-from igpt.data import DataConfig, labelled_splits
+from igpt.data import SPLITS, DataConfig, labelled_splits
 from igpt.errors import IgptError
 from igpt.fileio import atomic_write_json
 from igpt.model import ImageGPT, ImageGPTConfig
@@ -392,9 +392,9 @@ def linear_probe(
     `protocols`, also the low-data probe of every feature set (its best layer chosen by
     cross-validated accuracy on the draws, never by test) and the concatenated layers.
     """
-    missing = {"train", "val", "test"} - set(splits)
+    missing = [name for name in SPLITS if name not in splits]
     if missing:
-        raise IgptError(f"the probe needs train, val and test splits; missing {', '.join(sorted(missing))}")
+        raise IgptError(f"the probe needs {', '.join(SPLITS)} splits; missing {', '.join(missing)}")
     layers = parse_layers(layers, model.config.n_layer)
     protocols = (protocols or Protocols()).check(model.config)
     labels = splits["train"].labels

@@ -30,7 +30,7 @@ from igpt.config import check, device_option, differences, option, seed_option
 from igpt.data import DataConfig
 from igpt.distributed import (World, all_sum, close_world, full_state, init_world, load_full_state, no_sync, on_main,
                                synchronize, wrap)
-from igpt.errors import IgptError
+from igpt.errors import IgptError, one_of
 from igpt.migrate import run_record
 from igpt.model import ImageGPT, bert_mask, nll
 from igpt.palette import Palette
@@ -76,11 +76,10 @@ class TrainConfig:
             (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "--lr must be a positive number"),
             (self.warmup is None or self.warmup >= 0, "--warmup must be >= 0"),
             (self.grad_clip > 0, "--grad-clip must be positive"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.precision in PRECISIONS, f"--precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.schedule in SCHEDULES, f"--schedule must be {one_of(SCHEDULES)}"),
+            (self.precision in PRECISIONS, f"--precision must be {one_of(PRECISIONS)}, got {self.precision!r}"),
             (self.batch_size % self.grad_accum == 0, "--batch-size must be divisible by --grad-accum"),
         ])
-
 
     @property
     def micro_batch(self) -> int:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from igpt.attention import band_kernel
+import igpt.attention.band_kernel as band_kernel
 from igpt.attention.patterns import Pattern
 
 
@@ -256,7 +256,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, side: int) -> torch.Tensor:
-    """Causal attention of each query i to the keys i - window < j <= i, in rows of `side` (a multiple of the window)."""
+    """Causal attention of each query i to the keys i - window < j <= i, in rows of `side` (the window is whole rows)."""
     return attend(q, k, v, Pattern("band", side, window))
 
 

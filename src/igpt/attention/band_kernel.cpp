@@ -1,7 +1,7 @@
 // Band attention on a CPU: each query i attends to the keys i - window < j <= i.
 //
-// igpt/band_kernel.py compiles this file on first use and calls it through ctypes; where it
-// cannot, band attention keeps PyTorch's kernels. Why hand-written (docs/design.md, README Speed):
+// igpt/attention/band_kernel.py compiles this file on first use and calls it through ctypes; where
+// it cannot, band attention takes another backend. Why hand-written (docs/design.md):
 // PyTorch's CPU flash kernel takes a block of queries against every key any of them sees, so a
 // band over whole rows computes (rows + 1) x side keys per query for the rows x side the window
 // holds, with a mask; here a tile of 16 queries reads only its window + 15 keys, and no window

@@ -1,9 +1,10 @@
 """What each attention pattern lets a pixel see, and what a decoding step keeps and reads of it.
 
-`Pattern.sees` is the one definition of each pattern: every backend's mask, the reference
-tests' dense masks and the benchmarks' key counts derive from it. The decoding readers sit
-beside it, since what a step must keep follows from what the pattern sees: all earlier
-positions (dense), a ring of the window (band) or the pixel's column (column).
+`Pattern.sees` is the one definition of each pattern in the library: the blocked backends'
+shared mask, FlexAttention's mask, decoding's chunk mask and the benchmarks' key counts
+derive from it (the tests keep masks of their own on purpose, an independent oracle). The
+decoding readers sit beside it, since what a step must keep follows from what the pattern
+sees: all earlier positions (dense), a ring of the window (band) or the pixel's column (column).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ class Pattern:
     def __post_init__(self):
         if self.kind not in KINDS or (self.kind != "dense" and not (self.causal and self.side >= 1)):
             raise ValueError(f"no attention pattern {self}")
-        if self.kind == "band" and not self.window >= 1:
-            raise ValueError(f"a band needs a window of at least one position, not {self.window}")
+        if self.kind == "band" and not (self.window >= 1 and self.window % self.side == 0):
+            raise ValueError(f"a band's window is whole rows of {self.side}, not {self.window} positions")
 
     def sees(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Whether position `query` attends to position `key` (broadcasting tensors of positions)."""
