@@ -249,10 +249,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
            backend: str | None = None) -> torch.Tensor:
     """Attention of (B, heads, t, head_dim) queries over keys and values under `pattern`, in the backend the rule
     chooses (or the one named, which must run these inputs)."""
-    name = backend or choose_backend(q, pattern)
-    if not ATTENTION_BACKENDS[name].runs(q, pattern):
-        raise ValueError(f"attention backend {name!r} does not run {pattern} over queries of {tuple(q.shape)}")
-    return ATTENTION_BACKENDS[name].compute(q, k, v, pattern)
+    if backend is None:
+        return ATTENTION_BACKENDS[choose_backend(q, pattern)].compute(q, k, v, pattern)
+    if not ATTENTION_BACKENDS[backend].runs(q, pattern):
+        raise ValueError(f"attention backend {backend!r} does not run {pattern} over queries of {tuple(q.shape)}")
+    return ATTENTION_BACKENDS[backend].compute(q, k, v, pattern)
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, side: int) -> torch.Tensor:
