@@ -58,9 +58,11 @@ class RunInfo:
                    step=record.get("step", 0), classes=record.get("classes"), source=record.get("source"))
 
     def data_for(self, config: ImageGPTConfig, **given) -> DataConfig:
-        """The data a later command reads: the run's description with what the command was told
-        (`given`: DataConfig fields), at the model's resolution."""
+        """The data a later command reads, at the model's resolution: the run's description with what the command
+        was told (`given`: DataConfig fields), or, for another data set (transfer), that set's own description:
+        the run's --data-dir and --crop belonged to the run's data."""
         if self.data is None and not given.get("name"):
             raise IgptError("this checkpoint does not record its data set: pass --data")
-        base = self.data or DataConfig(name=given["name"])
+        same = self.data is not None and given.get("name", self.data.name) == self.data.name
+        base = self.data if same else DataConfig(name=given["name"])
         return base.replace(**given, resolution=config.side)
