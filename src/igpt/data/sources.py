@@ -277,6 +277,12 @@ def load_shifted_digits() -> Native:
     return Native(splits, [str(i) for i in range(10)], f"shifted-digits:v1:{SHIFTED_CANVAS}x{SHIFTED_COPIES}:{held}")
 
 
+def load_stl10(data_dir: Path | None, unlabelled: bool) -> Native:
+    from igpt.data import stl10  # a module of its own, built on this one
+
+    return stl10.load_stl10(data_dir, unlabelled)
+
+
 NAMED = {
     "digits": lambda data_dir: load_digits_dataset(),
     "shifted-digits": lambda data_dir: load_shifted_digits(),
@@ -284,4 +290,6 @@ NAMED = {
     "fashion-mnist": lambda data_dir: load_idx_dataset("fashion-mnist", data_dir),
     "cifar10": lambda data_dir: load_cifar("cifar10", data_dir),
     "cifar100": lambda data_dir: load_cifar("cifar100", data_dir),
+    "stl10": lambda data_dir: load_stl10(data_dir, unlabelled=False),
+    "stl10+unlabeled": lambda data_dir: load_stl10(data_dir, unlabelled=True),
 }
