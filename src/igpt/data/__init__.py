@@ -1,6 +1,7 @@
 """Data sets: `--data DATA` -> images (N, R, R, 3) uint8 and labels, per split, cached.
 
-DATA is a named data set (`digits`, `shifted-digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`), an
+DATA is a named data set (`digits`, `shifted-digits`, `mnist`, `fashion-mnist`, `cifar10`, `cifar100`,
+`imagenet32` and `imagenet64`: downsampled ImageNet, from the files in --data-dir), an
 image folder (`class/file` or `split/class/file`), a `.tar`/`.tar.gz`/`.zip` of one, or a
 `.npz` with `x_train`, `y_train`, `x_test`, `y_test`. Splits are `train`, `val`, `test`;
 where the source has no `val` (or `test`), a seeded 10% of train is held out for it.
@@ -9,13 +10,16 @@ where the source has no `val` (or `test`), a seeded 10% of train is held out for
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from igpt.data import encoded
 from igpt.data.augment import pad_crop_flip, random_resized_crop
 from igpt.data.cache import build_entry, entry_key, read_entry
 from igpt.data.folders import FileSplit, load_path
@@ -66,10 +70,14 @@ class TokenSet:
     classes: list[str] | None
     resolution: int
     palette_hash: str
-    images: ImageSet = field(repr=False, default=None)
+    pixels: Callable[[], ImageSet] = field(repr=False, default=None)  # the same images as pixels, read on first use
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @functools.cached_property
+    def images(self) -> ImageSet:
+        return self.pixels()
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,11 @@ def open_source(spec: str, data_dir: str | os.PathLike | None = None) -> Native:
         if folder is not None and not folder.exists():
             raise IgptError(f"--data-dir {folder} does not exist")
         return NAMED[spec](folder)
+    released = encoded.find(spec)
+    if released is not None:
+        from igpt.palette import Palette
+
+        return released.native(Palette.openai())
     path = Path(spec)
     if not path.exists() and os.sep not in spec and "." not in spec:
         raise IgptError(f"unknown data set {spec!r}: use one of {', '.join(DATASETS)}, a folder, an archive or a .npz")
@@ -237,7 +250,12 @@ def load(
 
 
 def load_tokens(spec: str, split: str, resolution: int | None, palette, **kwargs) -> TokenSet:
-    """A split encoded through `palette`: uint16 tokens (N, R*R), cached per palette."""
+    """A split encoded through `palette`: uint16 tokens (N, R*R), cached per palette. An encoded release read with
+    its own palette at its own size gives its colour ids as they are."""
+    released = encoded.find(spec) if spec not in NAMED else None
+    if released is not None and resolution == released.side and palette.hash == _released_palette_hash():
+        return _released_tokens(spec, released, split, palette, kwargs.get("seed", 0),
+                                kwargs.get("require_labels", False))
     images = load(spec, split, resolution, **kwargs)
     key = entry_key(pixels=str(Path(images.images.filename).parent.name), palette=palette.hash)
 
@@ -251,7 +269,42 @@ def load_tokens(spec: str, split: str, resolution: int | None, palette, **kwargs
         return {}
 
     entry = read_entry("tokens", key) or build_entry("tokens", key, build)
-    return TokenSet(entry["tokens"], images.labels, images.classes, images.resolution, palette.hash, images)
+    return TokenSet(entry["tokens"], images.labels, images.classes, images.resolution, palette.hash, lambda: images)
+
+
+@functools.cache
+def _released_palette_hash() -> str:
+    from igpt.palette import Palette
+
+    return Palette.openai().hash
+
+
+def _released_tokens(spec: str, released: encoded.EncodedSet, split: str, palette, seed: int,
+                     require_labels: bool) -> TokenSet:
+    """An encoded release's colour ids as the split's tokens (a hold-out's rows where the release has no such split),
+    copied once into the cache as uint16 and checked against the palette's size on the way."""
+    native = released.native(palette)
+    source, rows, _ = _plan(native, split, seed)
+    ids, labels = released.ids[source], released.labels[source]
+    rows = np.arange(len(ids)) if rows is None else rows
+    if require_labels and labels is None:
+        raise IgptError(f"{spec} has no labels for its {split} split ({released.name}_*Y.npy)")
+    key = entry_key(identity=released.identity, split=split, seed=seed)
+
+    def build(tmp: Path) -> dict:
+        out = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.uint16, shape=(len(rows), ids.shape[1]))
+        step = max(1, (1 << 22) // ids.shape[1])
+        for start in range(0, len(rows), step):
+            chunk = np.asarray(ids[rows[start : start + step]])
+            if chunk.size and (chunk.min() < 0 or chunk.max() >= palette.size):
+                raise IgptError(f"{spec}: colour ids outside 0..{palette.size - 1}: not encoded in the released palette")
+            out[start : start + step] = chunk
+        out.flush()
+        return {}
+
+    entry = read_entry("tokens", key) or build_entry("tokens", key, build)
+    return TokenSet(entry["tokens"], None if labels is None else labels[rows], released.classes, released.side,
+                    palette.hash, lambda: load(spec, split, released.side, seed=seed))
 
 
 def labelled_splits(data: DataConfig, palette) -> dict[str, TokenSet]:

@@ -18,6 +18,7 @@ import struct
 import tarfile
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from igpt.errors import IgptError
 
 @dataclass
 class Split:
-    """Images of one native split, decoded in memory (uint8 (N, H, W[, C])), with labels."""
+    """Images of one native split, with labels: a uint8 (N, H, W[, C]) array, or, for sources larger than
+    memory, a sequence that reads one such image by index (memory-mapped files, batch files)."""
 
-    images: np.ndarray
+    images: np.ndarray | Sequence[np.ndarray]
     labels: np.ndarray | None
 
 
@@ -176,7 +178,7 @@ def _unpickle(raw: bytes, name: str) -> dict:
     try:
         return _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as err:  # any malformed pickle
-        raise IgptError(f"{name} is not a valid CIFAR batch file ({err})") from None
+        raise IgptError(f"{name} is not a valid batch file ({err})") from None
 
 
 _CIFAR = {
@@ -283,6 +285,12 @@ def load_stl10(data_dir: Path | None, unlabelled: bool) -> Native:
     return stl10.load_stl10(data_dir, unlabelled)
 
 
+def load_imagenet(side: int, data_dir: Path | None) -> Native:
+    from igpt.data import imagenet  # a module of its own, built on this one
+
+    return imagenet.load_imagenet(side, data_dir)
+
+
 NAMED = {
     "digits": lambda data_dir: load_digits_dataset(),
     "shifted-digits": lambda data_dir: load_shifted_digits(),
@@ -292,4 +300,6 @@ NAMED = {
     "cifar100": lambda data_dir: load_cifar("cifar100", data_dir),
     "stl10": lambda data_dir: load_stl10(data_dir, unlabelled=False),
     "stl10+unlabeled": lambda data_dir: load_stl10(data_dir, unlabelled=True),
+    "imagenet32": lambda data_dir: load_imagenet(32, data_dir),
+    "imagenet64": lambda data_dir: load_imagenet(64, data_dir),
 }
