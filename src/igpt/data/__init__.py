@@ -24,10 +24,23 @@ from igpt.data.augment import pad_crop_flip, random_resized_crop
 from igpt.data.cache import build_entry, entry_key, read_entry
 from igpt.data.folders import FileSplit, load_path
 from igpt.data.images import decode, fit_to, read_images
-from igpt.data.sources import NAMED, Native, Split, fetch
+from igpt.data import imagenet, stl10
+from igpt.data.sources import Native, Split, fetch, load_cifar, load_digits_dataset, load_idx_dataset, load_shifted_digits
 from igpt.config import check, option
 from igpt.errors import IgptError
 
+NAMED = {  # --data NAME: its loader, given --data-dir
+    "digits": lambda data_dir: load_digits_dataset(),
+    "shifted-digits": lambda data_dir: load_shifted_digits(),
+    "mnist": lambda data_dir: load_idx_dataset("mnist", data_dir),
+    "fashion-mnist": lambda data_dir: load_idx_dataset("fashion-mnist", data_dir),
+    "cifar10": lambda data_dir: load_cifar("cifar10", data_dir),
+    "cifar100": lambda data_dir: load_cifar("cifar100", data_dir),
+    "stl10": lambda data_dir: stl10.load_stl10(data_dir, unlabelled=False),
+    "stl10+unlabeled": lambda data_dir: stl10.load_stl10(data_dir, unlabelled=True),
+    "imagenet32": lambda data_dir: imagenet.load_imagenet(32, data_dir),
+    "imagenet64": lambda data_dir: imagenet.load_imagenet(64, data_dir),
+}
 DATASETS = tuple(NAMED)
 SPLITS = ("train", "val", "test")
 HOLD_OUT = 0.1

@@ -8,6 +8,7 @@ the numpy types the files hold, so a doctored file cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -199,29 +200,44 @@ _CIFAR = {
 }
 
 
+def release_place(name: str, data_dir: Path | None, resource: dict, folder_name: str, wanted: list[str],
+                  what: str) -> Path:
+    """Where a released data set's files are: a folder holding all of `wanted` (--data-dir itself or its
+    `folder_name`/), else the release archive (in --data-dir, or downloaded once into the cache)."""
+    if data_dir is None:
+        return fetch(resource, cache_root() / "downloads" / name)
+    for folder in (data_dir, data_dir / folder_name):
+        if all((folder / f).is_file() for f in wanted):
+            return folder
+    archive = data_dir / resource["filename"] if data_dir.is_dir() else data_dir
+    if not archive.is_file():
+        raise IgptError(f"--data-dir {data_dir} holds neither {folder_name}/ (or its files) nor "
+                        f"{resource['filename']}: point it at {what}")
+    return archive
+
+
 def _cifar_files(name: str, data_dir: Path | None) -> dict[str, bytes]:
     """The batch files as bytes, from a batches folder, its parent, or the release tarball."""
     spec = _CIFAR[name]
     wanted = spec["train"] + spec["test"] + [spec["meta"]]
-    if data_dir is not None:
-        for folder in (data_dir, data_dir / spec["folder"]):
-            if all((folder / f).is_file() for f in wanted):
-                return {f: (folder / f).read_bytes() for f in wanted}
-        tarball = data_dir / spec["resource"]["filename"] if data_dir.is_dir() else data_dir
-        if not tarball.is_file():
-            raise IgptError(
-                f"--data-dir {data_dir} holds neither {spec['folder']}/ nor {spec['resource']['filename']}: "
-                f"point it at the {name} python-version files"
-            )
-    else:
-        tarball = fetch(spec["resource"], cache_root() / "downloads" / name)
+    tarball = release_place(name, data_dir, spec["resource"], spec["folder"], wanted,
+                            f"the {name} python-version files")
+    if tarball.is_dir():
+        return {f: (tarball / f).read_bytes() for f in wanted}
+    with release_members(tarball, wanted, f"the {name} python-version archive") as (archive, found):
+        return {f: archive.extractfile(found[f]).read() for f in wanted}
+
+
+@contextlib.contextmanager
+def release_members(tarball: Path, wanted: list[str], what: str):
+    """A release tarball open, with its files by name, each of `wanted` among them; a damaged one in one line."""
     try:
-        with tarfile.open(tarball) as tf:
-            found = {Path(m.name).name: m for m in tf.getmembers() if m.isfile()}
+        with tarfile.open(tarball) as archive:
+            found = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
             missing = [f for f in wanted if f not in found]
             if missing:
-                raise IgptError(f"{tarball} lacks {', '.join(missing)}: not the {name} python-version archive")
-            return {f: tf.extractfile(found[f]).read() for f in wanted}
+                raise IgptError(f"{tarball} lacks {', '.join(missing)}: not {what}")
+            yield archive, found
     except (tarfile.TarError, OSError, EOFError) as err:
         raise IgptError(f"{tarball} is not a readable archive ({err}); re-download it") from None
 
@@ -277,29 +293,3 @@ def load_shifted_digits() -> Native:
         splits[name] = Split(canvas, digits.labels[rows])
     held = "+".join(map(str, SHIFTED_HELD_OUT.values()))  # the cache's key: any change here builds anew
     return Native(splits, [str(i) for i in range(10)], f"shifted-digits:v1:{SHIFTED_CANVAS}x{SHIFTED_COPIES}:{held}")
-
-
-def load_stl10(data_dir: Path | None, unlabelled: bool) -> Native:
-    from igpt.data import stl10  # a module of its own, built on this one
-
-    return stl10.load_stl10(data_dir, unlabelled)
-
-
-def load_imagenet(side: int, data_dir: Path | None) -> Native:
-    from igpt.data import imagenet  # a module of its own, built on this one
-
-    return imagenet.load_imagenet(side, data_dir)
-
-
-NAMED = {
-    "digits": lambda data_dir: load_digits_dataset(),
-    "shifted-digits": lambda data_dir: load_shifted_digits(),
-    "mnist": lambda data_dir: load_idx_dataset("mnist", data_dir),
-    "fashion-mnist": lambda data_dir: load_idx_dataset("fashion-mnist", data_dir),
-    "cifar10": lambda data_dir: load_cifar("cifar10", data_dir),
-    "cifar100": lambda data_dir: load_cifar("cifar100", data_dir),
-    "stl10": lambda data_dir: load_stl10(data_dir, unlabelled=False),
-    "stl10+unlabeled": lambda data_dir: load_stl10(data_dir, unlabelled=True),
-    "imagenet32": lambda data_dir: load_imagenet(32, data_dir),
-    "imagenet64": lambda data_dir: load_imagenet(64, data_dir),
-}

@@ -21,13 +21,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from igpt.data.sources import Native, Split, cache_root, fetch
+from igpt.data.sources import Native, Split, cache_root, release_members, release_place
 from igpt.errors import IgptError
 
 SIDE = 96
@@ -57,17 +56,8 @@ def load_stl10(data_dir: Path | None, unlabelled: bool) -> Native:
 def binary_folder(data_dir: Path | None, wanted: list[str]) -> Path:
     """The folder holding the .bin files: --data-dir itself or its stl10_binary/, else the release tarball (in
     --data-dir, or downloaded) unpacked once into the cache."""
-    if data_dir is not None:
-        for folder in (data_dir, data_dir / FOLDER):
-            if all((folder / name).is_file() for name in wanted):
-                return folder
-        tarball = data_dir / RESOURCE["filename"] if data_dir.is_dir() else data_dir
-        if not tarball.is_file():
-            raise IgptError(f"--data-dir {data_dir} holds neither {', '.join(wanted)} (or {FOLDER}/ with them) nor "
-                            f"{RESOURCE['filename']}: point it at the STL-10 binary release")
-    else:
-        tarball = fetch(RESOURCE, cache_root() / "downloads" / "stl10")
-    return unpacked(tarball, wanted)
+    place = release_place("stl10", data_dir, RESOURCE, FOLDER, wanted, "the STL-10 binary release")
+    return place if place.is_dir() else unpacked(place, wanted)
 
 
 def unpacked(tarball: Path, wanted: list[str]) -> Path:
@@ -81,17 +71,10 @@ def unpacked(tarball: Path, wanted: list[str]) -> Path:
     with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
         out = Path(scratch) / "files"
         out.mkdir()
-        try:
-            with tarfile.open(tarball) as archive:
-                members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
-                missing = [name for name in wanted if name not in members]
-                if missing:
-                    raise IgptError(f"{tarball} lacks {', '.join(missing)}: not the STL-10 binary release")
-                for name in members.keys() & {*wanted, UNLABELLED, NAMES_FILE}:
-                    with archive.extractfile(members[name]) as source, open(out / name, "wb") as target:
-                        shutil.copyfileobj(source, target, 1 << 20)
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise IgptError(f"{tarball} is not a readable archive ({err}); re-download it") from None
+        with release_members(tarball, wanted, "the STL-10 binary release") as (archive, members):
+            for name in members.keys() & {*wanted, UNLABELLED, NAMES_FILE}:
+                with archive.extractfile(members[name]) as source, open(out / name, "wb") as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
         shutil.rmtree(folder, ignore_errors=True)  # an earlier process's partial unpacking, if any
         os.replace(out, folder)
     return folder
