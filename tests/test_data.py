@@ -310,7 +310,7 @@ def test_corrupt_files_are_named_or_skipped(tmp_path):
 
 @pytest.mark.parametrize(
     "spec, match",
-    [("imagenet", "unknown data set 'imagenet'"), ("missing/folder", "data not found"),
+    [("imagenet21k", "unknown data set 'imagenet21k'"), ("missing/folder", "data not found"),
      ("empty", "holds no images"), ("file.txt", "not a folder")],
 )
 def test_bad_data_specs(tmp_path, monkeypatch, spec, match):

@@ -24,7 +24,7 @@ from igpt.data.augment import pad_crop_flip, random_resized_crop
 from igpt.data.cache import build_entry, entry_key, read_entry
 from igpt.data.folders import FileSplit, load_path
 from igpt.data.images import decode, fit_to, read_images
-from igpt.data import imagenet, stl10
+from igpt.data import ilsvrc, imagenet, stl10
 from igpt.data.sources import Native, Split, fetch, load_cifar, load_digits_dataset, load_idx_dataset, load_shifted_digits
 from igpt.config import check, option
 from igpt.errors import IgptError
@@ -40,6 +40,7 @@ NAMED = {  # --data NAME: its loader, given --data-dir
     "stl10+unlabeled": lambda data_dir: stl10.load_stl10(data_dir, unlabelled=True),
     "imagenet32": lambda data_dir: imagenet.load_imagenet(32, data_dir),
     "imagenet64": lambda data_dir: imagenet.load_imagenet(64, data_dir),
+    "imagenet": ilsvrc.load_ilsvrc,
 }
 DATASETS = tuple(NAMED)
 SPLITS = ("train", "val", "test")
@@ -244,6 +245,7 @@ def load(
     if resolution is not None and resolution <= 0:
         raise IgptError(f"--resolution must be positive, got {resolution}")
     native = open_source(spec, data_dir)
+    crop = crop or native.crop
     source, rows, note = _plan(native, split, seed)
     native_split = native.splits[source]
     rows = np.arange(_count(native_split)) if rows is None else rows

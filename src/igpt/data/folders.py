@@ -67,20 +67,20 @@ def _subset_reader(reader, members: list[int]):
     return read
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     p = PurePosixPath(name)
     return p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.parts)
 
 
-def _stamp(path: Path) -> str:
+def stamp(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def load_folder(root: Path) -> Native:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.relative_to(root).as_posix()))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image(p.relative_to(root).as_posix()))
     paths = [p.relative_to(root).as_posix() for p in files]
-    listing = hashlib.sha256("\n".join(_stamp(p) for p in files).encode()).hexdigest()
+    listing = hashlib.sha256("\n".join(stamp(p) for p in files).encode()).hexdigest()
     identity = f"folder:{root.resolve()}:{listing}"
 
     def read(indices):
@@ -93,7 +93,7 @@ def load_folder(root: Path) -> Native:
 def load_tar(path: Path) -> Native:
     try:
         with tarfile.open(path) as tf:
-            members = [m for m in tf.getmembers() if m.isfile() and _is_image(m.name)]
+            members = [m for m in tf.getmembers() if m.isfile() and is_image(m.name)]
     except (tarfile.TarError, OSError, EOFError) as err:
         raise IgptError(f"{path} is not a readable tar archive ({err})") from None
     paths = [m.name for m in members]
@@ -116,13 +116,13 @@ def load_tar(path: Path) -> Native:
         if done < len(indices):
             raise IgptError(f"{path} ended before {paths[indices[done]]}: the archive is truncated")
 
-    return _native_from_files(paths, read, "tar:" + _stamp(path), str(path))
+    return _native_from_files(paths, read, "tar:" + stamp(path), str(path))
 
 
 def load_zip(path: Path) -> Native:
     try:
         with zipfile.ZipFile(path) as zf:
-            paths = [n for n in zf.namelist() if not n.endswith("/") and _is_image(n)]
+            paths = [n for n in zf.namelist() if not n.endswith("/") and is_image(n)]
     except (zipfile.BadZipFile, OSError) as err:
         raise IgptError(f"{path} is not a readable zip archive ({err})") from None
 
@@ -134,7 +134,7 @@ def load_zip(path: Path) -> Native:
         except (zipfile.BadZipFile, OSError) as err:
             raise IgptError(f"{path} is damaged ({err})") from None
 
-    return _native_from_files(paths, read, "zip:" + _stamp(path), str(path))
+    return _native_from_files(paths, read, "zip:" + stamp(path), str(path))
 
 
 def load_npz(path: Path) -> Native:
@@ -162,7 +162,7 @@ def load_npz(path: Path) -> Native:
         classes = [str(i) for i in range(int(max(s.labels.max(initial=-1) for s in splits.values())) + 1)]
     else:
         splits = {k: Split(s.images, None) for k, s in splits.items()}
-    return Native(splits, classes, "npz:" + _stamp(path))
+    return Native(splits, classes, "npz:" + stamp(path))
 
 
 def load_path(path: Path) -> Native:

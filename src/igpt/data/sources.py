@@ -44,6 +44,7 @@ class Native:
     splits: dict  # split name -> Split, or -> list of (name, loader) items for files
     classes: list[str] | None
     identity: str
+    crop: bool = False  # always centre-crop to square (images that are not square, as the paper preprocessed them)
 
 
 def cache_root() -> Path:
