@@ -1,14 +1,17 @@
 """The block's memory-bound layers, forward + backward: igpt's own backwards against PyTorch's.
 
     python bench/bench_elementwise.py [--tokens 4096] [--width 128] [--repeat 20] [--device cpu|cuda]
+                                      [--precisions fp32 bf16]
 
 - Quick GELU: `igpt.ops.quick_gelu` trains through `QuickGELUFunction`, whose backward is
   PyTorch's fused `silu_backward` at z = 1.702 x (the same derivative); the reference is
   x * sigmoid(1.702 x) differentiated by autograd, five element-wise passes in the backward.
-  It runs on the MLP's hidden layer, (tokens, 4 x width).
+  It runs on the MLP's hidden layer, (tokens, 4 x width), which is bf16 under bf16 autocast (the
+  output of a matrix product), so it is timed in each precision.
 - RMS norm: `igpt.ops.RMSNorm` trains through `RMSNormFunction`, whose backward keeps the
   normalised input and makes about half the passes of PyTorch's composite; the reference is
-  `torch.nn.RMSNorm`. It runs on the residual stream, (tokens, width).
+  `torch.nn.RMSNorm`. It runs on the residual stream, (tokens, width), which stays float32 under
+  autocast (the weights and the sums into the stream are float32), so it is timed in fp32 only.
 
 Defaults: `tiny` at 16x16 and batch 16, or 64x64 and batch 1 (4,096 tokens x 128). Each pair runs
 in turns, best of --repeat. These layers are memory-bound, so the machine's limit is a bandwidth
@@ -24,7 +27,7 @@ import argparse
 
 import torch
 
-from common import best_of, machine, read_bandwidth, synchronize
+from common import DTYPES, add_precisions_option, best_of, machine, read_bandwidth, synchronize, timed_precisions
 from igpt.ops import QUICK_GELU, RMSNorm, quick_gelu
 
 
@@ -51,7 +54,7 @@ def report(title: str, best: dict[str, float], x: torch.Tensor) -> None:
     device = x.device.type
     bandwidth = read_bandwidth(x.nbytes, device)
     floor = 6 * x.nbytes / bandwidth
-    print(f"{title} over {tuple(x.shape)} fp32; read bandwidth at {x.nbytes / 2**20:.0f} MiB: "
+    print(f"{title} over {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}; read bandwidth at {x.nbytes / 2**20:.0f} MiB: "
           f"{bandwidth / 1e9:.1f} GB/s, floor {floor * 1e3:.2f} ms")
     reference = next(iter(best.values()))
     for name, seconds in best.items():
@@ -64,14 +67,16 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128, help="n_embd (the MLP's hidden layer is 4 x n_embd)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    add_precisions_option(parser)
     args = parser.parse_args()
     device = args.device
     print(f"{machine(device)}; forward + backward, best of {args.repeat}, in turns")
 
-    hidden = torch.randn(args.tokens, 4 * args.width, device=device, requires_grad=True)
-    report("quick GELU", best_times({"autograd through the formula (reference)": formula,
-                                     "igpt (one-pass backward)": quick_gelu},
-                                    hidden, torch.randn_like(hidden), args.repeat), hidden)
+    for precision in timed_precisions(args):
+        hidden = torch.randn(args.tokens, 4 * args.width, device=device, dtype=DTYPES[precision], requires_grad=True)
+        report("quick GELU", best_times({"autograd through the formula (reference)": formula,
+                                         "igpt (one-pass backward)": quick_gelu},
+                                        hidden, torch.randn_like(hidden), args.repeat), hidden)
 
     stream = torch.randn(args.tokens, args.width, device=device, requires_grad=True)
     ours, reference = RMSNorm(args.width, eps=1e-5).to(device), torch.nn.RMSNorm(args.width, eps=1e-5).to(device)

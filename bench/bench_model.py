@@ -6,9 +6,10 @@
 Each implementation runs in fp32, under bf16 autocast, and bf16 + torch.compile (Hugging Face with
 dropout 0: its fastest training setting); where bf16 is emulated, in fp32 and fp32 + compile. The
 modes are timed in interleaved rounds of one step and each keeps its fastest, so another process
-that is busy now and then costs nothing. The ratio compares best against best. Also reports the
-matmul peak (bf16 where native) and the fraction of it igpt's step reaches (model FLOPs: 6 N +
-12 L T d per token).
+that is busy now and then costs nothing. The ratio compares best against best, and igpt against
+Hugging Face in each precision. Every rate is also a fraction of its own precision's matmul peak
+(a bf16 rate of the bf16 peak, an fp32 rate of the fp32 peak), both measured in the same run, best
+of three (model FLOPs: 6 N + 12 L T d per token).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import (add_device_options, autocast, hf_input_ids, hf_model, machine, matmul_peak,
-                    model_train_flops_per_token, peak_name, precisions, seconds_per_call, synchronize,
+from common import (add_device_options, autocast, best_of, hf_input_ids, hf_model, machine, matmul_peaks,
+                    mode_precision, model_train_flops_per_token, of_peak, peaks_line, precisions, synchronize,
                     write_training_json)
 from igpt.model import ImageGPT, ImageGPTConfig
 
@@ -83,27 +84,31 @@ def main() -> None:
             for _ in range(2):  # compiles and warms up; fails here rather than mid-measurement
                 step()
             steps[name, precision + (" + compile" if compiled else "")] = step
-    best = {key: float("inf") for key in steps}
-    for _ in range(args.rounds):
-        for key, step in steps.items():
-            best[key] = min(best[key], seconds_per_call(step, warmup=0, min_time=0.0, min_calls=1))
+    best = best_of(steps, args.rounds)
     rates = {key: tokens.numel() / seconds for key, seconds in best.items()}
-    for (name, mode), rate in rates.items():
-        print(f"  {name:13s} {mode:15s}: {rate:10,.0f} tokens/s  ({best[name, mode] * 1000:7.1f} ms/step)")
-    best_mode, ours = max(((m, v) for (n, m), v in rates.items() if n == "igpt"), key=lambda item: item[1])
-    theirs = max(v for (n, _), v in rates.items() if n == "hugging face")
-    theirs_eager = max(v for (n, m), v in rates.items() if n == "hugging face" and "compile" not in m)
-    print(f"  best igpt / best Hugging Face: {ours / theirs:.2f}x (goal >= 3x); "
-          f"/ best eager Hugging Face: {ours / theirs_eager:.2f}x")
-    peak = max(matmul_peak(device=args.device) for _ in range(3))  # the best of three, like the steps
+    peaks = matmul_peaks(dict.fromkeys(precision for precision, _ in timed_modes), args.device)  # best of three
     flops = model_train_flops_per_token(config)
-    print(f"  {peak_name(args.device)} matmul peak: {peak / 1e12:.2f} TFLOP/s; "
-          f"igpt's best step: {ours * flops / 1e12:.2f} TFLOP/s "
-          f"= {ours * flops / peak:.0%} of peak ({flops / 1e6:.1f} MFLOP/token)")
-    print(f"  3x Hugging Face would be {3 * theirs:,.0f} tokens/s = {3 * theirs * flops / peak:.0%} of peak; "
+    print(f"  {peaks_line(peaks)}; {flops / 1e6:.1f} MFLOP/token")
+    for (name, mode), rate in rates.items():
+        print(f"  {name:13s} {mode:15s}: {rate:10,.0f} tokens/s  ({best[name, mode] * 1000:7.1f} ms/step)  "
+              f"{of_peak(rate, flops, peaks, mode_precision(mode)):5.1%} of the {mode_precision(mode)} peak")
+    for precision in peaks:
+        ours, theirs = (max(v for (n, m), v in rates.items() if n == name and mode_precision(m) == precision)
+                        for name in ("igpt", "hugging face"))
+        print(f"  {precision}: best igpt / best Hugging Face {ours / theirs:.2f}x")
+    best_key, hf_key = (max((key for key in rates if key[0] == name), key=rates.get)
+                        for name in ("igpt", "hugging face"))
+    ours, theirs = rates[best_key], rates[hf_key]
+    theirs_eager = max(v for (n, m), v in rates.items() if n == "hugging face" and "compile" not in m)
+    print(f"  best igpt ({best_key[1]}) / best Hugging Face ({hf_key[1]}): {ours / theirs:.2f}x (goal >= 3x); "
+          f"/ best eager Hugging Face: {ours / theirs_eager:.2f}x")
+    hf_precision = mode_precision(hf_key[1])
+    print(f"  3x Hugging Face would be {3 * theirs:,.0f} tokens/s = "
+          f"{of_peak(3 * theirs, flops, peaks, hf_precision):.0%} of the {hf_precision} peak; "
           f"load average {os.getloadavg()[0]:.2f} at the end")
-    write_training_json(args.json, "bench_model", args.device, "forward+backward", config, ours, peak, ours / theirs,
-                        f"{best_mode}; {args.layers}x{args.width}, {args.side}x{args.side}, batch {args.batch}", rates)
+    write_training_json(args.json, "bench_model", args.device, "forward+backward", config, best_key, ours / theirs,
+                        f"{best_key[1]}; {args.layers}x{args.width}, {args.side}x{args.side}, batch {args.batch}",
+                        rates, peaks)
 
 
 if __name__ == "__main__":

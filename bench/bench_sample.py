@@ -1,11 +1,26 @@
-"""Sampling throughput: igpt's static KV cache against Hugging Face generate() and uncached sampling.
+"""Sampling throughput against its roofline floor: igpt's KV cache, Hugging Face generate() and uncached sampling.
 
-    python bench/bench_sample.py [--model tiny] [--side 32] [--batches 8 64] [--device cpu|cuda] [--no-compile]
-                                 [--json PATH]
+    python bench/bench_sample.py [--model tiny] [--layers L] [--width D] [--heads H] [--side 32] [--batches 8 64]
+                                 [--precisions fp32 bf16] [--repeat 3] [--uncached-pixels 128]
+                                 [--device cpu|cuda] [--no-compile] [--json PATH]
 
-The same random weights run in both (exported through igpt.hf.to_hf). Uncached sampling
-(one full forward pass per pixel, as the released code does) is timed over the first
-`--uncached-pixels` pixels only, since its cost grows with the square of the image.
+The issue's shapes: `--layers 4 --width 256 --heads 8 --side 16 --batches 8` and
+`--layers 6 --width 384 --heads 8 --side 24 --batches 32` (dense attention, 1-D positions: the
+architecture Hugging Face runs). The same random weights run in both (exported through igpt.hf.to_hf).
+Each precision: fp32, and bf16 where the hardware runs it natively (or the --precisions given), igpt's
+sampling under bf16 autocast as its commands run it (decode weights and key/value cache in bf16) and
+generate() under torch.autocast. For one batch size every contender of every precision is timed in
+turns, the fastest of --repeat counting. Uncached sampling (one full forward pass per pixel, as the
+released code does) runs in fp32 over the first --uncached-pixels pixels only (its cost grows with the
+square of the image).
+
+The floor of a one-pixel step at batch B is max(bytes / bandwidth, FLOPs / peak). Bytes: the decode
+weights read once (12 L d^2 + d x vocab) and the keys and values the step reads (2 B d per key the
+position attends, in each layer), in the compute dtype (4 bytes fp32, 2 bf16). Bandwidth: the read
+bandwidth (bench/common.py read_bandwidth) at the working set the sampler holds, those weights plus the
+whole cache. FLOPs: 2 B (12 L d^2 + d x vocab), plus 4 B d per key attended in each layer. Peak: that
+precision's matmul peak, measured in the same run. A sample's floor is the sum over its positions;
+"of floor" is that floor's time over the measured time.
 """
 
 from __future__ import annotations
@@ -13,12 +28,20 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
-from common import (add_device_options, best_of, exported_to_hf, hf_input_ids, machine, result_row, synchronize,
-                    write_json)
+from common import (DTYPES, add_device_options, add_precisions_option, attended_keys, autocast, best_of,
+                    exported_to_hf, hf_input_ids, machine, matmul_peaks, peaks_line, read_bandwidth, result_row,
+                    synchronize, timed_precisions, write_json)
+from igpt.attention import layer_pattern
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.sample import sample
+
+MiB = 2**20
+HEADER = """  tokens/s; floor: the roofline's rate; of floor: floor / measured; MiB/step and GB/s: an average
+  step's reads and the bandwidth at the sampler's working set; mem: the share of steps their reads bound
+  batch  prec  igpt eager{compiled}  HF generate  igpt/HF      floor  of floor  MiB/step    GB/s   mem"""
 
 
 @torch.no_grad()
@@ -29,61 +52,138 @@ def uncached(model: ImageGPT, batch: int, pixels: int) -> None:
         tokens[:, i] = torch.multinomial(probs, 1).squeeze(1)
 
 
+def step_costs(config: ImageGPTConfig, batch: int, element: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes read and FLOPs of the one-pixel step at each position: the decode weights once, and the keys and values
+    each layer's pattern attends at that position, for every row of the batch."""
+    d = config.n_embd
+    weights = 12 * config.n_layer * d * d + d * config.vocab_size
+    keys = attended_keys(config).sum(0)  # over the layers
+    return (weights + 2 * batch * d * keys) * element, 2.0 * batch * weights + 4.0 * batch * d * keys
+
+
+def working_set(config: ImageGPTConfig, batch: int, element: int) -> int:
+    """Bytes the sampler holds: the decode weights and the whole key/value cache (what each layer's pattern keeps)."""
+    d = config.n_embd
+    slots = sum(layer_pattern(config, layer).slots(config.n_ctx) for layer in range(config.n_layer))
+    return (12 * config.n_layer * d * d + d * config.vocab_size + 2 * batch * d * slots) * element
+
+
+def floor(config: ImageGPTConfig, batch: int, precision: str, peak: float, device: str) -> dict:
+    """Seconds a whole sample of `batch` images takes at the roofline: each step at the slower of its reads and its
+    FLOPs, summed over the positions."""
+    element = DTYPES[precision].itemsize
+    reads, flops = step_costs(config, batch, element)
+    held = working_set(config, batch, element)
+    bandwidth = read_bandwidth(held, device)
+    memory_bound = reads / bandwidth >= flops / peak
+    return {"floor_seconds": float(np.maximum(reads / bandwidth, flops / peak).sum()), "bandwidth": bandwidth,
+            "working_set_bytes": held, "bytes_per_step": float(reads.mean()), "flops_per_step": float(flops.mean()),
+            "memory_bound_steps": float(memory_bound.mean())}
+
+
+def model_config(args) -> ImageGPTConfig:
+    """--model's preset, its shape overridden by --layers/--width/--heads, at --side (dense, 1-D: Hugging Face's)."""
+    shape = {field: value for field, value in (("n_layer", args.layers), ("n_embd", args.width),
+                                               ("n_head", args.heads)) if value is not None}
+    return ImageGPTConfig.from_preset(args.model, vocab_size=512, n_ctx=args.side**2, **shape)
+
+
+def contenders(model: ImageGPT, hf, batch: int, modes: tuple[str, ...], compiled: bool, pixels: int,
+               device: torch.device) -> dict:
+    """Every timed call of one batch size, keyed (precision, who), each warmed up (and compiled) once here."""
+    n_ctx, vocab = model.config.n_ctx, model.config.vocab_size
+    start = hf_input_ids(torch.zeros(batch, 1, dtype=torch.long, device=device), vocab)
+
+    def igpt(compile_it: bool, prefix=None):
+        return lambda: sample(model, batch, prefix, compile=compile_it,
+                              generator=torch.Generator(device).manual_seed(0))
+
+    def hf_generate(length: int):
+        return lambda: hf.generate(input_ids=start, max_length=length, do_sample=True, top_k=0, use_cache=True,
+                                   pad_token_id=0)
+
+    def timed(precision: str, work, warm=None):
+        def call():
+            with autocast(device.type, precision):
+                work()
+            synchronize(device)
+
+        if warm is not None:
+            with autocast(device.type, precision):
+                warm()
+        return call
+
+    calls = {}
+    for precision in modes:
+        near_end = torch.zeros(n_ctx - 2, dtype=torch.long)  # a prefix pass and two steps: builds what the run uses
+        calls[precision, "eager"] = timed(precision, igpt(False), igpt(False, near_end))
+        if compiled:
+            compile_start = time.perf_counter()
+            calls[precision, "compiled"] = timed(precision, igpt(True), igpt(True, near_end))
+            print(f"  torch.compile of the decoding step, batch {batch}, {precision}: "
+                  f"{time.perf_counter() - compile_start:.1f} s")
+        calls[precision, "hf"] = timed(precision, hf_generate(n_ctx + 1), hf_generate(3))
+    calls["fp32", "uncached"] = timed("fp32", lambda: uncached(model, batch, pixels))
+    return calls
+
+
+def report(config: ImageGPTConfig, batch: int, precision: str, best: dict, bound: dict, notes: str) -> dict:
+    """Print one batch size's line in one precision; return its JSON row."""
+    tokens = batch * config.n_ctx
+    modes = [mode for mode in ("eager", "compiled") if (precision, mode) in best]
+    ours_mode = min(modes, key=lambda mode: best[precision, mode])
+    ours, theirs = best[precision, ours_mode], best[precision, "hf"]
+    of_floor = bound["floor_seconds"] / ours
+    rates = "  ".join(f"{tokens / best[precision, mode]:10,.0f}" for mode in modes)
+    print(f"  {batch:5d}  {precision:4s}  {rates}  {tokens / theirs:11,.0f}  {theirs / ours:6.2f}x  "
+          f"{tokens / bound['floor_seconds']:9,.0f}  {of_floor:8.0%}  {bound['bytes_per_step'] / MiB:8.1f}  "
+          f"{bound['bandwidth'] / 1e9:6.1f}  {bound['memory_bound_steps']:4.0%}")
+    row = result_row(f"sampling, batch {batch}, {precision}", tokens_per_s=tokens / ours, images_per_s=batch / ours,
+                     vs_hugging_face=theirs / ours, notes=f"{ours_mode}; {notes}; {of_floor:.0%} of the floor")
+    row.update(precision=precision, of_floor=of_floor, hf_tokens_per_s=tokens / theirs,
+               **{f"{mode}_tokens_per_s": tokens / best[precision, mode] for mode in modes}, **bound)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default="tiny", help="a preset; --layers, --width and --heads override its shape")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--side", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--uncached-pixels", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3, help="runs per contender, taken in turns; the fastest counts")
+    add_precisions_option(parser)
     add_device_options(parser, no_compile_help="leave out the compiled decoding step (torch.compile takes tens "
                        "of seconds)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    n_ctx = args.side**2
+    config = model_config(args)
     device = torch.device(args.device)
-    model = ImageGPT(ImageGPTConfig.from_preset(args.model, vocab_size=512, n_ctx=n_ctx)).eval()
+    model = ImageGPT(config).eval()
     with torch.no_grad():
         model.head.weight.normal_(0, 0.02)  # a zero head would make every pixel uniform noise
     hf = exported_to_hf(model).to(device)
     model.to(device)
+    modes = timed_precisions(args)
     print(f"machine: {machine(args.device)}")
-    print(f"model {args.model} ({model.config.n_layer} layers, width {model.config.n_embd}), {args.side}x{args.side}")
+    shape = f"{config.n_layer}x{config.n_embd}, {config.n_head} heads, {args.side}x{args.side}"
+    print(f"model {shape} (dense, 1-D positions), vocabulary {config.vocab_size}")
+    peaks = matmul_peaks(modes, args.device, repeat=min(3, args.repeat))
+    print(f"  {peaks_line(peaks)}")
     rows = []
     for batch in args.batches:
-        if args.compile:
-            compile_start = time.perf_counter()  # one graph per batch size: compile it outside the timings
-            sample(model, batch, torch.zeros(n_ctx - 2, dtype=torch.long), compile=True)
-            synchronize(device)
-            seconds = time.perf_counter() - compile_start
-            print(f"  torch.compile of the decoding step for batch {batch}: {seconds:.1f} s")
-        start = hf_input_ids(torch.zeros(batch, 1, dtype=torch.long, device=device), model.config.vocab_size)
-        pixels = min(args.uncached_pixels, n_ctx)
-
-        def synced(fn):
-            return lambda: (fn(), synchronize(device))
-
-        contenders = {"eager": synced(lambda: sample(model, batch, generator=torch.Generator(device).manual_seed(0)))}
-        if args.compile:
-            contenders["compiled"] = synced(lambda: sample(model, batch, compile=True,
-                                                           generator=torch.Generator(device).manual_seed(0)))
-        contenders["hf"] = synced(lambda: hf.generate(input_ids=start, max_length=n_ctx + 1, do_sample=True, top_k=0,
-                                                      use_cache=True, pad_token_id=0))
-        contenders["uncached"] = synced(lambda: uncached(model, batch, pixels))
-        best = best_of(contenders, args.repeat)
-        ours_mode = min((mode for mode in ("eager", "compiled") if mode in best), key=best.get)
-        ours, theirs = best[ours_mode], best["hf"]
-        tokens = batch * n_ctx
-        compiled = f", compiled {tokens / best['compiled']:9,.0f} tokens/s" if args.compile else ""
-        print(f"  batch {batch:3d}: igpt eager {tokens / best['eager']:9,.0f} tokens/s{compiled} "
-              f"({batch / ours:6.2f} images/s) | "
-              f"HF generate {tokens / theirs:8,.0f} tokens/s ({batch / theirs:5.2f} images/s) "
-              f"-> {theirs / ours:.1f}x | "
-              f"uncached, first {pixels} pixels {batch * pixels / best['uncached']:8,.0f} tokens/s")
-        rows.append(result_row(f"sampling, batch {batch}", tokens_per_s=tokens / ours, images_per_s=batch / ours,
-                               vs_hugging_face=theirs / ours,
-                               notes=f"{ours_mode}; {args.model}, {args.side}x{args.side}"))
-    write_json(args.json, "bench_sample", args.device, rows)
+        pixels = min(args.uncached_pixels, config.n_ctx)
+        best = best_of(contenders(model, hf, batch, modes, args.compile, pixels, device), args.repeat)
+        print(HEADER.format(compiled="    compiled" if args.compile else ""))
+        for precision in modes:
+            bound = floor(config, batch, precision, peaks[precision], args.device)
+            rows.append(report(config, batch, precision, best, bound, shape))
+        print(f"  {batch:5d}  fp32  uncached, first {pixels} pixels: "
+              f"{batch * pixels / best['fp32', 'uncached']:9,.0f} tokens/s")
+    write_json(args.json, "bench_sample", args.device, rows, peaks=peaks)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
 igpt runs its real Trainer (prefetching batches from the tokenised cache, AdamW, clipping,
 logging) and the rate is read from its metrics.jsonl; Hugging Face's ImageGPT runs igpt's own
 training step (igpt.train.train_step) on the same batches. In fp32, and bf16 autocast where bf16 is native (or the
---precisions given); the ratio compares best with best. On a GPU (--device cuda, with
---compile) the model FLOPs utilisation is reported against the measured bf16 matmul peak.
+--precisions given); the ratio compares best with best, and igpt with Hugging Face in each
+precision. Every rate is also a fraction of its own precision's matmul peak (model FLOPs
+utilisation: a bf16 rate against the bf16 peak, an fp32 rate against the fp32 peak), both peaks
+measured in the same run, best of three.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from common import (add_device_options, cifar10_or_digits, hf_input_ids, hf_model, machine, matmul_peak,
-                    model_train_flops_per_token, peak_name, precisions, synchronize, write_training_json)
+from common import (HuggingFaceAsIgpt, add_device_options, add_precisions_option, cifar10_or_digits, hf_model, machine,
+                    matmul_peaks, model_train_flops_per_token, of_peak, peak_name, peaks_line, synchronize,
+                    timed_precisions, write_training_json)
 from igpt import Palette, data
 from igpt.batches import Batches
 from igpt.checkpoint import RunFolder
@@ -37,17 +40,6 @@ def igpt_rate(task: Pretraining, device: str | None) -> float:
         Trainer(task, Path(out) / "run", log=lambda *_: None, progress=False).run()
         rates = [r["tokens_per_s"] for r in RunFolder(Path(out) / "run").metrics() if "tokens_per_s" in r]
     return statistics.median(rates[2:])
-
-
-class HuggingFaceAsIgpt(torch.nn.Module):
-    """Hugging Face's model behind igpt's forward signature (tokens -> logits), so both run igpt's own step."""
-
-    def __init__(self, hf, vocab_size: int):
-        super().__init__()
-        self.hf, self.vocab_size = hf, vocab_size
-
-    def forward(self, tokens: torch.Tensor, mask=None) -> torch.Tensor:
-        return self.hf(input_ids=hf_input_ids(tokens, self.vocab_size)).logits
 
 
 def hf_rate(config: ImageGPTConfig, tokens, batch_size: int, precision: str, steps: int, device: str,
@@ -76,8 +68,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12, help="steps per run; the first two are left out")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=None,
-                        help="default: fp32, and bf16 where it is native")
+    add_precisions_option(parser)
     add_device_options(parser)
     args = parser.parse_args()
     data_spec = args.data or cifar10_or_digits()
@@ -87,7 +78,7 @@ def main() -> None:
     palette_file = Path(tempfile.mkdtemp()) / "palette.npy"
     palette = Palette.fit(data.load(data_spec, "train", resolution).images, 512, max_pixels=200_000)
     palette.save(palette_file)
-    modes = tuple(args.precisions or precisions(args.device))
+    modes = timed_precisions(args)
     results = {}
     for precision in modes:
         task = Pretraining(DataConfig(name=data_spec, resolution=resolution),
@@ -103,19 +94,21 @@ def main() -> None:
         results["hf", precision] = hf_rate(config, tokens, args.batch, precision, args.steps, args.device,
                                            args.compile)
         print(f"  Hugging Face   {precision}: {results['hf', precision]:10,.0f} tokens/s")
+    flops = model_train_flops_per_token(config)
+    peaks = matmul_peaks(dict.fromkeys((*modes, peak_name(args.device))), args.device)  # best of three
+    print(f"  {peaks_line(peaks)}; {flops / 1e6:.1f} MFLOP/token")
+    for precision in modes:
+        ours, theirs = results["igpt", precision], results["hf", precision]
+        print(f"  {precision}: igpt {of_peak(ours, flops, peaks, precision):.1%} of the {precision} peak, "
+              f"Hugging Face {of_peak(theirs, flops, peaks, precision):.1%}; igpt / Hugging Face {ours / theirs:.2f}x")
     best_precision = max(modes, key=lambda p: results["igpt", p])
     ours = results["igpt", best_precision]
     theirs = max(results["hf", p] for p in modes)
-    print(f"  best igpt / best Hugging Face: {ours / theirs:.2f}x (goal >= 3x)")
-    flops = model_train_flops_per_token(config)
-    peak = matmul_peak(device=args.device)
-    print(f"  {peak_name(args.device)} matmul peak {peak / 1e12:.2f} TFLOP/s; igpt's best training "
-          f"step reaches {ours * flops / peak:.0%} of it")
+    print(f"  best igpt ({best_precision}) / best Hugging Face: {ours / theirs:.2f}x (goal >= 3x)")
     notes = (f"{best_precision}{' + compile' if args.compile else ''}; {args.model}, {resolution}x{resolution}, "
              f"batch {args.batch}")
-    write_training_json(args.json, "bench_train", args.device, "igpt train step", config, ours, peak, ours / theirs,
-                        notes, results)
-
+    write_training_json(args.json, "bench_train", args.device, "igpt train step", config, ("igpt", best_precision),
+                        ours / theirs, notes, results, peaks)
 
 if __name__ == "__main__":
     main()

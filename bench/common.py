@@ -88,9 +88,40 @@ def times_in_turns(contenders: dict, repeat: int = 3, pause=None, own_time: bool
     return times
 
 
-def best_of(contenders: dict, repeat: int = 3, pause=None, own_time: bool = False) -> dict[str, float]:
-    """Seconds per call of each contender: the fastest of `repeat` runs in turns (the minimum discards the slow spells)."""
-    return {name: min(seconds) for name, seconds in times_in_turns(contenders, repeat, pause, own_time).items()}
+def best_of(contenders: dict, repeat: int = 3, pause=None, own_time: bool = False,
+            alternate: bool = False) -> dict[str, float]:
+    """Seconds per call of each contender: the fastest of `repeat` runs in turns (the minimum discards the slow
+    spells); `alternate` as in times_in_turns."""
+    times = times_in_turns(contenders, repeat, pause, own_time, alternate)
+    return {name: min(seconds) for name, seconds in times.items()}
+
+
+def random_batch(config, batch_size: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Seeded random tokens (batch_size, n_ctx) and, for the bert objective, the mask a training step needs."""
+    from igpt.model import bert_mask
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tokens = torch.randint(0, config.vocab_size, (batch_size, config.n_ctx))
+    mask = bert_mask(tuple(tokens.shape), 0) if config.objective == "bert" else None
+    return tokens.to(device), mask
+
+
+def optimizer_step(model, tokens: torch.Tensor, precision: str, mask: torch.Tensor | None = None):
+    """A call that runs one igpt.train.train_step (forward, backward, clipping, AdamW) of `model` on `tokens` and
+    waits for the device: the step `igpt train` takes, for any model with igpt's forward (HuggingFaceAsIgpt too)."""
+    from igpt.batches import Batch
+    from igpt.distributed import World
+    from igpt.train import make_optimizer, train_step
+
+    optimizer = make_optimizer(model.parameters(), lr=1e-4)
+    world, batch = World(device=tokens.device), Batch(tokens)
+
+    def step():
+        train_step(model, optimizer, batch, world=world, precision=precision, mask=mask)
+        synchronize(world.device)
+
+    return step
 
 
 def step_seconds(config, batch_size: int, device="cpu", precision: str = "fp32", steps: int = 5,
@@ -99,20 +130,15 @@ def step_seconds(config, batch_size: int, device="cpu", precision: str = "fp32",
     (igpt.train.train_step, igpt.train.median_seconds): the model alone, without the data thread, validations or
     checkpoints that `igpt train --minutes` also counts. compile: the model as `--compile` runs it (its
     compilation is left out)."""
-    from igpt.batches import Batch
-    from igpt.distributed import World
     from igpt.model import ImageGPT
-    from igpt.train import make_optimizer, median_seconds, train_step
+    from igpt.train import median_seconds
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = ImageGPT(config).to(device)
-        batch = Batch(torch.randint(0, config.vocab_size, (batch_size, config.n_ctx)))
-    optimizer = make_optimizer(model.parameters(), lr=1e-4)
-    world = World(device=torch.device(device))
-    step_model = torch.compile(model) if compile else model
-    return median_seconds(lambda _: train_step(step_model, optimizer, batch, world=world, precision=precision),
-                          world.device, warm=3 if compile else 1, timed=steps)
+    tokens, mask = random_batch(config, batch_size, device)
+    step = optimizer_step(torch.compile(model) if compile else model, tokens, precision, mask)
+    return median_seconds(lambda _: step(), torch.device(device), warm=3 if compile else 1, timed=steps)
 
 
 # ---- precision and the matmul peak -----------------------------------------------------------
@@ -122,8 +148,11 @@ def autocast(device: str, precision: str):
     return igpt_autocast(torch.device(device), precision)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def peak_dtype(device: str = "cpu") -> torch.dtype:
-    """bf16 where the hardware has it, else fp32: the fastest precision, whose matmul peak steps are measured against."""
+    """bf16 where the hardware has it, else fp32: the fastest precision, the one `igpt --precision auto` picks."""
     from igpt.precision import bf16_native
 
     return torch.bfloat16 if bf16_native(torch.device(device)) else torch.float32
@@ -139,6 +168,21 @@ def precisions(device: str = "cpu") -> tuple[str, ...]:
         return ("fp32", "bf16")
     print(f"  (bf16 skipped: this {torch.device(device).type.upper()} has no native bf16, so only fp32 is timed)")
     return ("fp32",)
+
+
+def add_precisions_option(parser) -> None:
+    parser.add_argument("--precisions", nargs="+", choices=tuple(DTYPES), default=None,
+                        help="default: fp32, and bf16 where the hardware runs it natively")
+
+
+def timed_precisions(args) -> tuple[str, ...]:
+    """--precisions as given, else `precisions` of --device."""
+    return tuple(args.precisions or precisions(args.device))
+
+
+def mode_precision(mode: str) -> str:
+    """The precision a mode runs in: "bf16 + compile" -> "bf16"."""
+    return mode.split()[0]
 
 
 def matmul_peak(dtype=None, n: int | None = None, device: str = "cpu") -> float:
@@ -157,6 +201,22 @@ def matmul_peak(dtype=None, n: int | None = None, device: str = "cpu") -> float:
         synchronize(device)
 
     return 2 * n**3 / seconds_per_call(run, min_time=2.0)
+
+
+def matmul_peaks(names, device: str = "cpu", repeat: int = 3) -> dict[str, float]:
+    """The matmul peak (FLOP/s) of each precision named, measured in turns, the best of `repeat`: a rate in a
+    precision is a fraction of that precision's peak, never of another's."""
+    runs = [{name: matmul_peak(DTYPES[name], device=device) for name in names} for _ in range(repeat)]
+    return {name: max(run[name] for run in runs) for name in names}
+
+
+def peaks_line(peaks: dict[str, float]) -> str:
+    return "matmul peak " + ", ".join(f"{name} {flops / 1e12:.2f} TFLOP/s" for name, flops in peaks.items())
+
+
+def of_peak(tokens_per_s: float, flops_per_token: float, peaks: dict[str, float], precision: str) -> float:
+    """The fraction of `precision`'s matmul peak that `tokens_per_s` at `flops_per_token` reaches."""
+    return tokens_per_s * flops_per_token / peaks[precision]
 
 
 def train_flops_per_token(n_layer: int, d: int, n_ctx: int, non_embedding_params: int) -> float:
@@ -273,6 +333,17 @@ def hf_input_ids(tokens: torch.Tensor, sos: int) -> torch.Tensor:
     return torch.cat([start, tokens[:, :-1]], 1)
 
 
+class HuggingFaceAsIgpt(torch.nn.Module):
+    """Hugging Face's model behind igpt's forward signature (tokens -> logits), so both run igpt's own step."""
+
+    def __init__(self, hf, vocab_size: int):
+        super().__init__()
+        self.hf, self.vocab_size = hf, vocab_size
+
+    def forward(self, tokens: torch.Tensor, mask=None) -> torch.Tensor:
+        return self.hf(input_ids=hf_input_ids(tokens, self.vocab_size)).logits
+
+
 def exported_to_hf(model, hf_class: str = "ImageGPTForCausalImageModeling"):
     """igpt weights -> a Hugging Face folder (igpt.hf.to_hf) -> transformers' `hf_class`, in eval mode.
 
@@ -318,12 +389,20 @@ def write_json(path: str | None, benchmark: str, device: str, rows: list[dict], 
     Path(path).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def write_training_json(path: str | None, benchmark: str, device: str, label: str, config, tokens_per_s: float,
-                        peak: float, vs_hugging_face: float, notes: str, rates: dict[tuple[str, str], float]) -> None:
-    """A training benchmark's row (igpt's best rate, its model FLOPs over `peak`, its ratio to Hugging Face),
-    with every rate measured, keyed "who, mode"."""
+def write_training_json(path: str | None, benchmark: str, device: str, label: str, config, best: tuple[str, str],
+                        vs_hugging_face: float, notes: str, rates: dict[tuple[str, str], float],
+                        peaks: dict[str, float]) -> None:
+    """A training benchmark's row (the `best` (who, mode)'s rate, its model FLOPs over its own precision's peak, its
+    ratio to Hugging Face), with every rate measured, keyed "who, mode", and its fraction of its precision's peak.
+
+    peak_flops and peak_dtype are the peak of the precision `--precision auto` picks here (bf16 where native),
+    which bench/gpu_check.py measures `igpt train` against; `peaks` holds every precision's."""
     flops = model_train_flops_per_token(config)
-    row = result_row(label, tokens_per_s=tokens_per_s, images_per_s=tokens_per_s / config.n_ctx,
-                     mfu=tokens_per_s * flops / peak, vs_hugging_face=vs_hugging_face, notes=notes)
-    write_json(path, benchmark, device, [row], peak_flops=peak, peak_dtype=peak_name(device), flops_per_token=flops,
-               tokens_per_s={", ".join(key): rate for key, rate in rates.items()})
+    row = result_row(label, tokens_per_s=rates[best], images_per_s=rates[best] / config.n_ctx,
+                     mfu=of_peak(rates[best], flops, peaks, mode_precision(best[1])), vs_hugging_face=vs_hugging_face,
+                     notes=notes)
+    auto = peak_name(device) if peak_name(device) in peaks else next(iter(peaks))
+    write_json(path, benchmark, device, [row], peak_flops=peaks[auto], peak_dtype=auto, peaks=peaks,
+               flops_per_token=flops, tokens_per_s={", ".join(key): rate for key, rate in rates.items()},
+               of_peak={", ".join(key): of_peak(rate, flops, peaks, mode_precision(key[1]))
+                        for key, rate in rates.items()})

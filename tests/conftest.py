@@ -1,4 +1,4 @@
-"""Shared test setup: one data cache for the whole session, and one tiny pretraining run.
+"""Shared test setup: one cache for the whole session, and one tiny pretraining run.
 
 Every test (and every subprocess it starts) reads and writes data caches under one
 session-wide IGPT_CACHE, never the user's ~/.cache/igpt.
@@ -13,15 +13,22 @@ import pytest
 TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2}  # a two-layer, width-32 model: seconds to train
 PAPER = {"positions": "1d", "attention": "dense"}  # the paper's architecture; the defaults are 2-D and strided
 PAPER_FLAGS = [arg for name, value in PAPER.items() for arg in (f"--{name}", value)]  # for `igpt train` beside TINY_RUN
-TINY_RUN = dict(batch_size=32, steps=12, lr=3e-3, eval_every=6, save_every=4, sample_every=12, eval_batches=2, **TINY,
+# fp32: the tests compare runs at float32's tolerances (exact resume, accumulation, processes); bf16 tests say so
+TINY_RUN = dict(batch_size=32, steps=12, lr=3e-3, eval_every=6, save_every=4, sample_every=12, eval_batches=2,
+                precision="fp32", **TINY,
                 **PAPER)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def igpt_cache(tmp_path_factory):
+    """The session's cache, with igpt's attention kernel built into it first: a test that points IGPT_CACHE
+    elsewhere for its data then finds the kernel loaded, and subprocesses find it built."""
+    from igpt.attention import band_kernel
+
     with pytest.MonkeyPatch.context() as patch:
         cache = tmp_path_factory.mktemp("igpt-cache")
         patch.setenv("IGPT_CACHE", str(cache))
+        band_kernel.library()
         yield cache
 
 

@@ -375,18 +375,22 @@ def test_demo_takes_the_architecture_flags(monkeypatch):
 
 
 def test_the_backend_rule_picks_one_backend_per_case(monkeypatch):
-    """choose_backend, on its own: dense and column layers and bands no longer than their window run in SDPA;
-    a longer band on a CPU in float32 in the kernel, else through the flash kernel for whole rows, else the
-    plain blocks. Every backend it picks computes the pattern's own mask."""
+    """choose_backend, on its own: on a CPU in float32 or bf16 the kernel takes causal dense layers, columns over
+    whole rows and bands longer than their window; without it dense and column layers and short bands run in
+    SDPA, a longer band through the flash kernel for whole rows, else the plain blocks; BERT's dense layers
+    (not causal) always in SDPA. Every backend it picks computes the pattern's own mask."""
     from igpt.attention import ATTENTION_BACKENDS, Pattern, attend, choose_backend
 
     q = torch.randn(1, 2, 48, 16)
     band, column = Pattern("band", 8, 16), Pattern("column", 8)
-    assert choose_backend(q, Pattern("dense")) == choose_backend(q, column) == "sdpa"
-    assert choose_backend(q[:, :, :16], band) == "sdpa"
     monkeypatch.setattr(band_kernel, "applies", lambda q: True)
-    assert choose_backend(q, band) == "band_kernel"
+    for x in (q, q.bfloat16()):
+        assert choose_backend(x, Pattern("dense")) == choose_backend(x, column) == choose_backend(x, band) == "band_kernel"
+    assert choose_backend(q[:, :, :44], column) == "sdpa"  # a ragged last row
+    assert choose_backend(q, Pattern("dense", causal=False)) == "sdpa"
+    assert choose_backend(q[:, :, :16], band) == "sdpa"
     monkeypatch.setattr(band_kernel, "applies", lambda q: False)
+    assert choose_backend(q, Pattern("dense")) == choose_backend(q, column) == "sdpa"
     assert choose_backend(q, band) == "blocked_flash"
     assert choose_backend(q[:, :, :44], band) == "blocked"  # a ragged last row
     monkeypatch.setattr(model_module, "cpu_flash_has_masks", lambda: False)

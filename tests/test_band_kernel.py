@@ -1,8 +1,9 @@
 """igpt's C++ band kernel (igpt/attention/band_kernel.py): exact against dense attention under the band's mask,
-chosen by band_attention for float32 on a CPU, built once into the cache, and replaced by
+in float32 and bfloat16, chosen by band_attention on a CPU, built once into the cache, and replaced by
 PyTorch's kernels wherever it cannot be built."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +49,8 @@ def trainable_band_model(attention: str) -> ImageGPT:
 
 @needs_kernel
 @pytest.mark.parametrize("b, h, t, hd, window", [(1, 4, 256, 32, 32), (2, 3, 100, 16, 20), (3, 1, 50, 32, 7),
-                                                 (1, 2, 37, 64, 64), (2, 2, 70, 128, 33), (1, 1, 5, 16, 1)])
+                                                 (1, 2, 37, 64, 64), (2, 2, 70, 128, 33), (1, 1, 5, 16, 1),
+                                                 (2, 2, 40, 48, 17), (1, 2, 33, 96, 40)])
 @pytest.mark.parametrize("layout", ["model", "contiguous", "every other"])
 def test_the_kernel_equals_masked_dense_attention_forward_and_backward(b, h, t, hd, window, layout):
     """float32 against float64 SDPA with the band's full mask: whole and ragged tiles, windows
@@ -63,6 +65,25 @@ def test_the_kernel_equals_masked_dense_attention_forward_and_backward(b, h, t, 
                                       layout)
     for got, want in zip(ours, dense):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("b, h, t, hd, window", [(2, 3, 100, 48, 20), (1, 2, 70, 64, 70), (2, 2, 37, 32, 9)])
+def test_bfloat16_in_and_out_is_float_inside(b, h, t, hd, window):
+    """bf16 q, k, v in, bf16 out and gradients, every product and sum in float. Against float64 on the same
+    bf16 values the error is the rounding of results to bf16 and, in the gradients, of the output that
+    the backward reads back (flash attention's dO . O): within half a bf16 ulp of the largest value
+    (2**-8 of it), and on average no larger than PyTorch's own bf16 attention on the same inputs."""
+    torch.manual_seed(0)
+    qkv = torch.randn(b, t, 3 * h * hd).bfloat16()
+    grad = torch.randn(b, h, t, hd).bfloat16()
+    ours = qkv_outputs_and_gradients(lambda q, k, v: band_kernel.band_attention(q, k, v, window), qkv, grad, h)
+    torch_bf16 = qkv_outputs_and_gradients(lambda q, k, v: masked_dense(q, k, v, window), qkv, grad, h)
+    exact = qkv_outputs_and_gradients(lambda q, k, v: masked_dense(q, k, v, window), qkv.double(), grad.double(), h)
+    for got, theirs, want in zip(ours, torch_bf16, exact):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, atol=2**-8 * want.abs().max().item(), rtol=1.6e-2)
+        assert (got.double() - want).abs().mean() <= (theirs.double() - want).abs().mean()
 
 
 @needs_kernel
@@ -118,8 +139,10 @@ def test_the_kernel_refuses_what_it_cannot_read():
     q = torch.randn(1, 2, 20, 16)
     with pytest.raises(ValueError, match="one .* shape"):
         torch.ops.igpt.band_forward(q, q[:, :, :4], q, 5)
-    with pytest.raises(ValueError, match="float32 tensors on the CPU"):
+    with pytest.raises(ValueError, match="all float32 or all bfloat16"):
         torch.ops.igpt.band_forward(q.double(), q.double(), q.double(), 5)
+    with pytest.raises(ValueError, match="all float32 or all bfloat16"):
+        torch.ops.igpt.band_forward(q, q.bfloat16(), q, 5)
     for window in (0, 21):
         with pytest.raises(ValueError, match="window from 1 to t = 20"):
             torch.ops.igpt.band_forward(q, q, q, window)
@@ -155,10 +178,72 @@ def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch, fresh_li
         path = band_kernel.build()
     except (OSError, band_kernel.subprocess.SubprocessError):
         pytest.skip("no C++ compiler here")
-    assert path.parent == tmp_path / "kernels" and list(path.parent.iterdir()) == [path]  # no scratch left
+    record = band_kernel.build_record(path)
+    assert path.parent == tmp_path / "kernels" and sorted(path.parent.iterdir()) == sorted([path, record])
     built = path.stat().st_mtime_ns
     assert band_kernel.build() == path and path.stat().st_mtime_ns == built
     assert band_kernel.available()
+
+
+@pytest.fixture
+def cache_with_a_built_kernel(tmp_path, monkeypatch, fresh_library):
+    """An igpt cache holding this machine's kernel, and a compiler stand-in that "builds" it again by copying
+    it (the tests of what happens around a build need no minute of compiling)."""
+    if not band_kernel.available():
+        pytest.skip("no C++ compiler builds igpt's band kernel here")
+    good = band_kernel.build()
+    monkeypatch.setenv("IGPT_CACHE", str(tmp_path))
+    path = tmp_path / "kernels" / good.name
+    path.parent.mkdir()
+    path.write_bytes(good.read_bytes())
+    band_kernel.build_record(path).write_text(band_kernel.build_record(good).read_text())
+    builds = []
+
+    def compiler(command, **kwargs):
+        builds.append(command)
+        Path(command[-1]).write_bytes(good.read_bytes())
+
+    monkeypatch.setattr(band_kernel.subprocess, "run", compiler)
+    band_kernel.library.cache_clear()
+    return path, builds
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "no record"])
+def test_a_damaged_kernel_is_built_again_never_loaded(damage, cache_with_a_built_kernel, caplog):
+    """A library cut short (a full disk, an interrupted copy) or overwritten would kill the process with a
+    bus error when mapped: it fails its build record, is built again with one log line, and runs."""
+    path, builds = cache_with_a_built_kernel
+    assert band_kernel.build() == path and not builds  # intact: loaded as it is
+    whole = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(whole[: len(whole) // 2])
+    elif damage == "garbage":
+        path.write_bytes(bytes(range(256)) * (len(whole) // 256))
+    else:
+        band_kernel.build_record(path).unlink()
+    assert not band_kernel.intact(path)
+    with caplog.at_level("WARNING", logger=band_kernel.log.name):
+        assert band_kernel.available()
+    assert len(builds) == 2 and band_kernel.intact(path) and path.read_bytes() == whole
+    assert len([r for r in caplog.records if "does not match its build record" in r.message]) == 1
+    q = torch.randn(1, 2, 40, 16)
+    torch.testing.assert_close(band_kernel.band_attention(q, q, q, 8), masked_dense(q, q, q, 8), atol=1e-5, rtol=1e-5)
+
+
+def test_a_damaged_kernel_that_cannot_be_rebuilt_falls_back(cache_with_a_built_kernel, monkeypatch):
+    """With no compiler to build it again, a damaged library is never mapped and PyTorch's kernels serve."""
+    path, _ = cache_with_a_built_kernel
+    path.write_bytes(path.read_bytes()[:1000])
+
+    def failing(command, **kwargs):
+        raise band_kernel.subprocess.CalledProcessError(1, command, stderr="the compiler is gone")
+
+    monkeypatch.setattr(band_kernel.subprocess, "run", failing)
+    assert not band_kernel.available()
+    q = torch.randn(1, 2, 40, 16)
+    out = band_attention(q, q, q, 16, 8)
+    assert out.grad_fn is None or not from_the_kernel(out)
+    torch.testing.assert_close(out, masked_dense(q, q, q, 16), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("environment", [{"CXX": "false"}, {"IGPT_BAND_KERNEL": "0"}], ids=["no compiler", "disabled"])
@@ -202,3 +287,26 @@ def test_loading_the_kernel_leaves_the_process_floating_point_alone():
     whole process when the library loads: the kernel is compiled with it and linked without."""
     band_kernel.library()
     assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # a subnormal survives
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["dense", "column"])
+def test_causal_dense_and_column_layers_run_in_the_kernel_exactly(kind, dtype):
+    """A causal dense layer is the band as wide as the sequence; a column layer, one causal sequence per column and
+    head: through the kernel, both equal float64 attention under the pattern's mask, outputs and gradients."""
+    from igpt.attention import Pattern, attend
+
+    torch.manual_seed(0)
+    b, h, side, hd = 2, 3, 8, 32
+    pattern = Pattern(kind, side)
+    qkv = torch.randn(b, side * side, 3 * h * hd).to(dtype)
+    grad = torch.randn(b, h, side * side, hd).to(dtype)
+    ours = qkv_outputs_and_gradients(lambda q, k, v: attend(q, k, v, pattern, backend="band_kernel"), qkv, grad, h)
+    mask = pattern.mask(side * side)
+    exact = qkv_outputs_and_gradients(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                                      qkv.double(), grad.double(), h)
+    for got, want in zip(ours, exact):
+        assert got.dtype == dtype
+        tolerance = 2**-8 * want.abs().max().item() if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-5)

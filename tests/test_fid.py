@@ -248,10 +248,11 @@ def test_without_the_packages_one_line_says_what_to_install(missing, tiny_run, n
     work = tmp_path / "work"
     work.mkdir()
     err = run_refused(["fid", "--ckpt", str(tiny_run), "--n", "4"], work, monkeypatch, capsys)
-    assert "pip install 'igpt[fid]'" in err
     assert fid.WEIGHTS_FILE in err and "--fid-weights" in err  # offline, the weights are missing too
     if missing.startswith("broken"):
-        assert "torchvision::nms" in err and "torchvision built for torch" in err
+        assert "torchvision::nms" in err and f"{fid.matching_torchvision()}, the one built for torch" in err
+    else:
+        assert "pip install 'igpt[fid]' \"torch==" in err  # the pin that keeps the user's torch
 
 
 def test_offline_without_weights_one_line_names_the_file(tiny_run, no_sampling, tmp_path, monkeypatch, capsys):

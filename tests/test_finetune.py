@@ -53,7 +53,7 @@ def test_early_stopping_ends_the_run_and_a_finished_run_stays_finished(tiny_run,
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tiny_run, tmp_path):
-    common = ["finetune", "--ckpt", str(tiny_run), *FLAGS, "--steps", "4", "--device", "cpu"]
+    common = ["finetune", "--ckpt", str(tiny_run), *FLAGS, "--steps", "4", "--device", "cpu", "--precision", "fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "igpt.cli", *common, "--out", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env)

@@ -222,3 +222,34 @@ def test_greedy_sampling_of_an_import_equals_hugging_face_generate(tmp_path, d, 
                                        max_length=side * side + 1, do_sample=False, use_cache=True,
                                        pad_token_id=0)[:, 1:]
         torch.testing.assert_close(sample(ours, 3, rows if rows.shape[1] else None, greedy=True), expected)
+
+
+def test_an_export_carries_a_model_card_with_the_runs_data_score_and_command(tiny_copy, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from igpt.cli import main
+    from igpt.runrecord import read_record
+
+    assert main(["eval", "--ckpt", str(tiny_copy), "--json", str(tiny_copy / "eval.json")]) == 0
+    measured = json.loads((tiny_copy / "eval.json").read_text())["bits_per_pixel"]
+    assert main(["convert", "--to-hf", str(tiny_copy / "best"), "--out", str(tmp_path / "hf")]) == 0
+    text = (tmp_path / "hf" / "README.md").read_text()
+    card = ModelCard(text)  # Hugging Face's own parser and validator of the metadata block
+    assert card.data.library_name == "transformers" and {"image-gpt", "igpt", "image-generation"} <= set(card.data.tags)
+    assert card.data.datasets == ["digits"] and card.data.resolution == 8 and card.data.palette_size == 17
+    (result,) = card.data.eval_results
+    assert result.metric_type == "bits_per_pixel" and result.dataset_split == "test"
+    assert result.metric_value == pytest.approx(measured, abs=1e-4)
+    command = text.split("```sh\n")[1].split("\n")[0]
+    assert command.startswith("igpt train --data digits --resolution 8 ")
+    assert f"--steps {read_record(tiny_copy)['config']['steps']}" in command and "--positions 1d" in command
+
+
+def test_a_model_without_a_run_gets_a_card_of_what_its_files_say(tmp_path):
+    from huggingface_hub import ModelCard
+
+    to_hf(ImageGPT(ImageGPTConfig(vocab_size=16, n_ctx=16, n_embd=32, n_layer=1, n_head=2)), random_palette(16),
+          tmp_path / "plain")
+    card = ModelCard((tmp_path / "plain" / "README.md").read_text())
+    assert card.data.resolution == 4 and card.data.palette_size == 16 and card.data.library_name == "transformers"
+    assert card.data.eval_results is None and card.data.datasets is None and "## Training" not in card.text

@@ -17,10 +17,12 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import Served, train
 from igpt.errors import IgptError
+from igpt.precision import resolve_precision
 
 SIDE = 8  # the tiny run's pictures
 STEP_SECONDS = 0.025
@@ -103,7 +105,8 @@ def test_page_loads_with_the_models_facts(served):
     with urllib.request.urlopen(served.url + "config", timeout=30) as config:
         text = json.dumps(json.load(config))
     for fact in ("digits", "8x8", "17 colours", "**layers** 2", "32 (2 heads)", "dense (every earlier pixel)",
-                 "1d positions", "test bits/pixel", "not measured", "cpu, fp32"):
+                 "1d positions", "test bits/pixel", "not measured",
+                 f"cpu, {resolve_precision('auto', torch.device('cpu'))}"):
         assert fact in text, fact
     assert "Reachable from other machines" not in text
     assert any(line.startswith("igpt serve: http://127.0.0.1:") for line in served.lines)

@@ -53,34 +53,42 @@ def _load_for_sampling(cfg):
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from igpt.config import from_flags
-    from igpt.demo import PRETRAIN_FLAGS, DemoConfig, run_demo
+    from igpt.demo import PRETRAIN_FLAGS, DemoConfig, default_out, run_demo
+    from igpt.progress import OutputOptions
 
-    run_demo(args.name, data_dir=args.data_dir, **dataclasses.asdict(from_flags(DemoConfig, args)),
-             **{name: getattr(args, name) for name in PRETRAIN_FLAGS})
+    output, cfg = from_flags(OutputOptions, args), from_flags(DemoConfig, args)
+    out = cfg.out or default_out(args.name)
+    result = run_demo(args.name, data_dir=args.data_dir, **{**dataclasses.asdict(cfg), "out": out}, log=output.log,
+                      progress=output.progress, **{name: getattr(args, name) for name in PRETRAIN_FLAGS})
+    if output.quiet:  # the demo's own closing summary went to the silenced log
+        print(f"done: test {result['eval']['bits_per_pixel']:.3f} bits/pixel; report {Path(out) / 'report.html'}")
 
 
 def _cmd_palette_fit(args: argparse.Namespace) -> None:
     from igpt.config import from_flags
     from igpt.data import DataConfig
     from igpt.palette import Palette, PaletteFitConfig
+    from igpt.progress import OutputOptions
 
     cfg = from_flags(PaletteFitConfig, args)
     train = from_flags(DataConfig, args).images("train")
     palette = Palette.fit(train.images, clusters=cfg.clusters, max_pixels=cfg.max_pixels, seed=cfg.seed,
-                          device=cfg.device, log=print)
+                          device=cfg.device, log=from_flags(OutputOptions, args).log)
     palette.save(cfg.out)
     print(f"wrote {cfg.out}: {palette.size} colours fitted on {train.describe()}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from igpt.config import RunFolderOptions, from_flags
+    from igpt.config import RunFolderOptions, from_flags, given_flags
     from igpt.data import DataConfig
-    from igpt.pretrain import PretrainConfig, Pretraining
+    from igpt.pretrain import PretrainConfig, Pretraining, planned
+    from igpt.progress import OutputOptions
     from igpt.train import Trainer
 
-    run = from_flags(RunFolderOptions, args)
-    trainer = Trainer(Pretraining(from_flags(DataConfig, args), from_flags(PretrainConfig, args)), run.out,
-                      resume=run.resume)
+    run, output = from_flags(RunFolderOptions, args), from_flags(OutputOptions, args)
+    resuming = run.out if run.resume else None  # its recorded plan, not a new one
+    data, cfg = planned(given_flags(DataConfig, args), given_flags(PretrainConfig, args), resuming)
+    trainer = Trainer(Pretraining(data, cfg), run.out, resume=run.resume, log=output.log, progress=output.progress)
     result = trainer.run()
     if trainer.world.is_main:
         best = result["best_val_loss"]
@@ -179,20 +187,25 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         RunFolder.save_model(out, model, palette, None)
         print(f"wrote {out}: {model.config.n_layer} layers, width {model.config.n_embd}, {palette.size} colours")
     else:
+        from igpt.clidoc import remaking_command
+
         model, palette, _ = load_run(cfg.to_hf, "cpu")
-        hf.to_hf(model, palette, out)
-        print(f"wrote {out}: loads with transformers.ImageGPTForCausalImageModeling.from_pretrained")
+        hf.to_hf(model, palette, out, card=hf.ModelCard.of_run(cfg.to_hf, remaking_command))
+        print(f"wrote {out}: loads with transformers.ImageGPTForCausalImageModeling.from_pretrained; "
+              f"model card {out / hf.MODEL_CARD}")
 
 
 def _cmd_probe(args: argparse.Namespace) -> None:
     from igpt.checkpoint import load_run
     from igpt.config import from_flags
     from igpt.probe import ProbeConfig, Protocols, run_probe, summary
+    from igpt.progress import OutputOptions
 
-    cfg = from_flags(ProbeConfig, args)
+    cfg, output = from_flags(ProbeConfig, args), from_flags(OutputOptions, args)
     model, palette, info = load_run(cfg.ckpt, cfg.device)
-    report = run_probe(model, palette, _run_data(args, info, model.config), cfg, from_flags(Protocols, args))
-    print(summary(report))
+    report = run_probe(model, palette, _run_data(args, info, model.config), cfg, from_flags(Protocols, args),
+                       log=output.log, progress=output.progress)
+    output.log(summary(report))
     print(f"wrote {cfg.out} and {Path(cfg.out).with_suffix('.png')}")
 
 
@@ -200,11 +213,15 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from igpt.config import from_flags, given_flags
     from igpt.data import DataConfig
     from igpt.finetune import FinetuneConfig, FinetuneRun, Finetuning
+    from igpt.progress import OutputOptions
     from igpt.train import Trainer
 
-    run = from_flags(FinetuneRun, args)
+    run, output = from_flags(FinetuneRun, args), from_flags(OutputOptions, args)
     task = Finetuning(run.ckpt, from_flags(FinetuneConfig, args), given_flags(DataConfig, args))
-    Trainer(task, run.out, resume=run.resume).run()
+    trainer = Trainer(task, run.out, resume=run.resume, log=output.log, progress=output.progress)
+    result = trainer.run()
+    if trainer.world.is_main and "test_acc" in result:
+        print(f"done: step {result['steps']}, test accuracy {100 * result['test_acc']:.2f}%; run folder {run.out}")
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
@@ -223,6 +240,16 @@ def _cmd_classify(args: argparse.Namespace) -> None:
         k = int(p.argmax())
         name = classes[k] if classes and k < len(classes) else str(k)
         print(f"{path}\t{name}\t{p[k]:.3f}")
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    import json
+
+    from igpt.config import from_flags
+    from igpt.info import InfoConfig, environment, format_environment
+
+    facts = environment()
+    print(json.dumps(facts, indent=2) if from_flags(InfoConfig, args).json else format_environment(facts))
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -244,9 +271,11 @@ def _commands() -> list[tuple[str, str, object, list[tuple[type, dict]]]]:
     from igpt.fid import FidConfig
     from igpt.finetune import ClassifyConfig, FinetuneConfig, FinetuneRun
     from igpt.hf import ConvertConfig
+    from igpt.info import InfoConfig
     from igpt.palette import PaletteFitConfig
     from igpt.pretrain import PretrainConfig
     from igpt.probe import ProbeConfig, Protocols
+    from igpt.progress import OutputOptions
     from igpt.sample import CompletionConfig, SampleConfig
     from igpt.serve import ServeConfig
 
@@ -254,14 +283,17 @@ def _commands() -> list[tuple[str, str, object, list[tuple[type, dict]]]]:
     return [
         ("demo", "the whole pipeline on a data set in a few minutes, with a report", _cmd_demo,
          [(DataConfig, {"only": ("name", "data_dir"), "defaults": {"name": DEFAULT_DATA}}), (DemoConfig, {}),
-          (PretrainConfig, {"only": PRETRAIN_FLAGS})]),
+          (PretrainConfig, {"only": PRETRAIN_FLAGS}), (OutputOptions, {})]),
         ("palette fit", "k-means colour palette over a data set's training pixels", _cmd_palette_fit,
-         [(DataConfig, {}), (PaletteFitConfig, {})]),
+         [(DataConfig, {}), (PaletteFitConfig, {}), (OutputOptions, {})]),
         ("train", "pretrain a model (AR or BERT objective) into a run folder", _cmd_train,
-         [(DataConfig, {}), (PretrainConfig, {}), (RunFolderOptions, {})]),
+         [(DataConfig, {"skip": ("resolution",)}), (DataConfig, {"only": ("resolution",), "inherit": "the data's "
+                                                                 "own size, up to 32"}),
+          (PretrainConfig, {}), (RunFolderOptions, {}), (OutputOptions, {})]),
         ("eval", "exact loss (nats/token, bits/pixel) of a checkpoint on a split", _cmd_eval,
          [(EvalConfig, {}), run_data]),
-        ("convert", "import Hugging Face ImageGPT weights, or export to them", _cmd_convert, [(ConvertConfig, {})]),
+        ("convert", "import Hugging Face ImageGPT weights, or export them with a model card", _cmd_convert,
+         [(ConvertConfig, {})]),
         ("sample", "generate images from a checkpoint (KV-cached)", _cmd_sample, [(SampleConfig, {})]),
         ("complete", "complete the bottom of real images (the paper's figure)", _cmd_complete,
          [(CompletionConfig, {}), run_data]),
@@ -273,11 +305,12 @@ def _commands() -> list[tuple[str, str, object, list[tuple[type, dict]]]]:
         ("serve", "a local web page: pick, upload or draw a picture and watch the model complete it "
                   "(pip install 'igpt[app]')", _cmd_serve, [(ServeConfig, {}), run_data]),
         ("probe", "linear probe of every layer, against raw-pixel and random-init baselines", _cmd_probe,
-         [(ProbeConfig, {}), (Protocols, {}), run_data]),
+         [(ProbeConfig, {}), (Protocols, {}), run_data, (OutputOptions, {})]),
         ("finetune", "fine-tune a pretrained model with a classifier head", _cmd_finetune,
-         [(FinetuneRun, {}), run_data, (FinetuneConfig, {})]),
+         [(FinetuneRun, {}), run_data, (FinetuneConfig, {}), (OutputOptions, {})]),
         ("classify", "predict the class of image files with a fine-tuned model", _cmd_classify,
          [(ClassifyConfig, {})]),
+        ("info", "versions, CPU, GPU, kernel and caches: what a bug report needs", _cmd_info, [(InfoConfig, {})]),
     ]
 
 
@@ -311,14 +344,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _warn_emulated_bf16(args: argparse.Namespace) -> None:
-    from igpt.distributed import resolve_device
-    from igpt.precision import precision_warning
+PLANNED = ("train", "finetune", "demo")  # commands whose plan line, before the first step, names the precision
 
-    if getattr(args, "precision", None) == "bf16":
-        warning = precision_warning(resolve_device(getattr(args, "device", None)), args.precision)
-        if warning:
-            print(f"igpt: {warning}", file=sys.stderr)
+
+def _choose_precision(args: argparse.Namespace) -> str | None:
+    """--precision resolved once for the command (auto: bf16 where native) and passed on resolved, so the files
+    it writes record what ran; returns the line that says what was chosen and why."""
+    from igpt.distributed import resolve_device
+    from igpt.precision import precision_choice, resolve_precision
+
+    if getattr(args, "precision", None) is None:
+        return None
+    device = resolve_device(getattr(args, "device", None))
+    line = precision_choice(args.precision, device)
+    args.precision = resolve_precision(args.precision, device)
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,8 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help() if args.command is None else parser.parse_args([args.command, "--help"])
         return 2
     try:
-        _warn_emulated_bf16(args)
+        precision = _choose_precision(args)
+        if precision and "warning" in precision:
+            print(f"igpt: {precision}", file=sys.stderr)
         args.func(args)
+        if precision and "warning" not in precision and args.command not in PLANNED and not getattr(args, "quiet", False):
+            print(f"igpt: {precision}", file=sys.stderr)
     except IgptError as err:
         print(f"igpt: error: {err}", file=sys.stderr)
         return 1

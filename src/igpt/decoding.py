@@ -150,7 +150,7 @@ def _attend_cached(cache: KVCache, i: int, q: torch.Tensor, k: torch.Tensor, v: 
     pattern, keys, values = cache.patterns[i], cache.k[i], cache.v[i]
     t = q.shape[2]
     if t == 1:
-        return F.scaled_dot_product_attention(q, *pattern.read(keys, values, k, v, position))
+        return step_attention(q, *pattern.read(keys, values, k, v, position))
     if position == 0:
         pattern.keep(keys, values, k, v)
         return attend(q, k, v, pattern)
@@ -159,6 +159,26 @@ def _attend_cached(cache: KVCache, i: int, q: torch.Tensor, k: torch.Tensor, v: 
     values[:, :, position:end] = v
     mask = pattern.sees(torch.arange(position, end, device=q.device)[:, None], torch.arange(end, device=q.device))
     return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
+
+
+def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A step's attention, one query per row and head, as two batched products and a softmax.
+
+    On a CPU, SDPA takes its flash kernel even for one query, and its set-up outweighs the work, far
+    more so in bf16 (bench/bench_sample.py times the step).
+    """
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), values)
+
+
+def step_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    if q.device.type == "cpu":
+        return one_query_attention(q, keys, values, mask)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def static_step(model: ImageGPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -3,7 +3,9 @@
 Fit a palette, pretrain, measure bits per pixel on the test split, sample, complete the
 bottom halves of test images, probe every layer against the raw-pixel and random-init
 baselines, and write `report.md` and a self-contained `report.html`. Each stage is the
-library's own pipeline, the one its `igpt` command runs. Pretraining gets TRAIN_SHARE of the
+library's own pipeline, the one its `igpt` command runs. The plan (resolution, palette, budget) is
+PLANS' for the data sets sized by hand, else igpt.plan's, the judgement `igpt train` starts from,
+kept small enough for minutes. Pretraining gets TRAIN_SHARE of the
 budget as the Trainer's --minutes: the loop times its own steps, validation, checkpoint and
 sample grid on this machine and sizes the run to fit. It trains in fp32, PretrainConfig's
 default: choosing bf16 where it is faster would mean timing both, which the loop does not do.
@@ -16,7 +18,6 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -31,7 +32,8 @@ from igpt.evaluate import LN2, SurpriseConfig, evaluate_split, write_surprise
 from igpt.fileio import atomic_write_json
 from igpt.model import ImageGPT
 from igpt.palette import Palette
-from igpt.pretrain import PretrainConfig, Pretraining
+from igpt.plan import Sizing, resolution_for, size_data
+from igpt.pretrain import PretrainConfig, Pretraining, describe_plan
 from igpt.probe import ProbeConfig, Protocols, run_probe, summary
 from igpt.report import Report
 from igpt.sample import CompletionConfig, SampleConfig, write_completions, write_samples
@@ -57,25 +59,11 @@ class Plan:
     draws: int = 3  # seeded draws of the few labels, for the spread
 
     def describe(self) -> str:
-        shape = self.pretrain.model_config(self.pretrain.clusters, self.data.resolution)
-        r = self.data.resolution
-        pattern = "" if shape.is_paper else f", {shape.positions} positions, {shape.attention} attention"
-        return (f"{self.data.name} at {r}x{r}, {self.pretrain.clusters}-colour palette, {self.pretrain.model} model "
-                f"({shape.n_layer} layers, width {shape.n_embd}{pattern}), batch {self.pretrain.batch_size}, "
+        return (f"{describe_plan(self.data, self.pretrain, self.pretrain.clusters)}, batch {self.pretrain.batch_size}, "
                 f"{self.budget_minutes:g}-minute budget")
 
 
-class Sizing(NamedTuple):
-    """A data set's demo, sized for a few CPU minutes; None takes PretrainConfig's or Plan's default."""
-
-    resolution: int
-    clusters: int
-    budget_minutes: float
-    batch_size: int | None = None
-    probe_images: int | None = None
-
-
-PLANS = {
+PLANS = {  # the data sets whose demo was sized by hand (igpt.plan sizes the others)
     # the default: offline, and sized so that setup (venv, pip) and the demo together take a few minutes on a small
     # CPU. Batch 32: more, smaller steps probe better at this budget; 1,500 probe images keep the probes (11 feature
     # sets) short.
@@ -89,7 +77,8 @@ PLANS = {
     "cifar100": Sizing(16, 256, 20.0, batch_size=16),
 }
 DEFAULT_DATA = "shifted-digits"
-OTHER = Sizing(16, 256, 20.0)  # folders and archives of any images, centre-cropped to square
+OTHER_RESOLUTION = 16  # at most, for folders and archives of any images (centre-cropped to square)
+OTHER_BUDGET = 20.0
 CENTRED = ("Small, centred images are close to linearly separable in pixel space, so raw pixels are a strong "
            "baseline, which a few minutes of pretraining on a few thousand images may not reach.")
 ABOUT = {  # what the report says about a data set, where its probe needs explaining
@@ -107,17 +96,22 @@ ABOUT = {  # what the report says about a data set, where its probe needs explai
 
 
 def plan_for(spec: str, budget_minutes: float | None = None, data_dir: str | None = None, **pretrain) -> Plan:
-    """`pretrain`: PretrainConfig's fields the command sets (PRETRAIN_FLAGS; default: PretrainConfig's)."""
-    sizing = PLANS.get(spec, OTHER)
-    budget = sizing.budget_minutes
-    if budget_minutes is not None:
-        if not budget_minutes > 0:
-            raise IgptError(f"--budget-minutes must be positive, got {budget_minutes}")
-        budget = budget_minutes
+    """PLANS' sizing of `spec`, or igpt.plan's (the judgement `igpt train` starts from) at most OTHER_RESOLUTION
+    wide with OTHER_BUDGET minutes. `pretrain`: PretrainConfig's fields the command sets (PRETRAIN_FLAGS; default:
+    PretrainConfig's)."""
+    if budget_minutes is not None and not budget_minutes > 0:
+        raise IgptError(f"--budget-minutes must be positive, got {budget_minutes}")
+    sizing = PLANS.get(spec) or other_sizing(DataConfig(name=spec, data_dir=data_dir, crop=True))
     data = DataConfig(name=spec, data_dir=data_dir, resolution=sizing.resolution, crop=spec not in PLANS)
     pretrain = PretrainConfig(clusters=sizing.clusters, eval_every=EVAL_EVERY, eval_batches=EVAL_BATCHES,
                               **given(batch_size=sizing.batch_size), **pretrain)
-    return Plan(data, pretrain, budget, **given(probe_images=sizing.probe_images))
+    return Plan(data, pretrain, budget_minutes or sizing.budget_minutes, **given(probe_images=sizing.probe_images))
+
+
+def other_sizing(data: DataConfig) -> Sizing:
+    """igpt.plan's sizing of data without a PLANS entry, at most OTHER_RESOLUTION wide, with OTHER_BUDGET."""
+    sized = size_data(data.replace(resolution=resolution_for(data, OTHER_RESOLUTION)))
+    return sized._replace(budget_minutes=OTHER_BUDGET)
 
 
 def given(**values) -> dict:
@@ -128,8 +122,9 @@ def given(**values) -> dict:
 def budget_help() -> str:
     """--budget-minutes' defaults, from PLANS: "3.5 for shifted-digits; 4 for digits; 20 for mnist, ..."."""
     by_budget: dict[float, list[str]] = {}
-    for name, sizing in [*PLANS.items(), ("other images", OTHER)]:
-        by_budget.setdefault(sizing.budget_minutes, []).append(name)
+    for name, budget in [*((name, sizing.budget_minutes) for name, sizing in PLANS.items()),
+                         ("other images", OTHER_BUDGET)]:
+        by_budget.setdefault(budget, []).append(name)
     return "; ".join(f"{b:g} for {', '.join(names)}" for b, names in by_budget.items())
 
 

@@ -34,11 +34,12 @@ from igpt.data.images import fit_to, read_images
 from igpt.distributed import resolve_device
 from igpt.errors import IgptError
 from igpt.fileio import check_folder
+from igpt.precision import autocast, precision_option
 
 DIMS = (64, 192, 768, 2048)  # the Inception-v3 layers torch-fidelity exposes; FID differs between them
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
-INSTALL = "pip install 'igpt[fid]'"
+INSTALL = "pip install 'igpt[fid]' \"torch==$(python -c 'import torch; print(torch.__version__)')\""  # keeps torch
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default; smaller sets use all their images per subset
 SAMPLES = 5000  # samples of a run scored without --n: the count FIDs are usually reported at
@@ -68,6 +69,7 @@ class FidConfig:
                              "not comparable")
     batch_size: int = option(100, "images sampled, and fed to Inception, at once", type=positive_int)
     device: str | None = device_option()
+    precision: str = precision_option()
     fid_weights: str | None = option(None, f"a local copy of torch-fidelity's {WEIGHTS_FILE} (default: torch "
                                            "hub's cache, downloaded once)", metavar="PATH")
     seed: int = seed_option("sampling, the real subset and KID's subsets")
@@ -131,7 +133,14 @@ def unavailable() -> str | None:
 
 def _broken(err: BaseException) -> str:
     return (f"FID and KID need torchmetrics and torch-fidelity's Inception-v3, which do not import here "
-            f"({_first_line(err)}): {INSTALL}, with the torchvision built for torch {torch.__version__}")
+            f"({_first_line(err)}): install {matching_torchvision()}, the one built for torch {torch.__version__}"
+            f"{' (from PyTorch CPU index, as this torch is a CPU build)' if '+cpu' in torch.__version__ else ''}")
+
+
+def matching_torchvision() -> str:
+    """The torchvision release made for this torch: each torch 2.N pairs with torchvision 0.(N + 15)."""
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return f"torchvision 0.{minor + 15}.*" if major == 2 else "the torchvision release made for this torch"
 
 
 def inception_weights(path: str | os.PathLike | None = None) -> Path:
@@ -261,22 +270,25 @@ def real_images(data, split: str, n: int, seed: int = 0) -> np.ndarray:
     return subset(images.images, n, seed, f"{images.name} {split}")
 
 
-def sampled_images(model, palette, n: int, *, batch_size: int | None = None, seed: int = 0) -> np.ndarray:
+def sampled_images(model, palette, n: int, *, batch_size: int | None = None, seed: int = 0,
+                   precision: str = "auto") -> np.ndarray:
     """`n` samples at temperature 1 (the paper's setting), decoded to uint8 (N, R, R, 3)."""
     from igpt.sample import sample
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    return palette.decode(sample(model, n, generator=generator, batch_size=batch_size).cpu().numpy())
+    with autocast(device, precision):
+        tokens = sample(model, n, generator=generator, batch_size=batch_size)
+    return palette.decode(tokens.cpu().numpy())
 
 
 def score_samples(model, palette, data, extractor: torch.nn.Module, *, n: int = 5000, split: str = "test",
-                  batch_size: int = 100, seed: int = 0, run: str | None = None) -> dict:
+                  batch_size: int = 100, seed: int = 0, run: str | None = None, precision: str = "auto") -> dict:
     """FID and KID of `n` samples of an ar model (from `run`, for the record) against `n` images of `split`
     (`data`: a DataConfig at the model's resolution). The real images are read first, so a split too small
     fails before any sampling."""
     real = real_images(data, split, n, seed)
-    fake = sampled_images(model, palette, n, batch_size=batch_size, seed=seed)
+    fake = sampled_images(model, palette, n, batch_size=batch_size, seed=seed, precision=precision)
     device = next(model.parameters()).device
     result = score_images(real, fake, extractor, batch_size=batch_size, device=device, seed=seed)
     return {**result, "n": n, "split": split, "data": data.name, "resolution": data.resolution, "seed": seed,
@@ -302,7 +314,7 @@ def score(cfg: FidConfig, data, model=None, palette=None) -> dict:
     extractor = inception(cfg.dims, cfg.fid_weights)
     if cfg.images is None:
         result = score_samples(model, palette, data, extractor, n=cfg.n or SAMPLES, split=cfg.split,
-                               batch_size=cfg.batch_size, seed=cfg.seed, run=cfg.ckpt)
+                               batch_size=cfg.batch_size, seed=cfg.seed, run=cfg.ckpt, precision=cfg.precision)
     else:
         result = score_files(cfg.images, data, extractor, n=cfg.n, split=cfg.split, batch_size=cfg.batch_size,
                              device=resolve_device(cfg.device), seed=cfg.seed)

@@ -4,6 +4,9 @@ Hugging Face's `ImageGPTForCausalImageModeling` stores the same network differen
 GPT-2 `Conv1D` weights ([in, out], the transpose of nn.Linear), fused q/k/v, biases
 (zero in the released checkpoints), and the start-of-sequence vector as the last row
 of a (palette + 1)-row embedding. Its `input_ids` must be [sos] + pixels[:-1].
+
+An exported folder carries a model card (README.md) as models on the hub do: Hugging Face's
+metadata block, then what the model is, how well it does and the command that trained it.
 """
 
 from __future__ import annotations
@@ -13,16 +16,24 @@ import json
 import os
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from igpt.checkpoint import BEST
 from igpt.config import option
+from igpt.data import NAMED
 from igpt.errors import IgptError
-from igpt.fileio import atomic_write, atomic_write_json
+from igpt.fileio import atomic_write, atomic_write_json, atomic_write_text
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.palette import HF_CONFIG_NAME, Palette
+from igpt.runrecord import RUN_CONFIG, read_record
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+MODEL_CARD = "README.md"
+EVAL_RESULT = "eval.json"  # in a run folder: `igpt eval --ckpt RUN --json RUN/eval.json`, or the demo's
+CARD_TAGS = ("image-generation", "image-gpt", "igpt")
+TASK = "unconditional-image-generation"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -197,8 +208,9 @@ def hf_config(config: ImageGPTConfig) -> dict:
     }
 
 
-def to_hf(model: ImageGPT, palette: Palette, out: str | os.PathLike) -> Path:
-    """A folder `transformers.ImageGPTForCausalImageModeling` and `ImageGPTImageProcessor` load."""
+def to_hf(model: ImageGPT, palette: Palette, out: str | os.PathLike, card: "ModelCard | None" = None) -> Path:
+    """A folder `transformers.ImageGPTForCausalImageModeling` and `ImageGPTImageProcessor` load, with its model
+    card (`card`: what is known of the run that made the model)."""
     from safetensors.torch import save
 
     if model.config.objective != "ar":
@@ -213,4 +225,74 @@ def to_hf(model: ImageGPT, palette: Palette, out: str | os.PathLike) -> Path:
     atomic_write(out / "model.safetensors", lambda f: f.write(payload))
     atomic_write_json(out / "config.json", hf_config(model.config))
     palette.save_hf(out, resolution=side)
+    atomic_write_text(out / MODEL_CARD, (card or ModelCard()).text(model, palette, out.name))
     return out
+
+
+# ---- the model card ----------------------------------------------------------------------------
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclasses.dataclass
+class ModelCard:
+    """What an exported model's README.md says beyond config.json: the run that made it (run.json), its test
+    bits/pixel (eval.json) and the command that trains it again."""
+
+    data: str | None = None
+    kind: str | None = None
+    steps: int | None = None
+    evaluation: dict | None = None
+    command: str | None = None
+
+    @classmethod
+    def of_run(cls, folder: str | os.PathLike, command_of: Callable[[dict], str | None] | None = None) -> "ModelCard":
+        """The card of the model in `folder`, a run folder or its best/ model (whose run.json and eval.json are
+        the run's, one folder up); `command_of`: a run.json record's training command."""
+        folder = Path(folder)
+        run = folder.parent if folder.name == BEST and (folder.parent / RUN_CONFIG).is_file() else folder
+        record = read_record(run) if (run / RUN_CONFIG).is_file() else {}
+        evaluation = _read_json(run / EVAL_RESULT)
+        if evaluation is not None and not isinstance(evaluation.get("bits_per_pixel"), (int, float)):
+            evaluation = None
+        return cls(data=(record.get("data") or {}).get("name"), kind=record.get("kind"), steps=record.get("step"),
+                   evaluation=evaluation, command=command_of(record) if command_of and record else None)
+
+    def metadata(self, config: ImageGPTConfig, palette: Palette, name: str) -> list[str]:
+        """Hugging Face's YAML block; every string is JSON-quoted, which YAML reads as written."""
+        q = json.dumps
+        lines = ["---", "library_name: transformers", f"pipeline_tag: {TASK}", "tags:", *[f"- {t}" for t in CARD_TAGS]]
+        if self.data in NAMED:
+            lines += ["datasets:", f"- {q(self.data)}"]
+        lines += [f"resolution: {config.side}", f"palette_size: {palette.size}"]
+        if self.evaluation is not None:
+            data, split = Path(self.data or "unknown").name, self.evaluation.get("split", "test")
+            lines += ["model-index:", f"- name: {q(name)}", "  results:", f"  - task: {{type: {TASK}}}",
+                      f"    dataset: {{name: {q(data)}, type: {q(data)}, split: {q(split)}}}",
+                      "    metrics:", f"    - {{type: bits_per_pixel, name: {q(split + ' bits/pixel')}, "
+                      f"value: {self.evaluation['bits_per_pixel']:.4f}}}"]
+        return lines + ["---"]
+
+    def text(self, model: ImageGPT, palette: Palette, name: str) -> str:
+        config = model.config
+        facts = [("resolution", f"{config.side}x{config.side} pixels"), ("palette", f"{palette.size} colours"),
+                 ("network", f"{config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
+                             f"{sum(p.numel() for p in model.parameters()):,} parameters"),
+                 ("data", self.data), ("training", self.kind and f"{self.kind}, {self.steps or 0:,} steps")]
+        if self.evaluation is not None:
+            split = self.evaluation.get("split", "test")
+            facts.append((f"{split} bits/pixel", f"{self.evaluation['bits_per_pixel']:.3f}"))
+        lines = [*self.metadata(config, palette, name), "", f"# {name}", "",
+                 "An Image GPT model (generative pretraining from pixels), trained with igpt.", "",
+                 "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts if v], "", "## Use", "", "```python",
+                 "from transformers import ImageGPTForCausalImageModeling, ImageGPTImageProcessor", "",
+                 f'model = ImageGPTForCausalImageModeling.from_pretrained("{name}")',
+                 f'processor = ImageGPTImageProcessor.from_pretrained("{name}")', "```", "",
+                 f"or `igpt convert --from-hf {name} --out RUN`, then any igpt command on RUN.", ""]
+        if self.command:
+            lines += ["## Training", "", "```sh", self.command, "```", ""]
+        return "\n".join(lines)

@@ -8,7 +8,9 @@ sample grids as the run goes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,9 +23,12 @@ from igpt.distributed import World, on_main
 from igpt.errors import IgptError
 from igpt.evaluate import LN2, evaluate
 from igpt.model import ATTENTIONS, OBJECTIVES, POSITIONS, PRESETS, ImageGPT, ImageGPTConfig
-from igpt.palette import CLUSTERS, Palette
+from igpt.palette import Palette
+from igpt.plan import (BUDGET_MINUTES, PALETTE_SIZES, PAPER_RESOLUTION, PIXELS_PER_MINUTE, palette_size,
+                       resolution_for, size_data)
 from igpt.precision import autocast
-from igpt.train import Task, TrainConfig
+from igpt.runrecord import RunInfo
+from igpt.train import Task, TrainConfig, inherited
 
 
 DEFAULT_ATTENTION = {"ar": "strided", "bert": "dense"}  # without --attention
@@ -39,7 +44,14 @@ class PretrainConfig(TrainConfig):
     """Pretraining's settings: the loop's, plus the palette, the model and the objective."""
 
     palette: str = option("fit", "fit | openai | PATH to a palette")
-    clusters: int = option(CLUSTERS, "palette size when fitting")
+    clusters: int | None = option(None, f"palette size when fitting (default: a colour per pixel of an image, "
+                                        f"{PALETTE_SIZES[0]} to {PALETTE_SIZES[1]}, at most the data's distinct "
+                                        "colours)")
+    minutes: float | None = inherited(
+        TrainConfig, "minutes", None,
+        f"{TrainConfig.__dataclass_fields__['minutes'].metadata['help']} (default: a minute per "
+        f"{PIXELS_PER_MINUTE:,} training pixels, {BUDGET_MINUTES[0]:g} to {BUDGET_MINUTES[1]:g}, without --steps or "
+        "--epochs)")
     model: str = option("tiny", "preset: " + ", ".join(PRESETS))
     n_layer: int | None = option(None, "override the preset's depth")
     n_embd: int | None = option(None, "override the preset's width")
@@ -58,7 +70,7 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check([(self.clusters > 0, "--clusters must be positive"),
+        check([(self.clusters is None or self.clusters > 0, "--clusters must be positive"),
                (self.sample_every > 0, "--sample-every must be positive")])
 
     def model_config(self, palette_size: int, resolution: int) -> ImageGPTConfig:
@@ -69,6 +81,38 @@ class PretrainConfig(TrainConfig):
                                           objective=self.objective, positions=self.positions,
                                           attention=resolve_attention(self.attention, self.objective),
                                           window_rows=self.window_rows, **shape)
+
+
+LENGTH_FIELDS = ("steps", "epochs", "minutes")  # any one of them given, the run's length is the user's
+
+
+def planned(data: dict, pretrain: dict, resuming: str | Path | None = None) -> tuple[DataConfig, PretrainConfig]:
+    """`igpt train`'s settings: the DataConfig and PretrainConfig fields given (`data`, `pretrain`), and for those
+    not given the data's plan (igpt.plan): the resolution and, without --steps, --epochs or --minutes, a budget in
+    minutes (Pretraining sizes the palette). `resuming`: a run folder to continue, whose recorded resolution,
+    palette size and budget stand in for the plan, so that a run resumes as it began."""
+    cfg = PretrainConfig(**pretrain)  # a bad flag fails before any image is read
+    unsized = all(getattr(cfg, name) is None for name in LENGTH_FIELDS)
+    run = RunInfo.read(resuming) if resuming is not None else RunInfo()
+    if run.kind == "pretrain":
+        recorded = {"clusters": run.config.get("clusters") if cfg.clusters is None else cfg.clusters,
+                    "minutes": run.config.get("minutes") if unsized else cfg.minutes}
+        return DataConfig(**{"resolution": run.data.resolution, **data}), dataclasses.replace(cfg, **recorded)
+    described = DataConfig(**{"resolution": PAPER_RESOLUTION, **data})
+    if "resolution" not in data:
+        described = described.replace(resolution=resolution_for(described))
+    if unsized:
+        cfg = dataclasses.replace(cfg, minutes=size_data(described).budget_minutes)
+    return described, cfg
+
+
+def describe_plan(data: DataConfig, cfg: PretrainConfig, colours: int) -> str:
+    """"digits at 8x8, 17-colour palette, tiny model (4 layers, width 128, 2d positions, strided attention)"."""
+    shape, r = cfg.model_config(colours, data.resolution), data.resolution
+    pattern = "" if shape.is_paper else f", {shape.positions} positions, {shape.attention} attention"
+    layers = f"{shape.n_layer} layer{'s' if shape.n_layer != 1 else ''}"
+    return (f"{Path(data.name).name} at {r}x{r}, {colours}-colour palette, {cfg.model} model ({layers}, width "
+            f"{shape.n_embd}{pattern})")
 
 
 def resolve_palette(cfg: PretrainConfig, data: DataConfig, log) -> Palette:
@@ -93,14 +137,21 @@ class Pretraining(Task):
     kind = "pretrain"
 
     def __init__(self, data: DataConfig, cfg: PretrainConfig):
-        self.data, self.cfg = data, cfg
+        """Without --clusters, a palette to fit gets igpt.plan's size for the training images (which run.json then
+        records, as it records a given one)."""
         cfg.model_config(1, data.resolution)  # a bad preset or override fails before any file
+        if cfg.clusters is None and cfg.palette == "fit":
+            cfg = dataclasses.replace(cfg, clusters=palette_size(data.images("train").images))
+        self.data, self.cfg = data, cfg
 
     def record(self) -> dict:
         """With the attention the model has, so that a run made without --attention resumes with it given."""
         record = super().record()
         record["config"]["attention"] = resolve_attention(self.cfg.attention, self.cfg.objective)
         return record
+
+    def describe(self) -> str:
+        return f"{describe_plan(self.data, self.cfg, self.palette.size)}, {self.cfg.objective} objective"
 
     def prepare(self, folder: RunFolder, resume: bool, world: World, log) -> None:
         cfg, data = self.cfg, self.data

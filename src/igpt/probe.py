@@ -330,10 +330,9 @@ def _features(model, splits: dict[str, LabelledSplit], layers, batch_size, preci
     """{split: {layer: (N, grid * grid * d)}} for every layer in `layers`, one forward pass per batch."""
     bar = None
     if progress:
-        from tqdm import tqdm
+        from igpt.progress import progress_bar
 
-        bar = tqdm(total=sum(len(s.labels) for s in splits.values()), desc=desc, unit="img", dynamic_ncols=True,
-                   leave=False)
+        bar = progress_bar(sum(len(s.labels) for s in splits.values()), desc=desc, unit="img", leave=False)
     try:
         return {name: extract_features(model, split.tokens, layers, batch_size=batch_size, precision=precision, grid=grid,
                                        on_batch=bar.update if bar is not None else None)

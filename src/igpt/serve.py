@@ -111,10 +111,13 @@ class ModelWorker:
     one, and library callers are kept as safe). `close` ends any completion within a row.
     """
 
-    def __init__(self, model, palette, precision: str = "fp32"):
-        self.model, self.palette, self.precision = model.eval(), palette, precision
+    def __init__(self, model, palette, precision: str = "auto"):
+        from igpt.precision import resolve_precision
+
+        self.model, self.palette = model.eval(), palette
         self.side = model.config.side
         self.device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, self.device)
         self._lock = threading.Lock()
         self._closed = threading.Event()
         palette.encode(palette.colors[None, None])  # makes the palette's lookup table before threads share it

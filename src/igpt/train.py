@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from igpt.batches import Batch, Batches, Prefetcher, Stream, seed_of
+from igpt.batches import Batch, Batches, Prefetcher, Stream, process_rows, seed_of
 from igpt.checkpoint import RunFolder
 from igpt.config import check, device_option, differences, option, seed_option
 from igpt.data import DataConfig
@@ -34,7 +34,7 @@ from igpt.errors import IgptError, one_of
 from igpt.migrate import run_record
 from igpt.model import ImageGPT, bert_mask, nll
 from igpt.palette import Palette
-from igpt.precision import PRECISIONS, autocast, precision_option
+from igpt.precision import PRECISIONS, autocast, precision_option, resolve_precision
 from igpt.runrecord import RunInfo
 
 SCHEDULES = ("cosine", "constant")
@@ -45,7 +45,8 @@ BUDGET_SHARE = 0.98  # of what --minutes leaves for the steps: a reserve for wha
 class TrainConfig:
     """The loop's settings, shared by pretraining and fine-tuning (whose configs change some defaults).
 
-    Fields in RUNTIME_FIELDS may change on --resume; the others define the run.
+    Fields in RUNTIME_FIELDS may change on --resume; the others define the run. Given none of steps, epochs and
+    minutes, the loop runs one epoch (`igpt train` gives it minutes from the data: igpt.pretrain.planned).
     """
 
     batch_size: int = option(64, "global batch per optimizer step")
@@ -54,7 +55,7 @@ class TrainConfig:
     schedule: str = option("cosine", "learning rate after the warm-up", choices=SCHEDULES)
     warmup: int | None = option(None, "warm-up steps (default: about one epoch, at most a fifth of the run)")
     steps: int | None = option(None, "optimizer steps (overrides --epochs)")
-    epochs: float | None = option(None, "passes over the training images when --steps is not given (1 if neither is)")
+    epochs: float | None = option(None, "passes over the training images when --steps is not given")
     minutes: float | None = option(None, "wall-clock budget when --steps is not given: as many steps as the loop, "
                                          "timed, fits, and a stop at the deadline (overrides --epochs)")
     grad_clip: float = option(1.0, "clip the gradient norm to this")
@@ -96,7 +97,7 @@ def inherited(cls: type, name: str, default, help: str | None = None):
 
 
 RUNTIME_FIELDS = {"device", "compile", "fsdp", "eval_every", "eval_batches", "save_every", "sample_every",
-                  "skip_bad"}
+                  "skip_bad", "precision"}
 
 
 def learning_rate(step: int, base: float, warmup: int, total: int, schedule: str = "cosine") -> float:
@@ -149,13 +150,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     single-batch mean. `mask` (bert) covers the global batch. Raises NonFiniteLoss before
     the optimizer sees a non-finite gradient.
     """
-    size, n_ctx = batch.tokens.shape
+    size, n_ctx = batch.shape
     counts = (float(mask.sum()) if mask is not None else float(size * n_ctx), float(size))
-    micro = size // grad_accum
-    share = micro // world.size
     sums = torch.zeros(2, dtype=torch.float64)
-    for j in range(grad_accum):
-        rows = slice(j * micro + world.rank * share, j * micro + (world.rank + 1) * share)
+    for j, rows in enumerate(process_rows(size, grad_accum, world)):
         part = batch.rows(rows).to(world.device)
         part_mask = mask[rows].to(world.device) if mask is not None else None
         with no_sync(model, j < grad_accum - 1), autocast(world.device, precision):
@@ -231,6 +229,11 @@ class Task:
         """Every how many steps `after_step` works (besides the last step), for --minutes' sizing; None: never."""
         return None
 
+    def describe(self) -> str:
+        """What is trained, for the line the loop prints before its first step (once `prepare` has run)."""
+        c = self.model.config
+        return f"{self.kind} at {c.side}x{c.side}, {c.vocab_size}-colour palette, {c.n_layer} layers, width {c.n_embd}"
+
     def finish(self, trainer: "Trainer", summary: dict) -> dict:
         """The run's result, once the loop has ended (not on an interruption)."""
         return summary
@@ -249,8 +252,9 @@ class Trainer:
         self.folder = RunFolder(out)
         if resume and self._unsized:  # a sized run resumes with the step count it was given, to end where it would have
             self.config = dataclasses.replace(task.cfg, steps=RunInfo.read(self.folder.path).config.get("steps"))
-        cfg = self.config
-        self.world = init_world(cfg.device)
+        self.world = init_world(self.config.device)
+        self.config = cfg = dataclasses.replace(self.config, precision=resolve_precision(self.config.precision,
+                                                                                          self.world.device))
         on_main(self.world, lambda: self.folder.prepare(
             resume=resume, differences=lambda saved: task.differences(saved, self.record())))
         try:
@@ -261,6 +265,7 @@ class Trainer:
             if cfg.micro_batch % self.world.size:
                 raise IgptError(f"the micro-batch ({cfg.micro_batch} = batch {cfg.batch_size} / accum "
                                 f"{cfg.grad_accum}) must split evenly over {self.world.size} processes")
+            task.batches.keep(process_rows(cfg.batch_size, cfg.grad_accum, self.world))  # read only this share
             self.model = task.model.to(self.world.device)
             self.engine = wrap(self.model, self.world, cfg.fsdp)  # before the optimizer: FSDP swaps in sharded parameters
             self.optimizer = self._new_optimizer()
@@ -272,7 +277,7 @@ class Trainer:
                 load_full_state(self.engine, self.optimizer, state["model"], state["optimizer"])
             self.step_fn = torch.compile(self.engine) if cfg.compile else self.engine
             self.bert = self.model.config.objective == "bert" and task.gen_weight > 0
-            self.cutoff = None
+            self.cutoff = self.estimated_s = None
             if self._unsized and self.start == 0:
                 self._fit_budget()
         except BaseException:
@@ -290,7 +295,7 @@ class Trainer:
     def record(self) -> dict:
         """What run.json says about the run besides its progress: the task's record with this run's step count."""
         record = self.task.record()
-        record["config"]["steps"] = self.config.steps
+        record["config"]["steps"], record["config"]["precision"] = self.config.steps, self.config.precision
         return record
 
     def close(self, finished: bool = True) -> None:
@@ -311,7 +316,7 @@ class Trainer:
             group["lr"] = lr
         mask = None
         if self.bert:
-            mask = bert_mask(tuple(batch.tokens.shape), seed_of(self.config.seed, Stream.BERT_MASK, step))
+            mask = bert_mask(batch.shape, seed_of(self.config.seed, Stream.BERT_MASK, step))
         try:
             return train_step(self.step_fn, self.optimizer, batch, world=self.world, grad_accum=self.config.grad_accum,
                               precision=self.config.precision, grad_clip=self.config.grad_clip,
@@ -358,11 +363,26 @@ class Trainer:
                             f"timing the step took {(time.perf_counter() - self.started) / 60:.1f} minutes): "
                             "give more minutes, or --steps")
         self.cutoff = deadline - step_s - end
+        self.estimated_s = steps * per_step + end
         self.config = dataclasses.replace(cfg, steps=steps)
         self._schedule(steps)
         self.optimizer = self._new_optimizer()  # the timed one has moments (and saving gives any optimizer some)
         self.log(f"--minutes {cfg.minutes:g}: {step_s:.3f} s a step, {validation:.2f} s a validation, {checkpoint:.2f} s "
                  f"a checkpoint, {extra:.2f} s the after-step work: {steps} steps fit the {left / 60:.1f} minutes left")
+
+    def plan_line(self) -> str:
+        """One line before the first step: what is trained, its precision, steps and, when --minutes sized the run,
+        the time they are expected to take."""
+        cfg = self.config
+        if self.estimated_s is None:
+            time_text = "time not estimated (no budget in minutes to time)"
+        elif self.estimated_s < 90:
+            time_text = f"about {self.estimated_s:.0f} s"
+        else:
+            time_text = f"about {self.estimated_s / 60:.1f} minutes"
+        steps = f"{self.total:,}" if self.start == 0 else f"{self.total - self.start:,} of {self.total:,}"
+        precision = resolve_precision(cfg.precision, self.world.device)
+        return f"plan: {self.task.describe()}; {precision}; {steps} steps of batch {cfg.batch_size}, {time_text}"
 
     def _past_cutoff(self) -> bool:
         """Whether --minutes' last moment to begin a step has passed (on any rank, so that all stop together)."""
@@ -426,14 +446,16 @@ class Trainer:
         if self.finished or self.start >= self.total:
             self.log(f"run already complete at step {self.start}")
             return {"step": self.start, f"best_{task.score_name}": self.best}
+        if world.is_main:
+            self.log(self.plan_line())
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
         prefetch = Prefetcher(task.batches, self.start, self.total)
         bar = None
         if world.is_main and self.progress:
-            from tqdm import tqdm
+            from igpt.progress import progress_bar
 
-            bar = tqdm(total=self.total, initial=self.start, desc=task.kind, unit="step", dynamic_ncols=True)
+            bar = progress_bar(self.total, initial=self.start, desc=task.kind, unit="step")
         say = bar.write if bar is not None else self.log
         terms, done, interrupted = {}, self.start, False
         try:
@@ -443,7 +465,7 @@ class Trainer:
                 lr = learning_rate(step, cfg.lr, self.warmup, self.total, cfg.schedule)
                 terms = self._optimizer_step(step, batch, lr)
                 done = step + 1
-                tokens_per_s = batch.tokens.numel() / (time.perf_counter() - t0)
+                tokens_per_s = math.prod(batch.shape) / (time.perf_counter() - t0)
                 if world.is_main:
                     self.folder.log_metrics({"step": done, **terms, "lr": lr, "tokens_per_s": tokens_per_s})
                 if bar is not None:

@@ -12,7 +12,8 @@ layer: their cost falls to O(t x window) and O(t x side).
   window's rows before it under one small mask that every block shares.
 - `blocked_flash`: the same blocks through PyTorch's CPU flash kernel called directly, with a
   backward of its own that writes each gradient once.
-- `band_kernel`: igpt's C++ kernel (band_kernel.py), which reads only each query's window.
+- `band_kernel`: igpt's C++ kernel (band_kernel.py), which reads only each query's window; causal dense
+  layers are the band as wide as the sequence, and columns are causal sequences of their own.
 - `flex`: FlexAttention's block-sparse kernel, with the pattern's own `sees` as its mask.
 
 `choose_backend` is the rule: the first backend in PREFERENCE that runs these inputs.
@@ -197,7 +198,31 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) ->
 
 # ---- the table and the rule -----------------------------------------------------------------------
 def band_kernel_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    return band_kernel.band_attention(q, k, v, pattern.window)
+    if pattern.kind == "column":
+        return column_kernel(q, k, v, pattern.side)
+    return band_kernel.band_attention(q, k, v, pattern.window if pattern.kind == "band" else q.shape[2])
+
+
+def column_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, side: int) -> torch.Tensor:
+    """Columns in the kernel: (B, heads, rows x side, head_dim) seen as B x (side x heads) causal sequences of
+    `rows` positions, one per column and head; the output's layout makes that a view of (B, t, heads, head_dim)."""
+    b, h, t, hd = q.shape
+    rows = t // side
+
+    def columns(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(b, rows, side * h, hd).transpose(1, 2)
+
+    y = band_kernel.band_attention(columns(q), columns(k), columns(v), rows)
+    return y.transpose(1, 2).reshape(b, t, h, hd).transpose(1, 2)
+
+
+def kernel_runs(q: torch.Tensor, pattern: Pattern) -> bool:
+    """Long bands, causal dense layers (one band over the whole sequence) and columns over whole rows: on a CPU
+    the kernel's tiles skip what the mask hides and read no mask (bench/bench_precision.py names the backend
+    each layer gets; bench/band_kernels.py times the kernel against PyTorch's)."""
+    causal_dense = pattern.kind == "dense" and pattern.causal
+    whole_columns = pattern.kind == "column" and q.shape[2] % pattern.side == 0
+    return (is_long_band(q, pattern) or causal_dense or whole_columns) and band_kernel.applies(q)
 
 
 def is_long_band(q: torch.Tensor, pattern: Pattern) -> bool:
@@ -232,7 +257,7 @@ class Backend:
 
 ATTENTION_BACKENDS: dict[str, Backend] = {
     "flex": Backend(flex, lambda q, p: is_long_band(q, p) and flex_band_applies(q)),
-    "band_kernel": Backend(band_kernel_backend, lambda q, p: is_long_band(q, p) and band_kernel.applies(q)),
+    "band_kernel": Backend(band_kernel_backend, kernel_runs),
     "blocked_flash": Backend(blocked_flash, lambda q, p: is_long_band(q, p) and whole_rows_on_cpu(q, p)),
     "blocked": Backend(blocked, is_long_band),
     "sdpa": Backend(sdpa, lambda q, p: not is_long_band(q, p)),

@@ -8,7 +8,9 @@
 // copies are made. Plain C++ with GCC/Clang vector extensions: one source builds for AVX-512,
 // AVX2 or NEON with -march=native; -ffast-math lets the exp loops use glibc's vector expf.
 // Layouts: every tensor is (B, heads, t, head_dim) given by element strides, head_dim contiguous;
-// the log-sum-exp is (B, heads, t), contiguous. Forward and backward are the flash-attention
+// the log-sum-exp is (B, heads, t), contiguous, and float. q, k, v, the output and the gradients are
+// all float or all bfloat16; either way every product and sum runs in float, so bf16 costs only
+// the conversions on load and store (rounded to nearest even). Forward and backward are the flash-attention
 // recurrences on one tile at a time (exact softmax over the tile's keys, no running rescale).
 #include <math.h>
 #include <stdint.h>
@@ -35,6 +37,28 @@ static inline vec load(const float* p) { vec r; memcpy(&r, p, sizeof r); return 
 static inline void store(float* p, vec x) { memcpy(p, &x, sizeof x); }
 static inline vec splat(float x) { return x - (vec){}; }
 
+typedef uint16_t bf16;  // bfloat16's bits: a float's upper half
+typedef uint32_t uvec __attribute__((vector_size(VL * 4)));
+typedef uint16_t hvec __attribute__((vector_size(VL * 2)));
+static inline float widen(float x) { return x; }
+static inline float widen(bf16 x) { uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline vec load(const bf16* p) {
+  hvec h; memcpy(&h, p, sizeof h);
+  uvec u = __builtin_convertvector(h, uvec) << 16;
+  vec r; memcpy(&r, &u, sizeof r); return r;
+}
+static inline uint32_t nearest_bf16(uint32_t u) {  // round to nearest even; NaN stays a (quiet) NaN
+  return (u & 0x7FFFFFFF) > 0x7F800000 ? 0x7FC0 : (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
+}
+static inline void store(bf16* p, vec x) {
+  uvec u; memcpy(&u, &x, sizeof u);
+  uvec nan = (uvec)((u & 0x7FFFFFFF) > 0x7F800000);
+  uvec r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & ~nan) | (nan & 0x7FC0);
+  hvec h = __builtin_convertvector(r, hvec); memcpy(p, &h, sizeof h);
+}
+static inline void put(float* p, float x) { *p = x; }
+static inline void put(bf16* p, float x) { uint32_t u; memcpy(&u, &x, 4); *p = (bf16)nearest_bf16(u); }
+
 // exp of a score minus its row's maximum or log-sum-exp (x <= 0), floored where the result would
 // leave float's normal range: glibc's vector expf hands such lanes to a scalar routine, an order of
 // magnitude slower, and a trained model's sharp attention puts many scores there (the step slowed
@@ -42,19 +66,20 @@ static inline vec splat(float x) { return x - (vec){}; }
 static inline float exp_nonpositive(float x) { return expf(x > -87.f ? x : -87.f); }
 
 // Queries held in registers at once: a tile row of products per query (REGS / 2), or a head_dim
-// accumulator per query (HD / VL registers each).
+// accumulator per query (HD / VL registers each), rounded down to a power of two so groups tile TILE.
 #define ROWS (REGS / 2 < TILE ? REGS / 2 : TILE)
-template <int HD> struct Group { static const int n = (REGS / 2) / (HD / VL) > 0 ? (REGS / 2) / (HD / VL) : 1; };
+static constexpr int power_of_two_below(int n) { return n < 2 ? 1 : 2 * power_of_two_below(n / 2); }
+template <int HD> struct Group { static const int n = power_of_two_below((REGS / 2) / (HD / VL)); };
 
 static inline int64_t first_key(int64_t query, int64_t window) { return query - window + 1 > 0 ? query - window + 1 : 0; }
 static inline int tile_width(int64_t window) { return (int)((window + 2 * TILE - 2) & ~(int64_t)(TILE - 1)); }  // keys a tile can see, rounded up
 
-// x (t rows of HD at stride sx) -> xt (HD rows of tp), zero beyond t so a last partial key tile reads zeros.
-template <int HD>
-static void transpose(const float* x, int64_t sx, int64_t t, int64_t tp, float* xt) {
+// x (t rows of HD at stride sx) -> xt (HD rows of tp) in float, zero beyond t so a last partial key tile reads zeros.
+template <typename T, int HD>
+static void transpose(const T* x, int64_t sx, int64_t t, int64_t tp, float* xt) {
   for (int d = 0; d < HD; d++) {
     float* r = xt + d * tp;
-    for (int64_t j = 0; j < t; j++) r[j] = x[j * sx + d];
+    for (int64_t j = 0; j < t; j++) r[j] = widen(x[j * sx + d]);
     for (int64_t j = t; j < tp; j++) r[j] = 0;
   }
 }
@@ -89,9 +114,9 @@ static inline void accumulate_transposed(const float (*a)[HD], const float* w, i
 }
 
 // out[q0 + i] = factor * sum_j w[i][j] * rows[lo + j] for the tile's queries, each over its own window only.
-template <int HD>
-static inline void weighted_rows(const float* w, int width, const float* rows, int64_t sr, int64_t q0, int nq, int64_t lo,
-                                 int64_t window, float factor, float* out, int64_t so) {
+template <typename T, int HD>
+static inline void weighted_rows(const float* w, int width, const T* rows, int64_t sr, int64_t q0, int nq, int64_t lo,
+                                 int64_t window, float factor, T* out, int64_t so) {
   const int G = Group<HD>::n;
   for (int i0 = 0; i0 < nq; i0 += G) {
     int n = nq - i0 < G ? nq - i0 : G;
@@ -111,25 +136,27 @@ static inline void weighted_rows(const float* w, int width, const float* rows, i
 }
 
 // One tile's queries (scaled) and, in the backward, their output gradients; rows past t are zero.
-template <int HD>
-static inline void load_tile(const float* x, int64_t sx, int64_t q0, int nq, float factor, float (*tile)[HD]) {
+template <typename T, int HD>
+static inline void load_tile(const T* x, int64_t sx, int64_t q0, int nq, float factor, float (*tile)[HD]) {
   for (int i = 0; i < TILE; i++)
-    for (int d = 0; d < HD; d++) tile[i][d] = i < nq ? x[(q0 + i) * sx + d] * factor : 0.f;
+    for (int d = 0; d < HD; d++) tile[i][d] = i < nq ? widen(x[(q0 + i) * sx + d]) * factor : 0.f;
 }
 
-struct Head { const float *q, *k, *v, *o, *dO, *lse; float *out, *lse_out, *dq, *dk, *dv; int64_t sq, sk, sv, so, sdo, sdq, sdk, sdv; };
+template <typename T>
+struct Head { const T *q, *k, *v, *o, *dO; const float* lse; T* out; float* lse_out; T *dq, *dk, *dv;
+              int64_t sq, sk, sv, so, sdo, sdq, sdk, sdv; };
 
-template <int HD>
-static void forward_head(const Head& h, int64_t t, int64_t window, float scale, float* kt, float* p) {
+template <typename T, int HD>
+static void forward_head(const Head<T>& h, int64_t t, int64_t window, float scale, float* kt, float* p) {
   const int64_t tp = t + 2 * TILE;
   const int width = tile_width(window);
-  transpose<HD>(h.k, h.sk, t, tp, kt);
+  transpose<T, HD>(h.k, h.sk, t, tp, kt);
   float qs[TILE][HD];
   for (int64_t q0 = 0; q0 < t; q0 += TILE) {
     int nq = t - q0 < TILE ? (int)(t - q0) : TILE;
     int64_t lo = first_key(q0, window);
     int nk = (int)(q0 + nq - lo);
-    load_tile<HD>(h.q, h.sq, q0, nq, scale, qs);
+    load_tile<T, HD>(h.q, h.sq, q0, nq, scale, qs);
     products<HD>(qs, kt, tp, lo, nk, p, width);
     for (int i = 0; i < nq; i++) {
       float* s = p + i * width;
@@ -145,28 +172,28 @@ static void forward_head(const Head& h, int64_t t, int64_t window, float scale, 
       for (int j = 0; j < nk; j++) s[j] /= sum;
       h.lse_out[q0 + i] = m + logf(sum);
     }
-    weighted_rows<HD>(p, width, h.v, h.sv, q0, nq, lo, window, 1.f, h.out, h.so);
+    weighted_rows<T, HD>(p, width, h.v, h.sv, q0, nq, lo, window, 1.f, h.out, h.so);
   }
 }
 
-template <int HD>
-static void backward_head(const Head& h, int64_t t, int64_t window, float scale, float* work, float* p) {
+template <typename T, int HD>
+static void backward_head(const Head<T>& h, int64_t t, int64_t window, float scale, float* work, float* p) {
   const int64_t tp = t + 2 * TILE;
   const int width = tile_width(window);
   float *kt = work, *vt = kt + HD * tp, *dkt = vt + HD * tp, *dvt = dkt + HD * tp, *dp = p + TILE * width;
-  transpose<HD>(h.k, h.sk, t, tp, kt);
-  transpose<HD>(h.v, h.sv, t, tp, vt);
+  transpose<T, HD>(h.k, h.sk, t, tp, kt);
+  transpose<T, HD>(h.v, h.sv, t, tp, vt);
   memset(dkt, 0, sizeof(float) * 2 * HD * tp);
   float qs[TILE][HD], gs[TILE][HD], D[TILE];
   for (int64_t q0 = 0; q0 < t; q0 += TILE) {
     int nq = t - q0 < TILE ? (int)(t - q0) : TILE;
     int64_t lo = first_key(q0, window);
     int nk = (int)(q0 + nq - lo);
-    load_tile<HD>(h.q, h.sq, q0, nq, scale, qs);
-    load_tile<HD>(h.dO, h.sdo, q0, nq, 1.f, gs);
+    load_tile<T, HD>(h.q, h.sq, q0, nq, scale, qs);
+    load_tile<T, HD>(h.dO, h.sdo, q0, nq, 1.f, gs);
     for (int i = 0; i < TILE; i++) {
       float s = 0.f;
-      for (int d = 0; d < HD; d++) s += i < nq ? gs[i][d] * h.o[(q0 + i) * h.so + d] : 0.f;
+      for (int d = 0; d < HD; d++) s += i < nq ? gs[i][d] * widen(h.o[(q0 + i) * h.so + d]) : 0.f;
       D[i] = s;  // dO . O: the softmax's backward needs it per query
     }
     products<HD>(qs, kt, tp, lo, nk, p, width);
@@ -184,19 +211,19 @@ static void backward_head(const Head& h, int64_t t, int64_t window, float scale,
     }
     accumulate_transposed<HD>(qs, dp, width, lo, nk, dkt, tp);
     accumulate_transposed<HD>(gs, p, width, lo, nk, dvt, tp);
-    weighted_rows<HD>(dp, width, h.k, h.sk, q0, nq, lo, window, scale, h.dq, h.sdq);
+    weighted_rows<T, HD>(dp, width, h.k, h.sk, q0, nq, lo, window, scale, h.dq, h.sdq);
   }
   for (int64_t j = 0; j < t; j++)
     for (int d = 0; d < HD; d++) {
-      h.dk[j * h.sdk + d] = dkt[d * tp + j];
-      h.dv[j * h.sdv + d] = dvt[d * tp + j];
+      put(h.dk + j * h.sdk + d, dkt[d * tp + j]);
+      put(h.dv + j * h.sdv + d, dvt[d * tp + j]);
     }
 }
 
 // Every (batch, head) pair on its own, shared out over torch's OpenMP threads (the same libgomp
 // torch loaded, so the two never compete for the cores).
-template <int HD>
-static int run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t heads, int64_t t, int64_t window,
+template <typename T, int HD>
+static int run(bool backward, Head<T> h, const int64_t* s, int64_t pairs, int64_t heads, int64_t t, int64_t window,
                float scale, int threads) {
   const int64_t tp = t + 2 * TILE;
   int out_of_memory = 0;
@@ -221,16 +248,16 @@ static int run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t h
     for (int64_t bh = 0; bh < pairs; bh++) {
       if (!work) continue;
       int64_t b = bh / heads, n = bh % heads;
-      Head g = h;
+      Head<T> g = h;
       // strides: (batch, head, position) for q, k, v, o, then dO, dq, dk, dv in the backward
       g.q += b * s[0] + n * s[1]; g.k += b * s[3] + n * s[4]; g.v += b * s[6] + n * s[7];
       if (backward) {
         g.o += b * s[9] + n * s[10]; g.dO += b * s[12] + n * s[13]; g.lse += bh * t;
         g.dq += b * s[15] + n * s[16]; g.dk += b * s[18] + n * s[19]; g.dv += b * s[21] + n * s[22];
-        backward_head<HD>(g, t, window, scale, work, p);
+        backward_head<T, HD>(g, t, window, scale, work, p);
       } else {
         g.out += b * s[9] + n * s[10]; g.lse_out += bh * t;
-        forward_head<HD>(g, t, window, scale, work, p);
+        forward_head<T, HD>(g, t, window, scale, work, p);
       }
     }
     free(work);
@@ -241,35 +268,56 @@ static int run(bool backward, Head h, const int64_t* s, int64_t pairs, int64_t h
   return out_of_memory ? 2 : 0;
 }
 
-static int dispatch(bool backward, const Head& h, const int64_t* s, int64_t pairs, int64_t heads, int64_t t,
+template <typename T>
+static int dispatch(bool backward, const Head<T>& h, const int64_t* s, int64_t pairs, int64_t heads, int64_t t,
                     int64_t hd, int64_t window, float scale, int threads) {
   switch (hd) {  // 0: done; 1: no case for this head size; 2: out of memory
-    case 16: return run<16>(backward, h, s, pairs, heads, t, window, scale, threads);
-    case 32: return run<32>(backward, h, s, pairs, heads, t, window, scale, threads);
-    case 64: return run<64>(backward, h, s, pairs, heads, t, window, scale, threads);
-    case 128: return run<128>(backward, h, s, pairs, heads, t, window, scale, threads);
+    case 16: return run<T, 16>(backward, h, s, pairs, heads, t, window, scale, threads);
+    case 32: return run<T, 32>(backward, h, s, pairs, heads, t, window, scale, threads);
+    case 48: return run<T, 48>(backward, h, s, pairs, heads, t, window, scale, threads);
+    case 64: return run<T, 64>(backward, h, s, pairs, heads, t, window, scale, threads);
+    case 96: return run<T, 96>(backward, h, s, pairs, heads, t, window, scale, threads);
+    case 128: return run<T, 128>(backward, h, s, pairs, heads, t, window, scale, threads);
   }
   return 1;
 }
 
-extern "C" {
-// Every one of the pairs = B x heads: out and lse (B, heads, t, contiguous) from q, k, v.
-int band_forward(const float* q, const float* k, const float* v, float* out, float* lse, const int64_t* strides,
-                 int64_t pairs, int64_t heads, int64_t t, int64_t hd, int64_t window, float scale, int threads) {
-  Head h = {};
+template <typename T>
+static int forward_all(const T* q, const T* k, const T* v, T* out, float* lse, const int64_t* strides, int64_t pairs,
+                       int64_t heads, int64_t t, int64_t hd, int64_t window, float scale, int threads) {
+  Head<T> h = {};
   h.q = q; h.k = k; h.v = v; h.out = out; h.lse_out = lse;
   h.sq = strides[2]; h.sk = strides[5]; h.sv = strides[8]; h.so = strides[11];
-  return dispatch(false, h, strides, pairs, heads, t, hd, window, scale, threads);
+  return dispatch<T>(false, h, strides, pairs, heads, t, hd, window, scale, threads);
 }
 
-// Every pair's dq, dk, dv from the forward's q, k, v, out and lse and the output's gradient dO.
-int band_backward(const float* q, const float* k, const float* v, const float* out, const float* lse, const float* dO,
-                  float* dq, float* dk, float* dv, const int64_t* strides, int64_t pairs, int64_t heads, int64_t t,
-                  int64_t hd, int64_t window, float scale, int threads) {
-  Head h = {};
+template <typename T>
+static int backward_all(const T* q, const T* k, const T* v, const T* out, const float* lse, const T* dO, T* dq, T* dk,
+                        T* dv, const int64_t* strides, int64_t pairs, int64_t heads, int64_t t, int64_t hd,
+                        int64_t window, float scale, int threads) {
+  Head<T> h = {};
   h.q = q; h.k = k; h.v = v; h.o = out; h.lse = lse; h.dO = dO; h.dq = dq; h.dk = dk; h.dv = dv;
   h.sq = strides[2]; h.sk = strides[5]; h.sv = strides[8]; h.so = strides[11]; h.sdo = strides[14];
   h.sdq = strides[17]; h.sdk = strides[20]; h.sdv = strides[23];
-  return dispatch(true, h, strides, pairs, heads, t, hd, window, scale, threads);
+  return dispatch<T>(true, h, strides, pairs, heads, t, hd, window, scale, threads);
 }
+
+// The exported pair for element type T: band_forward<suffix> and band_backward<suffix>.
+// forward: every one of the pairs = B x heads, out and lse (B, heads, t, contiguous, float) from q, k, v;
+// backward: every pair's dq, dk, dv from the forward's q, k, v, out and lse and the output's gradient dO.
+#define EXPORT(T, SUFFIX)                                                                                              \
+  int band_forward##SUFFIX(const T* q, const T* k, const T* v, T* out, float* lse, const int64_t* strides,            \
+                           int64_t pairs, int64_t heads, int64_t t, int64_t hd, int64_t window, float scale,          \
+                           int threads) {                                                                             \
+    return forward_all(q, k, v, out, lse, strides, pairs, heads, t, hd, window, scale, threads);                      \
+  }                                                                                                                   \
+  int band_backward##SUFFIX(const T* q, const T* k, const T* v, const T* out, const float* lse, const T* dO, T* dq,    \
+                            T* dk, T* dv, const int64_t* strides, int64_t pairs, int64_t heads, int64_t t, int64_t hd, \
+                            int64_t window, float scale, int threads) {                                               \
+    return backward_all(q, k, v, out, lse, dO, dq, dk, dv, strides, pairs, heads, t, hd, window, scale, threads);      \
+  }
+
+extern "C" {
+EXPORT(float, )
+EXPORT(bf16, _bf16)
 }

@@ -10,7 +10,8 @@ It is built with the machine's C++ compiler ($CXX, else c++) for the machine's o
 (-march=native) into the igpt cache ($IGPT_CACHE, else ~/.cache/igpt), one file per source,
 compiler and CPU, so a later process loads it at once, and called through ctypes inside two
 custom operators (igpt::band_forward, igpt::band_backward), which eager autograd and
-torch.compile both run. It takes float32 with head sizes 16, 32, 64 and 128; where no compiler
+torch.compile both run. It takes float32 or bfloat16 (computing in float either way) with head
+sizes 16, 32, 48, 64, 96 and 128; where no compiler
 works, or with IGPT_BAND_KERNEL=0, `available()` is False and the other backends serve.
 The (batch, head) pairs are shared out over torch's own OpenMP threads: built with -fopenmp, the
 library binds to the libgomp that torch loaded, so no second pool competes for the cores (one of
@@ -22,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -41,13 +43,14 @@ SOURCE = Path(__file__).with_name("band_kernel.cpp")
 # crtfastmath.o, which sets flush-to-zero for the whole process once the library loads.
 COMPILE = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-Wno-psabi")
 LINK = ("-shared", "-fopenmp")
-HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 48, 64, 96, 128)
+DTYPES = (torch.float32, torch.bfloat16)
 log = logging.getLogger(__name__)
 
 
 def applies(q: torch.Tensor) -> bool:
     """Whether band attention over these queries (B, heads, t, head_dim) runs in this kernel."""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] in HEAD_DIMS and available()
+    return q.device.type == "cpu" and q.dtype in DTYPES and q.shape[-1] in HEAD_DIMS and available()
 
 
 @torch.compiler.assume_constant_result  # compiled graphs ask once, at trace time
@@ -68,8 +71,9 @@ def library() -> ctypes.CDLL | None:
         return None
     pointers, longs = [ctypes.c_void_p], [ctypes.c_int64]
     tail = longs * 5 + [ctypes.c_float, ctypes.c_int]  # pairs, heads, t, head_dim, window, scale, threads
-    lib.band_forward.argtypes = pointers * 6 + tail
-    lib.band_backward.argtypes = pointers * 10 + tail
+    for suffix in ("", "_bf16"):
+        getattr(lib, "band_forward" + suffix).argtypes = pointers * 6 + tail
+        getattr(lib, "band_backward" + suffix).argtypes = pointers * 10 + tail
     return lib
 
 
@@ -82,10 +86,13 @@ def load(path: Path) -> ctypes.CDLL:
 
 
 def build() -> Path:
-    """band_kernel.cpp compiled for this machine, from the cache when it was built before.
+    """band_kernel.cpp compiled for this machine, from the cache when it was built before and is intact.
 
     The cache key names the compiler by its file (path, size, time), not by running it: a
-    process that finds the kernel built starts no subprocess.
+    process that finds the kernel built starts no subprocess. Beside each library lies its build
+    record (size and SHA-256): a library that does not match it (truncated by a full disk or an
+    interrupted copy, overwritten) is built again before anything maps it, since loading a damaged
+    one kills the process with a bus error rather than raise.
     """
     name, *options = shlex.split(os.environ.get("CXX") or "c++")  # CXX may be a command: "ccache g++"
     compiler = shutil.which(name)
@@ -95,15 +102,39 @@ def build() -> Path:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *options, str(binary.st_size),
                                      str(binary.st_mtime_ns), *COMPILE, *LINK, cpu_identity()]).encode())
     path = cache_root() / "kernels" / f"band_kernel-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # the cache only ever holds whole files
-            built, objects = Path(scratch) / path.name, Path(scratch) / "band_kernel.o"
-            for command in ([*COMPILE, "-c", str(SOURCE), "-o", str(objects)], [*LINK, str(objects), "-o", str(built)]):
-                subprocess.run([compiler, *options, *command], capture_output=True, text=True, check=True,
-                               timeout=600)
-            os.replace(built, path)
+    if intact(path):
+        return path
+    if path.exists():
+        log.warning("igpt's band kernel %s does not match its build record (a damaged file?); building it again", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # the cache only ever holds whole files
+        built, objects = Path(scratch) / path.name, Path(scratch) / "band_kernel.o"
+        for command in ([*COMPILE, "-c", str(SOURCE), "-o", str(objects)], [*LINK, str(objects), "-o", str(built)]):
+            subprocess.run([compiler, *options, *command], capture_output=True, text=True, check=True, timeout=600)
+        record = Path(scratch) / build_record(path).name
+        record.write_text(json.dumps(fingerprint(built)))
+        os.replace(built, path)
+        os.replace(record, build_record(path))
+    if not intact(path):
+        raise OSError(f"the band kernel built at {path} does not match its build record")
     return path
+
+
+def build_record(library_path: Path) -> Path:
+    return library_path.with_suffix(".json")
+
+
+def fingerprint(library_path: Path) -> dict:
+    data = library_path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def intact(library_path: Path) -> bool:
+    """Whether the library exists and is byte for byte what its build record says was built."""
+    try:
+        return json.loads(build_record(library_path).read_text()) == fingerprint(library_path)
+    except (OSError, ValueError):
+        return False
 
 
 def cpu_identity() -> str:
@@ -116,7 +147,7 @@ def cpu_identity() -> str:
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Band attention of `window` keys over (B, heads, t, head_dim) float32 tensors, in the kernel both ways.
+    """Band attention of `window` keys over (B, heads, t, head_dim) float32 or bfloat16 tensors, in the kernel both ways.
 
     The output comes in the model's (B, t, heads, head_dim) layout, as SDPA's does; the backward
     recomputes the probabilities from the saved log-sum-exp, as flash attention does. Both are
@@ -128,12 +159,12 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> None:
-    """What the kernel reads without asking: one shape, float32, CPU memory, a window within the sequence."""
+    """What the kernel reads without asking: one shape, one of DTYPES, CPU memory, a window within the sequence."""
     if not (q.shape == k.shape == v.shape and q.dim() == 4):
         raise ValueError(f"igpt's band kernel takes q, k and v of one (B, heads, t, head_dim) shape, "
                          f"not {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if any(x.dtype != torch.float32 or x.device.type != "cpu" for x in (q, k, v)):
-        raise ValueError("igpt's band kernel takes float32 tensors on the CPU")
+    if q.dtype not in DTYPES or any(x.dtype != q.dtype or x.device.type != "cpu" for x in (q, k, v)):
+        raise ValueError("igpt's band kernel takes q, k and v on the CPU, all float32 or all bfloat16")
     if not 1 <= window <= max(q.shape[2], 1):
         raise ValueError(f"igpt's band kernel takes a window from 1 to t = {q.shape[2]}, not {window}")
 
@@ -148,7 +179,7 @@ def heads_layout(q: torch.Tensor) -> torch.Tensor:
 def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (unit_stride(x) for x in (q, k, v))
     out, lse = band_forward_shapes(q, k, v, window)  # the checks, and the outputs to fill
-    call(library().band_forward, [q, k, v, out, lse], [q, k, v, out], q.shape, window)
+    call(kernel("band_forward", q), [q, k, v, out, lse], [q, k, v, out], q.shape, window)
     return out, lse
 
 
@@ -156,15 +187,15 @@ def band_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int)
 def band_forward_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The outputs, empty, for tracing and for the kernel to fill: out in the model's layout, the log-sum-exp."""
     check_inputs(q, k, v, window)
-    return heads_layout(q), q.new_empty(q.shape[:3])
+    return heads_layout(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("igpt::band_backward", mutates_args=())
 def band_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad, q, k, v, out = (unit_stride(x) for x in (grad, q, k, v, out))
+    grad, q, k, v, out = (unit_stride(x.to(q.dtype)) for x in (grad, q, k, v, out))
     dq, dk, dv = band_backward_shapes(grad, q, k, v, out, lse, window)
-    call(library().band_backward, [q, k, v, out, lse.contiguous(), grad, dq, dk, dv],
+    call(kernel("band_backward", q), [q, k, v, out, lse.contiguous(), grad, dq, dk, dv],
          [q, k, v, out, grad, dq, dk, dv], q.shape, window)
     return dq, dk, dv
 
@@ -187,6 +218,11 @@ def gradients(ctx, grad: torch.Tensor, lse_grad: None) -> tuple[torch.Tensor, ..
 
 
 band_forward.register_autograd(gradients, setup_context=save_for_backward)
+
+
+def kernel(name: str, like: torch.Tensor):
+    """The kernel's function `name` for `like`'s dtype."""
+    return getattr(library(), name + ("_bf16" if like.dtype == torch.bfloat16 else ""))
 
 
 def unit_stride(x: torch.Tensor) -> torch.Tensor:

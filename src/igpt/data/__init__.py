@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import multiprocessing
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ import numpy as np
 
 from igpt.data import encoded
 from igpt.data.augment import pad_crop_flip, random_resized_crop
-from igpt.data.cache import build_entry, entry_key, read_entry
+from igpt.data.cache import RowBuild, Rows, build_rows, cores, entry_key, read_entry
 from igpt.data.folders import FileSplit, load_path
 from igpt.data.images import decode, fit_to, read_images
 from igpt.data import ilsvrc, imagenet, stl10
@@ -45,7 +45,8 @@ NAMED = {  # --data NAME: its loader, given --data-dir
 DATASETS = tuple(NAMED)
 SPLITS = ("train", "val", "test")
 HOLD_OUT = 0.1
-_PARALLEL_FILES = 2000  # decode in worker processes above this many files
+_PARALLEL_FILES = 200  # a build starts worker processes from this many image files to decode
+_PARALLEL_PIXELS = 1 << 22  # or this many pixels to make from arrays (below, starting them costs more than it saves)
 
 __all__ = ["DATASETS", "DataConfig", "ImageSet", "TokenSet", "fetch", "labelled_splits", "load", "load_tokens",
            "pad_crop_flip", "random_resized_crop", "read_images", "split_option"]
@@ -171,60 +172,162 @@ def _count(native_split) -> int:
     return len(native_split.names) if isinstance(native_split, FileSplit) else len(native_split.images)
 
 
-def _decode_item(job: tuple[str, bytes | Path, int | None, bool]):
-    name, source, resolution, crop = job
-    try:
-        return name, fit_to(decode(source, name), resolution, crop), None
-    except Exception as err:  # reported per file by the parent
-        return name, None, str(err)
+@dataclass
+class _Selection:
+    """The images a split is: rows of a native split, made RGB at a resolution; `key` names their pixel cache."""
+
+    native: Native
+    source: Split | FileSplit
+    rows: np.ndarray
+    note: str
+    resolution: int | None
+    crop: bool
+    skip_bad: bool
+    key: str
+
+    def labels(self, kept: np.ndarray | None = None) -> np.ndarray | None:
+        if self.source.labels is None:
+            return None
+        labels = self.source.labels[self.rows]
+        return labels if kept is None else labels[kept]
 
 
-def _file_images(native_split: FileSplit, rows: list[int], resolution, crop, workers: int):
-    jobs = ((name, source, resolution, crop) for name, source in native_split.read(rows))
-    if workers > 1 and len(rows) > _PARALLEL_FILES and "fork" in multiprocessing.get_all_start_methods():
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            yield from pool.imap(_decode_item, jobs, chunksize=64)
-    else:
-        yield from map(_decode_item, jobs)
+def _select(spec: str, split: str, resolution: int | None, *, data_dir=None, crop=False, skip_bad=False,
+            require_labels=False, seed=0) -> _Selection:
+    if resolution is not None and resolution <= 0:
+        raise IgptError(f"--resolution must be positive, got {resolution}")
+    native = open_source(spec, data_dir)
+    crop = crop or native.crop
+    source, rows, note = _plan(native, split, seed)
+    native_split = native.splits[source]
+    if require_labels and (native_split.labels is None or native.classes is None):
+        raise IgptError(f"{spec} has no labels: put images in class subfolders (class/file or split/class/file)")
+    rows = np.arange(_count(native_split)) if rows is None else rows
+    key = entry_key(identity=native.identity, split=split, resolution=resolution, crop=crop, seed=seed,
+                    skip_bad=skip_bad)
+    return _Selection(native, native_split, rows, note, resolution, crop, skip_bad, key)
 
 
-def _build_pixels(tmp: Path, native_split, rows: np.ndarray, resolution, crop, skip_bad) -> dict:
-    n = len(rows)
-    labels = native_split.labels[rows] if native_split.labels is not None else None
-    if isinstance(native_split, Split):
-        items = ((str(i), fit_to(native_split.images[i], resolution, crop), None) for i in rows)
-    else:
-        items = _file_images(native_split, rows.tolist(), resolution, crop, os.cpu_count() or 1)
-    out, kept, skipped, first_bad = None, [], 0, None
-    for i, (name, image, error) in enumerate(items):
-        if error is None and out is not None and image.shape != out.shape[1:]:
+def _items(selection: _Selection, rows: np.ndarray):
+    """(name, image or None, error or None) for each of `rows`, in order."""
+    if isinstance(selection.source, Split):
+        for i in rows:
+            yield str(i), fit_to(selection.source.images[i], selection.resolution, selection.crop), None
+        return
+    for name, source in selection.source.read(rows.tolist()):
+        try:
+            yield name, fit_to(decode(source, name), selection.resolution, selection.crop), None
+        except Exception as err:  # counted with --skip-bad, else the one line that stops the build
+            yield name, None, str(err)
+
+
+def _refused(error: str) -> IgptError:
+    return IgptError(f"{error} (pass --skip-bad to skip unreadable files)")
+
+
+def _image_shape(selection: _Selection) -> tuple[int, int, int]:
+    """The shape every image of the split takes: R x R, or the first readable image's native size."""
+    if len(selection.rows) == 0:
+        raise IgptError("this split is empty")
+    if selection.resolution is not None:
+        return selection.resolution, selection.resolution, 3
+    first_bad = None
+    for _, image, error in _items(selection, selection.rows):
+        if error is None:
+            return image.shape
+        if not selection.skip_bad:
+            raise _refused(error)
+        first_bad = first_bad or error
+    raise IgptError(f"no readable images in this split ({first_bad})")
+
+
+def _images(selection: _Selection, shape: tuple, start: int, stop: int) -> Rows:
+    """Rows start:stop of the split as images of `shape` (a chunk of a build; runs in a worker process)."""
+    rows = selection.rows[start:stop]
+    out, kept, first_bad = np.empty((len(rows), *shape), np.uint8), np.zeros(len(rows), bool), None
+    for j, (name, image, error) in enumerate(_items(selection, rows)):
+        if error is None and image.shape != shape:
             error = f"image {name} is {image.shape[1]}x{image.shape[0]}, unlike the others: pass --resolution"
         if error is not None:
-            if not skip_bad:
-                raise IgptError(f"{error} (pass --skip-bad to skip unreadable files)")
-            skipped += 1
+            if not selection.skip_bad:
+                raise _refused(error)
             first_bad = first_bad or error
             continue
-        if out is None:
-            out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, *image.shape))
-        out[len(kept)] = image
-        kept.append(i)
-    if out is None:
-        raise IgptError(f"no readable images in this split ({first_bad})" if first_bad else "this split is empty")
-    if len(kept) < n:  # rewrite without the skipped rows' slots
-        out.flush()
-        images = np.load(tmp / "images.npy", mmap_mode="r")[: len(kept)]
-        trimmed = np.lib.format.open_memmap(tmp / "trim.npy", mode="w+", dtype=np.uint8, shape=images.shape)
-        trimmed[:] = images
-        trimmed.flush()
-        del out, images, trimmed
-        os.replace(tmp / "trim.npy", tmp / "images.npy")
-    else:
-        out.flush()
-        del out
-    if labels is not None:
-        np.save(tmp / "labels.npy", labels[kept])
-    return {"skipped": skipped}
+        out[j], kept[j] = image, True
+    return Rows({"images": out if kept.all() else out[kept]}, kept, first_bad)
+
+
+def _workers(selection: _Selection, shape: tuple, encoding: bool) -> int:
+    """Worker processes for a build (0: none): every core once the work is worth starting them, less the one this
+    process encodes on, and no more than the memory holds where the source is read a whole batch file at a time."""
+    decoding = isinstance(selection.source, FileSplit)
+    work = len(selection.rows) * (1 if decoding else math.prod(shape[:2]))
+    if work < (_PARALLEL_FILES if decoding else _PARALLEL_PIXELS):
+        return 0
+    workers = cores() - encoding
+    if _pieces(selection) is not None:
+        workers = min(workers, _available_memory() // max(1, selection.source.images.piece_bytes))
+    return max(0, workers)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as info:
+            return next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _pieces(selection: _Selection) -> list[int] | None:
+    """Where the split's rows cross into another batch file, when the source reads such files whole (its images
+    then say `pieces`, the first row of each file, and `piece_bytes`, the memory a process reading one holds)."""
+    starts = getattr(selection.source.images, "pieces", None) if isinstance(selection.source, Split) else None
+    return None if starts is None else np.searchsorted(selection.rows, starts).tolist()
+
+
+def _row_build(selection: _Selection, shape: tuple, columns: dict, encode: Callable[[dict], dict] | None) -> RowBuild:
+    """The build of one array per image of the split, `encode` turning a chunk's images into the columns."""
+
+    def finish(folder: Path, kept: np.ndarray, first_bad: str | None) -> dict:
+        if not kept.any():
+            raise IgptError(f"no readable images in this split ({first_bad})")
+        labels = selection.labels(kept)
+        if labels is not None:
+            np.save(folder / "labels.npy", labels)
+        return {"skipped": int((~kept).sum()), "resolution": int(shape[0])}
+
+    return RowBuild(len(selection.rows), columns, functools.partial(_images, selection, shape), finish, encode,
+                    pieces=_pieces(selection), workers=_workers(selection, shape, encode is not None))
+
+
+def _build_pixels(selection: _Selection) -> dict:
+    shape = _image_shape(selection)
+    return build_rows("pixels", selection.key, _row_build(selection, shape, {"images": (np.uint8, shape)}, None))
+
+
+def _encoder(palette) -> Callable[[dict], dict]:
+    """A chunk's images as tokens, encoded in the building process (one colour table, filled once)."""
+    return lambda arrays: {"tokens": palette.encode(arrays["images"])}
+
+
+def _build_tokens(selection: _Selection, palette, key: str) -> dict:
+    """Tokens of the split: encoded from its pixel cache where that exists, else decoded (by worker processes when
+    the split is large) and encoded in one pass."""
+    pixels = read_entry("pixels", selection.key)
+    if pixels is None:
+        shape = _image_shape(selection)
+        columns = {"tokens": (np.uint16, (shape[0] * shape[1],))}
+        return build_rows("tokens", key, _row_build(selection, shape, columns, _encoder(palette)))
+    images = pixels["images"]
+
+    def finish(folder: Path, kept: np.ndarray, first_bad: str | None) -> dict:
+        if "labels" in pixels:
+            np.save(folder / "labels.npy", pixels["labels"])
+        return {name: pixels["meta"][name] for name in ("skipped", "resolution")}
+
+    build = RowBuild(len(images), {"tokens": (np.uint16, (images.shape[1] * images.shape[2],))},
+                     lambda start, stop: Rows({"images": np.asarray(images[start:stop])}), finish, _encoder(palette))
+    return build_rows("tokens", key, build)
 
 
 def load(
@@ -240,51 +343,35 @@ def load(
 ) -> ImageSet:
     """One split of a data set at `resolution` (None: native size, which must be uniform).
 
-    Decoded once into the cache ($IGPT_CACHE, default ~/.cache/igpt), memory-mapped after.
+    Decoded once into the cache ($IGPT_CACHE, default ~/.cache/igpt), in chunks, by worker processes on every
+    core when the split is large; a build that was killed resumes at its next chunk. Memory-mapped after.
     """
-    if resolution is not None and resolution <= 0:
-        raise IgptError(f"--resolution must be positive, got {resolution}")
-    native = open_source(spec, data_dir)
-    crop = crop or native.crop
-    source, rows, note = _plan(native, split, seed)
-    native_split = native.splits[source]
-    rows = np.arange(_count(native_split)) if rows is None else rows
-    key = entry_key(identity=native.identity, split=split, resolution=resolution, crop=crop, seed=seed,
-                    skip_bad=skip_bad)
-    entry = read_entry("pixels", key) or build_entry(
-        "pixels", key, lambda tmp: _build_pixels(tmp, native_split, rows, resolution, crop, skip_bad)
-    )
+    selection = _select(spec, split, resolution, data_dir=data_dir, crop=crop, skip_bad=skip_bad,
+                        require_labels=require_labels, seed=seed)
+    entry = read_entry("pixels", selection.key) or _build_pixels(selection)
     labels = entry.get("labels")
-    if require_labels and (labels is None or native.classes is None):
-        raise IgptError(f"{spec} has no labels: put images in class subfolders (class/file or split/class/file)")
     images = entry["images"]
     return ImageSet(
-        images=images, labels=None if labels is None else np.asarray(labels), classes=native.classes,
-        name=_display_name(spec), split=split, resolution=images.shape[1], skipped=entry["meta"]["skipped"], note=note,
+        images=images, labels=None if labels is None else np.asarray(labels), classes=selection.native.classes,
+        name=_display_name(spec), split=split, resolution=images.shape[1], skipped=entry["meta"]["skipped"],
+        note=selection.note,
     )
 
 
 def load_tokens(spec: str, split: str, resolution: int | None, palette, **kwargs) -> TokenSet:
-    """A split encoded through `palette`: uint16 tokens (N, R*R), cached per palette. An encoded release read with
-    its own palette at its own size gives its colour ids as they are."""
+    """A split encoded through `palette`: uint16 tokens (N, R*R), cached per palette, built as `load` builds pixels
+    (from the split's pixel cache where that exists, else decoded and encoded in one pass, no pixels kept). An
+    encoded release read with its own palette at its own size gives its colour ids as they are."""
     released = encoded.find(spec) if spec not in NAMED else None
     if released is not None and resolution == released.side and palette.hash == _released_palette_hash():
         return _released_tokens(spec, released, split, palette, kwargs.get("seed", 0),
                                 kwargs.get("require_labels", False))
-    images = load(spec, split, resolution, **kwargs)
-    key = entry_key(pixels=str(Path(images.images.filename).parent.name), palette=palette.hash)
-
-    def build(tmp: Path) -> dict:
-        n, r = len(images), images.resolution
-        out = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.uint16, shape=(n, r * r))
-        step = max(1, (1 << 22) // (r * r))
-        for start in range(0, n, step):
-            out[start : start + step] = palette.encode(np.asarray(images.images[start : start + step]))
-        out.flush()
-        return {}
-
-    entry = read_entry("tokens", key) or build_entry("tokens", key, build)
-    return TokenSet(entry["tokens"], images.labels, images.classes, images.resolution, palette.hash, lambda: images)
+    selection = _select(spec, split, resolution, **kwargs)
+    key = entry_key(pixels=selection.key, palette=palette.hash)
+    entry = read_entry("tokens", key) or _build_tokens(selection, palette, key)
+    labels = entry.get("labels")
+    return TokenSet(entry["tokens"], None if labels is None else np.asarray(labels), selection.native.classes,
+                    entry["meta"]["resolution"], palette.hash, lambda: load(spec, split, resolution, **kwargs))
 
 
 @functools.cache
@@ -304,20 +391,16 @@ def _released_tokens(spec: str, released: encoded.EncodedSet, split: str, palett
     rows = np.arange(len(ids)) if rows is None else rows
     if require_labels and labels is None:
         raise IgptError(f"{spec} has no labels for its {split} split ({released.name}_*Y.npy)")
+
+    def compute(start: int, stop: int) -> Rows:
+        chunk = np.asarray(ids[rows[start:stop]])
+        if chunk.size and (chunk.min() < 0 or chunk.max() >= palette.size):
+            raise IgptError(f"{spec}: colour ids outside 0..{palette.size - 1}: not encoded in the released palette")
+        return Rows({"tokens": chunk.astype(np.uint16)})
+
     key = entry_key(identity=released.identity, split=split, seed=seed)
-
-    def build(tmp: Path) -> dict:
-        out = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.uint16, shape=(len(rows), ids.shape[1]))
-        step = max(1, (1 << 22) // ids.shape[1])
-        for start in range(0, len(rows), step):
-            chunk = np.asarray(ids[rows[start : start + step]])
-            if chunk.size and (chunk.min() < 0 or chunk.max() >= palette.size):
-                raise IgptError(f"{spec}: colour ids outside 0..{palette.size - 1}: not encoded in the released palette")
-            out[start : start + step] = chunk
-        out.flush()
-        return {}
-
-    entry = read_entry("tokens", key) or build_entry("tokens", key, build)
+    build = RowBuild(len(rows), {"tokens": (np.uint16, (ids.shape[1],))}, compute, lambda *_: {})
+    entry = read_entry("tokens", key) or build_rows("tokens", key, build)
     return TokenSet(entry["tokens"], None if labels is None else labels[rows], released.classes, released.side,
                     palette.hash, lambda: load(spec, split, released.side, seed=seed))
 

@@ -111,6 +111,8 @@ def load_tar(path: Path) -> Native:
                     while done < len(indices) and indices[done] in found:
                         yield paths[indices[done]], found.pop(indices[done])
                         done += 1
+                    if done == len(indices):  # a build reads a chunk at a time: stop at its last member
+                        break
         except (tarfile.TarError, OSError, EOFError) as err:
             raise IgptError(f"{path} is damaged ({err}); re-download it") from None
         if done < len(indices):

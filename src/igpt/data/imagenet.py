@@ -11,14 +11,17 @@ ImageNet's test labels are not public and the paper reports on the validation se
 is therefore the seeded hold-out of train. The files carry no class names, so each class is named
 by the label the files give it ("1".."1000").
 
-A split of imagenet64 is larger than memory: its images are a lazy sequence that keeps one batch
-file decoded at a time. Labels and batch sizes are read once and kept in the cache beside the
-pixels (a pickled batch must be read whole to find them).
+A split of imagenet64 is larger than memory: its images are a lazy sequence that memory-maps an
+uncompressed .npz and otherwise keeps one batch file decoded at a time. Labels and batch sizes are
+read once and kept in the cache beside the pixels (a pickled batch must be read whole to find them).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import operator
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -46,9 +49,11 @@ def load_imagenet(side: int, data_dir: Path | None) -> Native:
 
 
 class BatchImages:
-    """The images of a split's batch files, (s, s, 3) uint8 each, decoded one file at a time.
+    """The images of a split's batch files, (s, s, 3) uint8 each, one file at a time.
 
-    Rows are read in order, so each file is decoded once; only the current one is held.
+    An uncompressed .npz (what np.savez writes) is memory-mapped, so any row is read alone. A pickled batch or a
+    compressed .npz is decoded whole; `pieces` then says where each file starts, so that a build reads such a
+    file in one piece, and rows read in order decode each file once. Only the current file is held.
     """
 
     def __init__(self, paths: list[Path], counts, side: int):
@@ -58,6 +63,18 @@ class BatchImages:
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    @functools.cached_property
+    def pieces(self) -> list[int] | None:
+        """The first row of each file where some file must be decoded whole; None where every one is mapped."""
+        if all(_mapped_field(path, "data") is not None for path in self.paths):
+            return None
+        return self.starts[:-1].tolist()
+
+    @property
+    def piece_bytes(self) -> int:
+        """The memory a process reading the largest piece holds: the file's bytes, its images, and them made over."""
+        return 3 * int(np.diff(self.starts).max(initial=0)) * 3 * self.side * self.side
 
     def __getitem__(self, i) -> np.ndarray:
         i = operator.index(i)
@@ -115,9 +132,37 @@ def _batch_labels(path: Path) -> np.ndarray:
     return labels.astype(np.int64) - 1
 
 
+def _mapped_field(path: Path, name: str) -> np.ndarray | None:
+    """A field of an uncompressed .npz memory-mapped where it lies in the zip file, or None where it cannot be."""
+    if path.suffix != ".npz":
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = archive.getinfo(f"{name}.npy")
+        if member.compress_type != zipfile.ZIP_STORED or member.flag_bits & 0x1:
+            return None
+        with open(path, "rb") as f:
+            f.seek(member.header_offset)
+            header = f.read(30)
+            if header[:4] != b"PK\x03\x04":
+                return None
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            f.seek(member.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(f)
+            npy = np.lib.format
+            shape, fortran, dtype = (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(f)
+            offset = f.tell()
+        if dtype.hasobject or offset + dtype.itemsize * math.prod(shape) > path.stat().st_size:
+            return None
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    except (KeyError, OSError, ValueError, struct.error, zipfile.BadZipFile):
+        return None  # read the ordinary way, which names what is wrong
+
+
 def _batch_planes(path: Path, side: int, count: int) -> np.ndarray:
     """A batch's images as (N, 3, s, s): R, G and B planes, each row-major."""
-    data = _field(path, "data")
+    data = _mapped_field(path, "data")
+    data = _field(path, "data") if data is None else data
     width = 3 * side * side
     if data.ndim != 2 or data.shape[1] != width or data.dtype != np.uint8:
         found = f"{data.dtype} {data.shape}"
