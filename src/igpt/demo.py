@@ -44,7 +44,7 @@ TRAIN_SHARE = 0.6  # of the budget; the rest is palette, evaluation, sampling, p
 # share of the pretraining on the learning curve on any machine (the Trainer's sizing counts it).
 EVAL_EVERY = 50
 EVAL_BATCHES = 16
-PRETRAIN_FLAGS = ("device", "seed", "positions", "attention", "window_rows")  # PretrainConfig's, on `igpt demo`
+PRETRAIN_FLAGS = ("device", "seed", "precision", "positions", "attention", "window_rows")  # PretrainConfig's, on `igpt demo`
 
 
 @dataclass
