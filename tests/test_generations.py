@@ -67,7 +67,7 @@ def test_completion_from_python_matches_the_command(tiny_run, photos, tmp_path):
     images, _ = read_images([photos / "wide.png", photos / "deep.png"], model.config.side)
     rows = completion_rows(model, palette, images, keep_rows=3, samples=2, generator=torch.Generator().manual_seed(0))
     main(["complete", "--ckpt", str(tiny_run), str(photos / "wide.png"), str(photos / "deep.png"), "--keep-rows", "3",
-          "--samples", "2", "--seed", "0", "--device", "cpu", "--out", str(tmp_path / "g.png")])
+          "--samples", "2", "--seed", "0", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "g.png")])
     np.testing.assert_array_equal(rows, np.load(tmp_path / "g.npy"))
 
 

@@ -74,7 +74,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_run, tmp_pat
     full = step_losses(tiny_run)
     args = ["train", "--data", "digits", "--resolution", "8", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
             "--batch-size", "32", "--steps", "12", "--eval-every", "6", "--save-every", "4", "--sample-every", "12",
-            "--eval-batches", "2", *PAPER_FLAGS, "--out", str(tmp_path / "cut")]
+            "--eval-batches", "2", "--precision", "fp32", *PAPER_FLAGS, "--out", str(tmp_path / "cut")]
     killed = subprocess.run([sys.executable, "-c", KILLED_AT_STEP_10, *args], capture_output=True, env=os.environ)
     assert killed.returncode == -9
     assert RunFolder(tmp_path / "cut").saved_step() == 8
