@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import KILLED_AT_STEP_10, PAPER_FLAGS, pretraining
 from conftest import train as train_into
 from igpt import IgptError
+from igpt.precision import bf16_native
 from igpt.batches import Batches
 from igpt.checkpoint import RunFolder, load_run
 from igpt.pretrain import PretrainConfig
@@ -318,7 +319,7 @@ def test_precision_is_chosen_for_the_hardware_and_said(tmp_path, capsys, monkeyp
     assert capsys.readouterr().err.strip().splitlines()[-1] == "igpt: precision: bf16 (auto: this CPU runs bf16 natively)"
 
 
-@pytest.mark.skipif(not __import__("igpt.precision").precision.bf16_native(torch.device("cpu")),
+@pytest.mark.skipif(not bf16_native(torch.device("cpu")),
                     reason="bf16 is emulated on this CPU, far slower than fp32")
 def test_a_bf16_run_follows_the_fp32_runs_loss_curve(tmp_path):
     """The same run in bf16 autocast and in fp32. bf16 rounds each matrix product's inputs to 8 significant bits

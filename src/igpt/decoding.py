@@ -161,24 +161,17 @@ def _attend_cached(cache: KVCache, i: int, q: torch.Tensor, k: torch.Tensor, v: 
     return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
 
 
-def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A step's attention, one query per row and head, as two batched products and a softmax.
-
-    On a CPU, SDPA takes its flash kernel even for one query, and its set-up outweighs the work, far
-    more so in bf16 (bench/bench_sample.py times the step).
-    """
+def step_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A step's attention, one query per row and head: SDPA on GPUs; on CPUs two batched products and a
+    softmax, since SDPA takes its flash kernel even for one query there and its set-up outweighs the work,
+    far more so in bf16 (bench/bench_sample.py times the step)."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(-1), values)
-
-
-def step_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
-    if q.device.type == "cpu":
-        return one_query_attention(q, keys, values, mask)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def static_step(model: ImageGPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
