@@ -21,14 +21,16 @@ TINY_RUN = dict(batch_size=32, steps=12, lr=3e-3, eval_every=6, save_every=4, sa
 
 @pytest.fixture(scope="session", autouse=True)
 def igpt_cache(tmp_path_factory):
-    """The session's cache, with igpt's attention kernel built into it first: a test that points IGPT_CACHE
-    elsewhere for its data then finds the kernel loaded, and subprocesses find it built."""
-    from igpt.attention import band_kernel
+    """The session's cache, with igpt's kernels built into it first: a test that points IGPT_CACHE elsewhere for
+    its data then finds them loaded, and subprocesses find them built."""
+    import igpt.decoding  # noqa: F401  (defines the decode kernel; the band kernel comes with it)
+    from igpt.kernels import KERNELS
 
     with pytest.MonkeyPatch.context() as patch:
         cache = tmp_path_factory.mktemp("igpt-cache")
         patch.setenv("IGPT_CACHE", str(cache))
-        band_kernel.library()
+        for kernel in KERNELS:
+            kernel.library()
         yield cache
 
 
@@ -52,6 +54,20 @@ def train(out, resume: bool = False, **changes):
 
     Trainer(pretraining(**changes), out, resume=resume, log=lambda *_: None, progress=False).run()
     return out
+
+
+STEPS = ("eager", "kernel", "static")  # Decoder's one-pixel steps on a CPU (the compiled one: test_cuda.py)
+
+
+def step_decoder(model, batch: int, step: str):
+    """A Decoder whose one-pixel steps take `step`'s form; the kernel's skip where no C++ compiler builds it."""
+    from igpt.decoding import KERNEL, Decoder
+
+    if step == "kernel" and not KERNEL.available():
+        pytest.skip("no C++ compiler builds igpt's decode kernel here")
+    decoder = Decoder(model, batch, static=step == "static", kernel=step == "kernel")
+    assert (decoder.kernel_step is not None) == (step == "kernel")
+    return decoder
 
 
 def random_model(objective: str = "ar", **changes):

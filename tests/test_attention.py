@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
-from conftest import PAPER, TINY_RUN, qkv_outputs_and_gradients, random_model
+from conftest import PAPER, STEPS, TINY_RUN, qkv_outputs_and_gradients, random_model, step_decoder
 from igpt import IgptError
 from igpt.attention import band_kernel
 from igpt.attention import backends as model_module
@@ -93,20 +93,20 @@ def test_two_d_positions_are_a_row_vector_plus_a_column_vector():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("positions, attention", COMBINATIONS)
-def test_cached_decoding_equals_the_full_forward_at_every_position(positions, attention, static):
+def test_cached_decoding_equals_the_full_forward_at_every_position(positions, attention, step):
     model = random_model(positions=positions, attention=attention, window_rows=1)
     tokens = torch.randint(0, VOCAB, (3, SIDE * SIDE), generator=torch.Generator().manual_seed(1))
     full = model(tokens)
     for prefix in (0, 1, 7):
-        decoder = Decoder(model, 3, static=static)
+        decoder = step_decoder(model, 3, step)
         logits = decoder.feed(tokens[:, :prefix] if prefix else None)
         torch.testing.assert_close(logits, full[:, prefix], atol=1e-4, rtol=0)
         for i in range(prefix, SIDE * SIDE - 1):
             logits = decoder.feed(tokens[:, i : i + 1])
             torch.testing.assert_close(logits, full[:, i + 1], atol=1e-4, rtol=0)
-    decoder = Decoder(model, 3, static=static)
+    decoder = step_decoder(model, 3, step)
     decoder.feed(tokens[:, :4])
     torch.testing.assert_close(decoder.feed(tokens[:, 4:12]), full[:, 12], atol=1e-4, rtol=0)  # a chunk after context
     assert decoder.cache.pos == 13
@@ -327,7 +327,7 @@ def test_a_decoding_step_reads_only_what_its_pattern_reads(static):
     tokens = torch.randint(0, VOCAB, (batch, n))
     flops = {}
     for attention in ("dense", "local", "strided"):
-        decoder = Decoder(ImageGPT(ImageGPTConfig(**config, attention=attention)), batch, static=static)
+        decoder = Decoder(ImageGPT(ImageGPTConfig(**config, attention=attention)), batch, static=static, kernel=False)
         decoder.feed(tokens[:, : n - 2])
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             decoder.feed(tokens[:, n - 2 : n - 1])

@@ -3,7 +3,6 @@ in float32 and bfloat16, chosen by band_attention on a CPU, built once into the 
 PyTorch's kernels wherever it cannot be built."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +14,6 @@ from igpt.attention import band_attention
 from igpt.model import ImageGPT, ImageGPTConfig
 
 needs_kernel = pytest.mark.skipif(not band_kernel.available(), reason="no C++ compiler builds igpt's band kernel here")
-
-
-@pytest.fixture
-def fresh_library():
-    """library() looked up again under the test's environment, and again after it."""
-    band_kernel.library.cache_clear()
-    yield
-    band_kernel.library.cache_clear()
 
 
 def from_the_kernel(out: torch.Tensor) -> bool:
@@ -172,95 +163,6 @@ def test_a_training_step_is_the_same_with_and_without_the_kernel(attention, monk
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
-def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch, fresh_library):
-    monkeypatch.setenv("IGPT_CACHE", str(tmp_path))
-    try:
-        path = band_kernel.build()
-    except (OSError, band_kernel.subprocess.SubprocessError):
-        pytest.skip("no C++ compiler here")
-    record = band_kernel.build_record(path)
-    assert path.parent == tmp_path / "kernels" and sorted(path.parent.iterdir()) == sorted([path, record])
-    built = path.stat().st_mtime_ns
-    assert band_kernel.build() == path and path.stat().st_mtime_ns == built
-    assert band_kernel.available()
-
-
-@pytest.fixture
-def cache_with_a_built_kernel(tmp_path, monkeypatch, fresh_library):
-    """An igpt cache holding this machine's kernel, and a compiler stand-in that "builds" it again by copying
-    it (the tests of what happens around a build need no minute of compiling)."""
-    if not band_kernel.available():
-        pytest.skip("no C++ compiler builds igpt's band kernel here")
-    good = band_kernel.build()
-    monkeypatch.setenv("IGPT_CACHE", str(tmp_path))
-    path = tmp_path / "kernels" / good.name
-    path.parent.mkdir()
-    path.write_bytes(good.read_bytes())
-    band_kernel.build_record(path).write_text(band_kernel.build_record(good).read_text())
-    builds = []
-
-    def compiler(command, **kwargs):
-        builds.append(command)
-        Path(command[-1]).write_bytes(good.read_bytes())
-
-    monkeypatch.setattr(band_kernel.subprocess, "run", compiler)
-    band_kernel.library.cache_clear()
-    return path, builds
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "no record"])
-def test_a_damaged_kernel_is_built_again_never_loaded(damage, cache_with_a_built_kernel, caplog):
-    """A library cut short (a full disk, an interrupted copy) or overwritten would kill the process with a
-    bus error when mapped: it fails its build record, is built again with one log line, and runs."""
-    path, builds = cache_with_a_built_kernel
-    assert band_kernel.build() == path and not builds  # intact: loaded as it is
-    whole = path.read_bytes()
-    if damage == "truncated":
-        path.write_bytes(whole[: len(whole) // 2])
-    elif damage == "garbage":
-        path.write_bytes(bytes(range(256)) * (len(whole) // 256))
-    else:
-        band_kernel.build_record(path).unlink()
-    assert not band_kernel.intact(path)
-    with caplog.at_level("WARNING", logger=band_kernel.log.name):
-        assert band_kernel.available()
-    assert len(builds) == 2 and band_kernel.intact(path) and path.read_bytes() == whole
-    assert len([r for r in caplog.records if "does not match its build record" in r.message]) == 1
-    q = torch.randn(1, 2, 40, 16)
-    torch.testing.assert_close(band_kernel.band_attention(q, q, q, 8), masked_dense(q, q, q, 8), atol=1e-5, rtol=1e-5)
-
-
-def test_a_damaged_kernel_that_cannot_be_rebuilt_falls_back(cache_with_a_built_kernel, monkeypatch):
-    """With no compiler to build it again, a damaged library is never mapped and PyTorch's kernels serve."""
-    path, _ = cache_with_a_built_kernel
-    path.write_bytes(path.read_bytes()[:1000])
-
-    def failing(command, **kwargs):
-        raise band_kernel.subprocess.CalledProcessError(1, command, stderr="the compiler is gone")
-
-    monkeypatch.setattr(band_kernel.subprocess, "run", failing)
-    assert not band_kernel.available()
-    q = torch.randn(1, 2, 40, 16)
-    out = band_attention(q, q, q, 16, 8)
-    assert out.grad_fn is None or not from_the_kernel(out)
-    torch.testing.assert_close(out, masked_dense(q, q, q, 16), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("environment", [{"CXX": "false"}, {"IGPT_BAND_KERNEL": "0"}], ids=["no compiler", "disabled"])
-def test_without_the_kernel_band_attention_keeps_pytorchs(environment, tmp_path, monkeypatch, fresh_library):
-    """A compiler that fails (or IGPT_BAND_KERNEL=0) leaves the blocked path, with the same results,
-    and nothing half-built in the cache."""
-    monkeypatch.setenv("IGPT_CACHE", str(tmp_path))
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    assert not band_kernel.available()
-    q, k, v = (torch.randn(2, 2, 64, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out = band_attention(*(x.float() for x in (q, k, v)), 16, 8)
-    assert not from_the_kernel(out)
-    torch.testing.assert_close(out.double(), masked_dense(q, k, v, 16), atol=1e-5, rtol=1e-5)
-    assert not any(p.is_file() for p in tmp_path.rglob("*"))
-
-
 @needs_kernel
 @pytest.mark.slow
 def test_compiled_training_runs_the_kernel_and_equals_eager(monkeypatch):
@@ -275,18 +177,11 @@ def test_compiled_training_runs_the_kernel_and_equals_eager(monkeypatch):
     torch._dynamo.reset()
     loss = torch.compile(model.loss, fullgraph=True)(tokens)
     loss.backward()
-    assert calls == [band_kernel.library().band_forward] * 2 + [band_kernel.library().band_backward] * 2
+    library = band_kernel.KERNEL.library()
+    assert calls == [library.band_forward] * 2 + [library.band_backward] * 2
     torch.testing.assert_close(loss, eager.loss(tokens), atol=1e-5, rtol=0)
     for ours, theirs in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-4)
-
-
-@needs_kernel
-def test_loading_the_kernel_leaves_the_process_floating_point_alone():
-    """-ffast-math on GCC 12's link line adds crtfastmath.o, which turns on flush-to-zero for the
-    whole process when the library loads: the kernel is compiled with it and linked without."""
-    band_kernel.library()
-    assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # a subnormal survives
 
 
 @needs_kernel

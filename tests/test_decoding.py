@@ -3,26 +3,26 @@
 import pytest
 import torch
 
-from conftest import random_model
+from conftest import STEPS, random_model, step_decoder
 from igpt import IgptError
 from igpt.decoding import Decoder
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_cached_decoding_equals_the_full_forward_at_every_position(bias, static):
+def test_cached_decoding_equals_the_full_forward_at_every_position(bias, step):
     model = random_model(bias=bias)
     tokens = torch.randint(0, 13, (3, 25), generator=torch.Generator().manual_seed(1))
     full = model(tokens)
     for prefix in (0, 1, 7):
-        decoder = Decoder(model, 3, static=static)
+        decoder = step_decoder(model, 3, step)
         logits = decoder.feed(tokens[:, :prefix] if prefix else None)
         torch.testing.assert_close(logits, full[:, prefix], atol=1e-4, rtol=0)
         for i in range(prefix, 24):
             logits = decoder.feed(tokens[:, i : i + 1])
             torch.testing.assert_close(logits, full[:, i + 1], atol=1e-4, rtol=0)
-        assert decoder.cache.pos == 25 and (not static or int(decoder.cache.index) == 25)
+        assert decoder.cache.pos == 25 and (step != "static" or int(decoder.cache.index) == 25)
     with pytest.raises(IgptError, match="past the context"):
         decoder.feed(tokens[:, :1])
 
@@ -36,14 +36,20 @@ def test_chunked_step_after_context_is_causal_within_the_chunk():
     torch.testing.assert_close(decoder.feed(tokens[:, 4:9]), full[:, 9], atol=1e-4, rtol=0)
 
 
-def test_one_token_step_costs_a_context_share_of_a_full_forward():
+def test_one_token_step_costs_a_context_share_of_a_full_forward(monkeypatch):
+    """Counted by PyTorch, so every attention as products it counts: the full forward in SDPA's math kernel
+    (neither its CPU flash kernel nor igpt's kernels are counted), the step eager."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    from igpt.attention import band_kernel
+
+    monkeypatch.setattr(band_kernel, "applies", lambda q: False)
     model = random_model()
     tokens = torch.randint(0, 13, (1, 25))
-    with FlopCounterMode(display=False) as full:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as full:
         model(tokens)
-    decoder = Decoder(model, 1)
+    decoder = Decoder(model, 1, kernel=False)
     decoder.feed(tokens[:, :23])
     with FlopCounterMode(display=False) as last:
         decoder.feed(tokens[:, 23:24])
@@ -66,3 +72,33 @@ def test_cache_follows_autocast_and_cached_decoding_runs_in_bf16():
 def test_bert_models_have_no_incremental_decoding():
     with pytest.raises(IgptError, match="autoregressive"):
         Decoder(random_model("bert"), 1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("attention", ["dense", "local", "strided"])
+@pytest.mark.parametrize("rows, vocab, heads", [(1, 13, 4), (9, 40, 2), (17, 512, 8)])
+def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, heads):
+    """decode_kernel.cpp against the eager step on the same cache, every pattern, fp32 and bf16: batch sizes on
+    both sides of the rows it holds in registers, vocabularies that are and are not whole vectors. In bf16 the
+    kernel computes in float from bf16 weights and keys, the eager step rounds every product to bf16."""
+    model = random_model(attention=attention, positions="2d", window_rows=1, vocab_size=vocab, n_head=heads,
+                         bias=True)
+    tokens = torch.randint(0, vocab, (rows, 25), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = {}
+        for step in ("eager", "kernel"):
+            decoder = step_decoder(model, rows, step)
+            logits[step] = [decoder.feed(tokens[:, :3])] + [decoder.feed(tokens[:, i : i + 1]) for i in range(3, 24)]
+            assert decoder.cache.k[0].dtype == dtype
+    ours, theirs = (torch.stack(logits[step]).float() for step in ("kernel", "eager"))
+    tolerance = 1e-5 if dtype == torch.float32 else 0.03 * theirs.abs().max().item()
+    torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=0)
+
+
+def test_the_kernel_step_refuses_a_token_outside_the_vocabulary():
+    model = random_model()
+    decoder = step_decoder(model, 2, "kernel")
+    decoder.feed(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(IgptError, match="outside the vocabulary of 13"):
+        decoder.feed(torch.tensor([[1], [13]]))

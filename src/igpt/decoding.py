@@ -8,9 +8,11 @@ step at a small batch is a chain of tiny operations whose number, not their arit
 its pace, and folding the norm gains and GELU's scale into the matrices removes a third of
 them. tests/test_attention.py::test_cached_decoding_equals_the_full_forward_at_every_position
 holds every pattern's steps equal to the model's forward, and this is the only other place
-the block's forward is written. Two forms of the one-pixel step exist:
+the block's forward is written. Three forms of the one-pixel step exist:
 
-- eager: attention over the pixels so far only (half the work on average; fastest on CPUs);
+- eager: attention over the pixels so far only (half the work on average);
+- kernel: the eager step's arithmetic in one call to decode_kernel.cpp (`KernelStep`), the
+  whole step outside the Python dispatcher: what CPUs run where a C++ compiler works;
 - static: attention over the whole cache under a position mask, so every step has the same
   shapes and `torch.compile` (CUDA graphs on GPUs) captures one graph for the whole image.
 
@@ -24,14 +26,18 @@ The cache owns its position; only `KVCache.advance` moves it.
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from igpt.attention import attend, layer_pattern
+from igpt.attention.patterns import KINDS
 from igpt.errors import IgptError
+from igpt.kernels import Kernel
 from igpt.model import ImageGPT
 from igpt.ops import QUICK_GELU
 
@@ -196,17 +202,69 @@ def _compiled_static_step(model: ImageGPT):
     return _COMPILED[model]
 
 
+_STEP_ARGUMENTS = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_float]
+                   + [ctypes.c_void_p] * 5 + [ctypes.c_int])  # see decode_kernel.cpp's step
+KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
+                {"decode_step": _STEP_ARGUMENTS, "decode_step_bf16": _STEP_ARGUMENTS})
+
+
+class KernelStep:
+    """The one-pixel step as one call to decode_kernel.cpp: the eager step's arithmetic on the same decode
+    weights and cache, from the tokens to float32 logits, with no Python between its operations.
+
+    Built per Decoder: it packs the addresses of the weights and of this cache's tensors once, so
+    both must stay where they are while it lives (they do: nothing reallocates them).
+    """
+
+    @staticmethod
+    def applies(cache: KVCache) -> bool:
+        return cache.k[0].device.type == "cpu" and cache.k[0].dtype in (torch.float32, torch.bfloat16) \
+            and KERNEL.available()
+
+    def __init__(self, model: ImageGPT, cache: KVCache):
+        c = model.config
+        self.config, self.cache = c, cache
+        self.threads = torch.get_num_threads()
+        with torch.no_grad():
+            self.embed = model.wte.weight.float().contiguous()
+            self.positions = model.positions(0, c.n_ctx).float().contiguous()
+        rows = cache.batch
+        self.work = torch.empty(rows * 9 * c.n_embd + self.threads * (c.n_ctx + rows))
+        layers = []
+        for weights, pattern, keys, values in zip(cache.weights.blocks, cache.patterns, cache.k, cache.v):
+            addresses = [x.data_ptr() if x is not None else 0 for pair in weights for x in pair]
+            layers.append(addresses + [keys.data_ptr(), values.data_ptr(), KINDS.index(pattern.kind),
+                                       pattern.window if pattern.kind == "band" else pattern.side, keys.shape[2]])
+        self.layers = torch.tensor(layers, dtype=torch.int64)
+        bf16 = cache.k[0].dtype == torch.bfloat16
+        self.function = getattr(KERNEL.library(), "decode_step_bf16" if bf16 else "decode_step")
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) after feeding tokens (B,) at the cache's position; does not advance the cache."""
+        c, cache = self.config, self.cache
+        tokens = tokens.contiguous()
+        logits = torch.empty(cache.batch, c.vocab_size)
+        status = self.function(tokens.data_ptr(), cache.pos, self.layers.data_ptr(), c.n_layer, cache.batch,
+                               c.n_embd, c.n_head, c.vocab_size, c.n_ctx, c.eps, self.embed.data_ptr(),
+                               self.positions.data_ptr(), cache.weights.head.data_ptr(), logits.data_ptr(),
+                               self.work.data_ptr(), self.threads)
+        if status:
+            raise IgptError(f"a token outside the vocabulary of {c.vocab_size} was fed to the decoder")
+        return logits
+
+
 class Decoder:
     """Feeds an ar model a prefix, then one pixel per step, and returns the next pixel's logits each time.
 
     `weights`: the decode weights of an earlier Decoder of the same model and dtype, so a
     sampling call lays them out once for all its batches. `static`: one-pixel steps through
     the static step; `compile`: that step compiled (CUDA graphs on GPUs, where it removes the
-    launch overhead). On CPUs the eager step is faster.
+    launch overhead). Otherwise `kernel`: steps through decode_kernel.cpp where it applies (a CPU, a
+    C++ compiler: `KernelStep`), else the eager step.
     """
 
     def __init__(self, model: ImageGPT, batch: int, *, weights: DecodeWeights | None = None,
-                 static: bool = False, compile: bool = False):
+                 static: bool = False, compile: bool = False, kernel: bool = True):
         if model.config.objective != "ar":
             raise IgptError("incremental decoding needs an autoregressive (ar) model")
         self.model = model
@@ -215,12 +273,15 @@ class Decoder:
         self.weights = weights or DecodeWeights.of(model, dtype)
         self.cache = KVCache(model, batch, self.weights, device, dtype, static=static or compile)
         self.static_step = None
+        self.kernel_step = None
         if compile:
             for tensor in self.cache.tensors():  # fixed addresses: CUDA graphs write and read them in place
                 torch._dynamo.mark_static_address(tensor)
             self.static_step = _compiled_static_step(model)
         elif static:
             self.static_step = lambda tokens, cache: static_step(model, tokens, cache)
+        elif kernel and KernelStep.applies(self.cache):
+            self.kernel_step = KernelStep(model, self.cache)
 
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -240,7 +301,9 @@ class Decoder:
             for j in range(t):
                 logits = self.feed(tokens[:, j : j + 1])
             return logits
-        if self.static_step is not None and cache.pos > 0 and t == 1:
+        if self.kernel_step is not None and cache.pos > 0 and t == 1:
+            logits = self.kernel_step(tokens[:, 0])
+        elif self.static_step is not None and cache.pos > 0 and t == 1:
             if tokens.is_cuda:  # a new CUDA-graph step: the last step's logits have been consumed
                 torch.compiler.cudagraph_mark_step_begin()
             logits = self.static_step(tokens[:, 0], cache)

@@ -5,65 +5,15 @@
 // PyTorch's CPU flash kernel takes a block of queries against every key any of them sees, so a
 // band over whole rows computes (rows + 1) x side keys per query for the rows x side the window
 // holds, with a mask; here a tile of 16 queries reads only its window + 15 keys, and no window
-// copies are made. Plain C++ with GCC/Clang vector extensions: one source builds for AVX-512,
-// AVX2 or NEON with -march=native; -ffast-math lets the exp loops use glibc's vector expf.
+// copies are made. The vector arithmetic is simd.h's; -ffast-math lets the exp loops use glibc's vector expf.
 // Layouts: every tensor is (B, heads, t, head_dim) given by element strides, head_dim contiguous;
 // the log-sum-exp is (B, heads, t), contiguous, and float. q, k, v, the output and the gradients are
 // all float or all bfloat16; either way every product and sum runs in float, so bf16 costs only
 // the conversions on load and store (rounded to nearest even). Forward and backward are the flash-attention
 // recurrences on one tile at a time (exact softmax over the tile's keys, no running rescale).
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#if defined(__SSE3__)
-#include <pmmintrin.h>
-#endif
+#include "simd.h"
 
-#if defined(__AVX512F__)
-#define VL 16
-#define REGS 32
-#elif defined(__AVX__)
-#define VL 8
-#define REGS 16
-#else
-#define VL 4
-#define REGS 16
-#endif
 #define TILE 16  // queries per tile
-
-typedef float vec __attribute__((vector_size(VL * 4)));
-static inline vec load(const float* p) { vec r; memcpy(&r, p, sizeof r); return r; }
-static inline void store(float* p, vec x) { memcpy(p, &x, sizeof x); }
-static inline vec splat(float x) { return x - (vec){}; }
-
-typedef uint16_t bf16;  // bfloat16's bits: a float's upper half
-typedef uint32_t uvec __attribute__((vector_size(VL * 4)));
-typedef uint16_t hvec __attribute__((vector_size(VL * 2)));
-static inline float widen(float x) { return x; }
-static inline float widen(bf16 x) { uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline vec load(const bf16* p) {
-  hvec h; memcpy(&h, p, sizeof h);
-  uvec u = __builtin_convertvector(h, uvec) << 16;
-  vec r; memcpy(&r, &u, sizeof r); return r;
-}
-static inline uint32_t nearest_bf16(uint32_t u) {  // round to nearest even; NaN stays a (quiet) NaN
-  return (u & 0x7FFFFFFF) > 0x7F800000 ? 0x7FC0 : (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
-}
-static inline void store(bf16* p, vec x) {
-  uvec u; memcpy(&u, &x, sizeof u);
-  uvec nan = (uvec)((u & 0x7FFFFFFF) > 0x7F800000);
-  uvec r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & ~nan) | (nan & 0x7FC0);
-  hvec h = __builtin_convertvector(r, hvec); memcpy(p, &h, sizeof h);
-}
-static inline void put(float* p, float x) { *p = x; }
-static inline void put(bf16* p, float x) { uint32_t u; memcpy(&u, &x, 4); *p = (bf16)nearest_bf16(u); }
-
-// exp of a score minus its row's maximum or log-sum-exp (x <= 0), floored where the result would
-// leave float's normal range: glibc's vector expf hands such lanes to a scalar routine, an order of
-// magnitude slower, and a trained model's sharp attention puts many scores there (the step slowed
-// as the weights trained). The floor adds under 2e-38 to a probability already below that.
-static inline float exp_nonpositive(float x) { return expf(x > -87.f ? x : -87.f); }
 
 // Queries held in registers at once: a tile row of products per query (REGS / 2), or a head_dim
 // accumulator per query (HD / VL registers each), rounded down to a power of two so groups tile TILE.
@@ -229,14 +179,7 @@ static int run(bool backward, Head<T> h, const int64_t* s, int64_t pairs, int64_
   int out_of_memory = 0;
 #pragma omp parallel num_threads(threads)
   {
-#if defined(__SSE3__)
-    // Subnormals read and written as zero on the kernel's threads for the call, then the caller's mode
-    // back: a trained model's probabilities and their gradients fall under float's normal range, where
-    // x86 arithmetic takes a microcoded path many times slower (torch.set_flush_denormal only reaches
-    // the thread that calls it). No value changes by more than 1.2e-38.
-    const unsigned csr = _mm_getcsr();
-    _mm_setcsr(csr | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON);
-#endif
+    FlushDenormals flush;
     const int64_t buffers = backward ? 4 : 1;  // k transposed; in the backward also v, dk and dv transposed
     float* work = (float*)malloc(sizeof(float) * (buffers * HD * tp + 2 * TILE * tile_width(window)));
     float* p = work ? work + buffers * HD * tp : NULL;
@@ -261,9 +204,6 @@ static int run(bool backward, Head<T> h, const int64_t* s, int64_t pairs, int64_
       }
     }
     free(work);
-#if defined(__SSE3__)
-    _mm_setcsr(csr);
-#endif
   }
   return out_of_memory ? 2 : 0;
 }

@@ -6,46 +6,31 @@ under a mask: (rows + 1) x side keys per query where the window holds rows x sid
 window copies. This kernel reads only each 16-query tile's window and its backward writes each
 gradient once (bench/band_kernels.py times it against them).
 
-It is built with the machine's C++ compiler ($CXX, else c++) for the machine's own CPU
-(-march=native) into the igpt cache ($IGPT_CACHE, else ~/.cache/igpt), one file per source,
-compiler and CPU, so a later process loads it at once, and called through ctypes inside two
-custom operators (igpt::band_forward, igpt::band_backward), which eager autograd and
-torch.compile both run. It takes float32 or bfloat16 (computing in float either way) with head
-sizes 16, 32, 48, 64, 96 and 128; where no compiler
-works, or with IGPT_BAND_KERNEL=0, `available()` is False and the other backends serve.
-The (batch, head) pairs are shared out over torch's own OpenMP threads: built with -fopenmp, the
-library binds to the libgomp that torch loaded, so no second pool competes for the cores (one of
-Python threads did, and lost the kernel's gain inside a training step).
+It is built on first use (igpt/kernels.py) and called through ctypes inside two custom
+operators (igpt::band_forward, igpt::band_backward), which eager autograd and torch.compile both
+run. It takes float32 or bfloat16 (computing in float either way) with head sizes 16, 32, 48, 64,
+96 and 128; where no compiler works, or with IGPT_BAND_KERNEL=0, `available()` is False and the
+other backends serve. The (batch, head) pairs are shared out over torch's own OpenMP threads (a
+pool of Python threads competed with them, and lost the kernel's gain inside a training step).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import json
-import logging
 import math
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from igpt.data.sources import cache_root
+from igpt.kernels import Kernel
 
-SOURCE = Path(__file__).with_name("band_kernel.cpp")
-# -ffast-math for the compile only (glibc's vector expf): on the link line GCC before 13 adds
-# crtfastmath.o, which sets flush-to-zero for the whole process once the library loads.
-COMPILE = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-Wno-psabi")
-LINK = ("-shared", "-fopenmp")
 HEAD_DIMS = (16, 32, 48, 64, 96, 128)
 DTYPES = (torch.float32, torch.bfloat16)
-log = logging.getLogger(__name__)
+# pointers, then pairs, heads, t, head_dim, window, scale, threads
+_POINTERS, _TAIL = [ctypes.c_void_p], [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
+KERNEL = Kernel(Path(__file__).with_name("band_kernel.cpp"), {
+    name + suffix: _POINTERS * pointers + _TAIL
+    for suffix in ("", "_bf16") for name, pointers in (("band_forward", 6), ("band_backward", 10))})
 
 
 def applies(q: torch.Tensor) -> bool:
@@ -55,95 +40,7 @@ def applies(q: torch.Tensor) -> bool:
 
 @torch.compiler.assume_constant_result  # compiled graphs ask once, at trace time
 def available() -> bool:
-    return library() is not None
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (disabled, or no working compiler: the reason goes to the log)."""
-    if os.environ.get("IGPT_BAND_KERNEL", "1") == "0":
-        return None
-    try:
-        lib = load(build())
-    except (OSError, subprocess.SubprocessError, ValueError, RuntimeError) as error:
-        detail = getattr(error, "stderr", None) or error
-        log.info("igpt's band kernel is not built, so band attention uses PyTorch's kernels: %s", detail)
-        return None
-    pointers, longs = [ctypes.c_void_p], [ctypes.c_int64]
-    tail = longs * 5 + [ctypes.c_float, ctypes.c_int]  # pairs, heads, t, head_dim, window, scale, threads
-    for suffix in ("", "_bf16"):
-        getattr(lib, "band_forward" + suffix).argtypes = pointers * 6 + tail
-        getattr(lib, "band_backward" + suffix).argtypes = pointers * 10 + tail
-    return lib
-
-
-def load(path: Path) -> ctypes.CDLL:
-    try:
-        return ctypes.CDLL(str(path))
-    except OSError:
-        path.unlink(missing_ok=True)  # not a library: the next process builds it again
-        raise
-
-
-def build() -> Path:
-    """band_kernel.cpp compiled for this machine, from the cache when it was built before and is intact.
-
-    The cache key names the compiler by its file (path, size, time), not by running it: a
-    process that finds the kernel built starts no subprocess. Beside each library lies its build
-    record (size and SHA-256): a library that does not match it (truncated by a full disk or an
-    interrupted copy, overwritten) is built again before anything maps it, since loading a damaged
-    one kills the process with a bus error rather than raise.
-    """
-    name, *options = shlex.split(os.environ.get("CXX") or "c++")  # CXX may be a command: "ccache g++"
-    compiler = shutil.which(name)
-    if compiler is None:
-        raise OSError(f"no C++ compiler ({name}) on the PATH")
-    binary = os.stat(compiler)
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *options, str(binary.st_size),
-                                     str(binary.st_mtime_ns), *COMPILE, *LINK, cpu_identity()]).encode())
-    path = cache_root() / "kernels" / f"band_kernel-{key.hexdigest()[:16]}.so"
-    if intact(path):
-        return path
-    if path.exists():
-        log.warning("igpt's band kernel %s does not match its build record (a damaged file?); building it again", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # the cache only ever holds whole files
-        built, objects = Path(scratch) / path.name, Path(scratch) / "band_kernel.o"
-        for command in ([*COMPILE, "-c", str(SOURCE), "-o", str(objects)], [*LINK, str(objects), "-o", str(built)]):
-            subprocess.run([compiler, *options, *command], capture_output=True, text=True, check=True, timeout=600)
-        record = Path(scratch) / build_record(path).name
-        record.write_text(json.dumps(fingerprint(built)))
-        os.replace(built, path)
-        os.replace(record, build_record(path))
-    if not intact(path):
-        raise OSError(f"the band kernel built at {path} does not match its build record")
-    return path
-
-
-def build_record(library_path: Path) -> Path:
-    return library_path.with_suffix(".json")
-
-
-def fingerprint(library_path: Path) -> dict:
-    data = library_path.read_bytes()
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def intact(library_path: Path) -> bool:
-    """Whether the library exists and is byte for byte what its build record says was built."""
-    try:
-        return json.loads(build_record(library_path).read_text()) == fingerprint(library_path)
-    except (OSError, ValueError):
-        return False
-
-
-def cpu_identity() -> str:
-    """What -march=native builds for: the CPU's feature flags where Linux lists them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.machine() + platform.processor()
+    return KERNEL.available()
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -222,7 +119,7 @@ band_forward.register_autograd(gradients, setup_context=save_for_backward)
 
 def kernel(name: str, like: torch.Tensor):
     """The kernel's function `name` for `like`'s dtype."""
-    return getattr(library(), name + ("_bf16" if like.dtype == torch.bfloat16 else ""))
+    return getattr(KERNEL.library(), name + ("_bf16" if like.dtype == torch.bfloat16 else ""))
 
 
 def unit_stride(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,195 @@
+// One sampling step of an autoregressive igpt model on a CPU: a new pixel per image through every
+// block, from its token to the next pixel's logits, in one call.
+//
+// igpt/decoding.py calls this through ctypes for each one-pixel step after the prefix. Why
+// hand-written (docs/design.md): at a sampling batch a step is about 90 small operations, and
+// dispatched one at a time their fixed cost, not their arithmetic, sets the pace. Here a step is
+// one OpenMP region whose threads meet at a barrier between its five phases per block; each
+// product streams the weights once, with the batch's rows held in registers.
+//
+// The weights are decoding.DecodeWeights: (in, out) matrices with the RMS-norm gains and quick
+// GELU's 1.702 folded in, so a norm is one scale per row, applied to the product's result, and the
+// MLP's activation is silu. Weights and the key/value cache are float or bfloat16 together; every
+// product and sum runs in float. The cache holds (batch, heads, slots, head_dim) per layer, written
+// and read as igpt/attention/patterns.py's Pattern.read does: dense and column layers keep every
+// position, a band layer a ring of its window.
+#include <omp.h>
+
+#include "simd.h"
+
+enum Kind { DENSE = 0, BAND = 1, COLUMN = 2 };  // attention/patterns.py's KINDS, in order
+enum Epilogue { STORE, ADD, SILU };             // what a product does with its result
+#define ROWS (REGS == 32 ? 8 : 4)               // batch rows held in registers at once
+#define COLS 2                                  // vectors of output columns per tile
+
+// One layer as decoding.py packs it: ten addresses, then the pattern's kind, its window or side
+// (band, column) and the cache's slots per (batch, head).
+struct Layer {
+  int64_t qkv, qkv_bias, proj, proj_bias, fc, fc_bias, out, out_bias, keys, values;
+  int64_t kind, reach, slots;
+};
+
+// out[r][n] (=, +=, silu of) scale[r] * sum_k x[r][k] w[k][n] + bias[n], for R rows and NV vectors of
+// columns from n. x is (R, K) float; w is (K, N).
+template <typename T, int R, int NV>
+static inline void tile(const float* x, const float* scale, int64_t K, const T* w, const T* bias, int64_t N,
+                        float* out, int64_t n, Epilogue epilogue) {
+  vec acc[R][NV] = {};
+  for (int64_t k = 0; k < K; k++) {
+    vec wk[NV];
+    for (int v = 0; v < NV; v++) wk[v] = load(w + k * N + n + v * VL);
+    for (int r = 0; r < R; r++) {
+      vec xr = splat(x[r * K + k]);
+      for (int v = 0; v < NV; v++) acc[r][v] += xr * wk[v];
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float* o = out + r * N + n;
+    for (int v = 0; v < NV; v++) {
+      vec a = acc[r][v] * splat(scale ? scale[r] : 1.f);
+      if (bias) a += load(bias + n + v * VL);
+      if (epilogue == ADD) a += load(o + v * VL);
+      store(o + v * VL, a);
+    }
+    if (epilogue == SILU)  // a loop of its own, so that it takes glibc's vector expf
+      for (int j = 0; j < NV * VL; j++) o[j] = o[j] / (1.f + expf(fminf(-o[j], 80.f)));
+  }
+}
+
+// The columns past the last whole vector, one at a time.
+template <typename T>
+static void tail(const float* x, const float* scale, int64_t rows, int64_t K, const T* w, const T* bias, int64_t N,
+                 float* out, int64_t n0, Epilogue epilogue) {
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t n = n0; n < N; n++) {
+      float a = 0;
+      for (int64_t k = 0; k < K; k++) a += x[r * K + k] * widen(w[k * N + n]);
+      a = a * (scale ? scale[r] : 1.f) + (bias ? widen(bias[n]) : 0.f);
+      float* o = out + r * N + n;
+      *o = epilogue == ADD ? *o + a : epilogue == SILU ? a / (1.f + expf(fminf(-a, 80.f))) : a;
+    }
+}
+
+template <typename T, int NV>
+static void rows_of(const float* x, const float* scale, int64_t rows, int64_t K, const T* w, const T* bias, int64_t N,
+                    float* out, int64_t n, Epilogue e) {
+  int64_t r = 0;
+  for (; r + ROWS <= rows; r += ROWS) tile<T, ROWS, NV>(x + r * K, scale ? scale + r : 0, K, w, bias, N, out + r * N, n, e);
+  const float* xr = x + r * K; const float* sr = scale ? scale + r : 0; float* o = out + r * N;
+  switch (rows - r) {  // the batch's last rows, fewer than ROWS
+    case 1: tile<T, 1, NV>(xr, sr, K, w, bias, N, o, n, e); break;
+    case 2: tile<T, 2, NV>(xr, sr, K, w, bias, N, o, n, e); break;
+    case 3: tile<T, 3, NV>(xr, sr, K, w, bias, N, o, n, e); break;
+#if ROWS > 4
+    case 4: tile<T, 4, NV>(xr, sr, K, w, bias, N, o, n, e); break;
+    case 5: tile<T, 5, NV>(xr, sr, K, w, bias, N, o, n, e); break;
+    case 6: tile<T, 6, NV>(xr, sr, K, w, bias, N, o, n, e); break;
+    case 7: tile<T, 7, NV>(xr, sr, K, w, bias, N, o, n, e); break;
+#endif
+  }
+}
+
+// The product over every row, its column tiles shared out over the region's threads (call inside one).
+template <typename T>
+static void product(const float* x, const float* scale, int64_t rows, int64_t K, const T* w, const T* bias, int64_t N,
+                    float* out, Epilogue e) {
+  const int64_t width = COLS * VL, tiles = (N + width - 1) / width;
+#pragma omp for schedule(static)
+  for (int64_t c = 0; c < tiles; c++) {
+    int64_t n = c * width;
+    if (n + width <= N) { rows_of<T, COLS>(x, scale, rows, K, w, bias, N, out, n, e); continue; }
+    for (; n + VL <= N; n += VL) rows_of<T, 1>(x, scale, rows, K, w, bias, N, out, n, e);
+    if (n < N) tail(x, scale, rows, K, w, bias, N, out, n, e);
+  }
+}
+
+// Each row's RMS-norm factor 1 / sqrt(mean(h^2) + eps); every thread computes all of them for itself.
+static void norm_scales(const float* h, int64_t rows, int64_t d, float eps, float* scale) {
+  for (int64_t r = 0; r < rows; r++) {
+    float sum = 0;
+    for (int64_t i = 0; i < d; i++) sum += h[r * d + i] * h[r * d + i];
+    scale[r] = 1.f / sqrtf(sum / d + eps);
+  }
+}
+
+// One (row, head)'s attention: store the new key and value in the cache's slot `write`, then attend
+// over `count` slots from `first`, `stride` apart; y gets the output. s: scratch for the scores.
+template <typename T>
+static void attend(const float* q, const float* k, const float* v, T* keys, T* values, int64_t hd, int64_t write,
+                   int64_t first, int64_t count, int64_t stride, float scale, float* s, float* y) {
+  for (int64_t i = 0; i < hd; i++) { put(keys + write * hd + i, k[i]); put(values + write * hd + i, v[i]); }
+  float top = -INFINITY;
+  for (int64_t j = 0; j < count; j++) {
+    const T* key = keys + (first + j * stride) * hd;
+    float dot = 0;
+    for (int64_t i = 0; i < hd; i++) dot += q[i] * widen(key[i]);
+    s[j] = dot * scale;
+    top = fmaxf(top, s[j]);
+  }
+  float total = 0;
+  for (int64_t j = 0; j < count; j++) { s[j] = exp_nonpositive(s[j] - top); total += s[j]; }
+  for (int64_t i = 0; i < hd; i++) y[i] = 0;
+  for (int64_t j = 0; j < count; j++) {
+    const T* value = values + (first + j * stride) * hd;
+    const float p = s[j] / total;
+    for (int64_t i = 0; i < hd; i++) y[i] += p * widen(value[i]);
+  }
+}
+
+// The step for tokens (rows) fed at input position `pos`: logits (rows, vocab) of the next pixel.
+// embed (vocab, d) and positions (n_ctx, d) are float; head is (d, vocab). work holds
+// rows * 9 * d + threads * (n_ctx + rows) floats.
+template <typename T>
+static int step(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t n_layer, int64_t rows, int64_t d,
+                int64_t heads, int64_t vocab, int64_t n_ctx, float eps, const float* embed, const float* positions,
+                const T* head, float* logits, float* work, int threads) {
+  for (int64_t r = 0; r < rows; r++)
+    if (tokens[r] < 0 || tokens[r] >= vocab) return 1;
+  const int64_t hd = d / heads;
+  const float attention_scale = 1.f / sqrtf((float)hd);
+  float *h = work, *qkv = h + rows * d, *y = qkv + rows * 3 * d, *f = y + rows * d, *own = f + rows * 4 * d;
+#pragma omp parallel num_threads(threads)
+  {
+    FlushDenormals flush;
+    float* scores = own + omp_get_thread_num() * (n_ctx + rows);
+    float* scale = scores + n_ctx;  // this thread's copy of the rows' norm factors
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+      for (int64_t i = 0; i < d; i++) h[r * d + i] = embed[tokens[r] * d + i] + positions[pos * d + i];
+    for (int64_t l = 0; l < n_layer; l++) {
+      const Layer& L = layers[l];
+      norm_scales(h, rows, d, eps, scale);
+      product(h, scale, rows, d, (const T*)L.qkv, (const T*)L.qkv_bias, 3 * d, qkv, STORE);
+      int64_t write = pos, first = 0, count = pos + 1, stride = 1;
+      if (L.kind == BAND) { write = pos % L.reach; count = pos + 1 < L.reach ? pos + 1 : L.reach; }
+      if (L.kind == COLUMN) { first = pos % L.reach; count = pos / L.reach + 1; stride = L.reach; }
+#pragma omp for schedule(static)
+      for (int64_t pair = 0; pair < rows * heads; pair++) {
+        const int64_t r = pair / heads, n = pair % heads, at = pair * L.slots * hd;
+        const float* row = qkv + r * 3 * d + n * hd;
+        attend((const float*)row, row + d, row + 2 * d, (T*)L.keys + at, (T*)L.values + at, hd, write, first, count,
+               stride, attention_scale, scores, y + r * d + n * hd);
+      }
+      product(y, (const float*)0, rows, d, (const T*)L.proj, (const T*)L.proj_bias, d, h, ADD);
+      norm_scales(h, rows, d, eps, scale);
+      product(h, scale, rows, d, (const T*)L.fc, (const T*)L.fc_bias, 4 * d, f, SILU);
+      product(f, (const float*)0, rows, 4 * d, (const T*)L.out, (const T*)L.out_bias, d, h, ADD);
+    }
+    norm_scales(h, rows, d, eps, scale);
+    product(h, scale, rows, d, head, (const T*)0, vocab, logits, STORE);
+  }
+  return 0;
+}
+
+#define EXPORT(T, SUFFIX)                                                                                           \
+  int decode_step##SUFFIX(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t n_layer, int64_t rows,   \
+                          int64_t d, int64_t heads, int64_t vocab, int64_t n_ctx, float eps, const float* embed,   \
+                          const float* positions, const T* head, float* logits, float* work, int threads) {         \
+    return step(tokens, pos, layers, n_layer, rows, d, heads, vocab, n_ctx, eps, embed, positions, head, logits,    \
+                work, threads);                                                                                     \
+  }
+
+extern "C" {
+EXPORT(float, )
+EXPORT(bf16, _bf16)
+}
