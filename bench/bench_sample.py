@@ -4,7 +4,9 @@
                                  [--precisions fp32 bf16] [--repeat 3] [--uncached-pixels 128]
                                  [--device cpu|cuda] [--no-compile] [--json PATH]
 
-The issue's shapes: `--layers 4 --width 256 --heads 8 --side 16 --batches 8` and
+Each precision times igpt's routes for the one-pixel step: `kernel` (decode_kernel.cpp, the CPU
+default), `eager` (PyTorch operators from Python) and, unless --no-compile, `compiled` (the static
+step under torch.compile; CUDA graphs on GPUs). The issue's shapes: `--layers 4 --width 256 --heads 8 --side 16 --batches 8` and
 `--layers 6 --width 384 --heads 8 --side 24 --batches 32` (dense attention, 1-D positions: the
 architecture Hugging Face runs). The same random weights run in both (exported through igpt.hf.to_hf).
 Each precision: fp32, and bf16 where the hardware runs it natively (or the --precisions given), igpt's
@@ -39,9 +41,11 @@ from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.sample import sample
 
 MiB = 2**20
+ROUTES = ("kernel", "eager", "compiled")  # igpt's one-pixel steps; igpt/HF and "of floor" take the fastest
 HEADER = """  tokens/s; floor: the roofline's rate; of floor: floor / measured; MiB/step and GB/s: an average
   step's reads and the bandwidth at the sampler's working set; mem: the share of steps their reads bound
-  batch  prec  igpt eager{compiled}  HF generate  igpt/HF      floor  of floor  MiB/step    GB/s   mem"""
+  kernel, eager, compiled: igpt's routes for the one-pixel step
+  batch  prec  {routes}  HF generate  igpt/HF      floor  of floor  MiB/step    GB/s   mem"""
 
 
 @torch.no_grad()
@@ -94,8 +98,8 @@ def contenders(model: ImageGPT, hf, batch: int, modes: tuple[str, ...], compiled
     n_ctx, vocab = model.config.n_ctx, model.config.vocab_size
     start = hf_input_ids(torch.zeros(batch, 1, dtype=torch.long, device=device), vocab)
 
-    def igpt(compile_it: bool, prefix=None):
-        return lambda: sample(model, batch, prefix, compile=compile_it,
+    def igpt(compile_it: bool, prefix=None, kernel: bool = False):
+        return lambda: sample(model, batch, prefix, compile=compile_it, kernel=kernel,
                               generator=torch.Generator(device).manual_seed(0))
 
     def hf_generate(length: int):
@@ -116,6 +120,8 @@ def contenders(model: ImageGPT, hf, batch: int, modes: tuple[str, ...], compiled
     calls = {}
     for precision in modes:
         near_end = torch.zeros(n_ctx - 2, dtype=torch.long)  # a prefix pass and two steps: builds what the run uses
+        if device.type == "cpu":
+            calls[precision, "kernel"] = timed(precision, igpt(False, kernel=True), igpt(False, near_end, kernel=True))
         calls[precision, "eager"] = timed(precision, igpt(False), igpt(False, near_end))
         if compiled:
             compile_start = time.perf_counter()
@@ -130,7 +136,7 @@ def contenders(model: ImageGPT, hf, batch: int, modes: tuple[str, ...], compiled
 def report(config: ImageGPTConfig, batch: int, precision: str, best: dict, bound: dict, notes: str) -> dict:
     """Print one batch size's line in one precision; return its JSON row."""
     tokens = batch * config.n_ctx
-    modes = [mode for mode in ("eager", "compiled") if (precision, mode) in best]
+    modes = [mode for mode in ROUTES if (precision, mode) in best]
     ours_mode = min(modes, key=lambda mode: best[precision, mode])
     ours, theirs = best[precision, ours_mode], best[precision, "hf"]
     of_floor = bound["floor_seconds"] / ours
@@ -177,7 +183,8 @@ def main() -> None:
     for batch in args.batches:
         pixels = min(args.uncached_pixels, config.n_ctx)
         best = best_of(contenders(model, hf, batch, modes, args.compile, pixels, device), args.repeat)
-        print(HEADER.format(compiled="    compiled" if args.compile else ""))
+        routes = [mode for mode in ROUTES if any((precision, mode) in best for precision in modes)]
+        print(HEADER.format(routes="  ".join(f"{mode:>10s}" for mode in routes)))
         for precision in modes:
             bound = floor(config, batch, precision, peaks[precision], args.device)
             rows.append(report(config, batch, precision, best, bound, shape))

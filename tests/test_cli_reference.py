@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from igpt.cli import build_parser
-from igpt.clidoc import (REGENERATE, cell, commands, default_and_help, invocation, reference_markdown,
-                         remaking_command)
+from igpt.cli import build_parser, command_parsers, remaking_command
+from igpt.clidoc import REGENERATE, cell, default_and_help, invocation, reference_markdown
 
 REFERENCE = Path(__file__).parents[1] / "docs" / "cli.md"
 
@@ -21,7 +21,7 @@ def test_docs_cli_md_is_what_the_parser_says():
 
 def test_the_reference_has_every_command_and_every_flag_with_its_default():
     text = reference_markdown()
-    listed = commands(build_parser())
+    listed = command_parsers(build_parser())
     assert {"train", "palette fit", "convert", "info", "probe", "demo"} <= {name for name, _, _ in listed}
     for name, _, command in listed:
         section = text.split(f"\n## igpt {name}\n")[1].split("\n## ")[0]

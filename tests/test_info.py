@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from igpt.info import NOT_INSTALLED, band_kernel, caches, cpu, cpuinfo, environment, format_environment, version_of
+from igpt.info import NOT_INSTALLED, caches, kernels, cpu, cpuinfo, environment, format_environment, version_of
 
 CPUINFO = """processor\t: 0
 model name\t: Example CPU 9000
@@ -21,7 +21,7 @@ model name\t: Another
 
 def test_the_report_has_versions_cpu_gpu_kernel_and_caches_and_is_json():
     facts = environment()
-    assert {"igpt", "packages", "cpu", "gpu", "band kernel", "caches"} <= set(facts)
+    assert {"igpt", "packages", "cpu", "gpu", "kernels", "caches"} <= set(facts)
     assert facts["igpt"]["torch"] == torch.__version__
     assert facts["igpt"]["torch build"].split()[0] in ("CPU", "CUDA", "ROCm")
     assert facts["packages"]["required"]["torch"] == torch.__version__
@@ -53,15 +53,16 @@ def test_cpu_flags_are_read_from_the_first_processor_and_missing_where_not_liste
 def test_kernel_and_cache_facts_read_the_cache_without_building(tmp_path, monkeypatch):
     monkeypatch.setenv("IGPT_CACHE", str(tmp_path / "cache"))
     assert "not created yet" in caches()["folder"]
-    assert band_kernel()["built"].startswith("not yet")
+    assert kernels()["band kernel"]["built"].startswith("not yet")
+    assert kernels()["decode kernel"]["built"].startswith("not yet")
     (tmp_path / "cache" / "kernels").mkdir(parents=True)
     (tmp_path / "cache" / "kernels" / "band_kernel-0123.so").write_bytes(b"x" * 100)
     (tmp_path / "cache" / "pixels" / "digits").mkdir(parents=True)
     (tmp_path / "cache" / "pixels" / "digits" / "train.npy").write_bytes(b"x" * 3 * 1024)
-    assert band_kernel()["built"] == [str(tmp_path / "cache" / "kernels" / "band_kernel-0123.so")]
+    assert kernels()["band kernel"]["built"] == [str(tmp_path / "cache" / "kernels" / "band_kernel-0123.so")]
     assert caches() == {"folder": str(tmp_path / "cache"), "kernels": "100 B", "pixels": "3.0 KiB", "total": "3.1 KiB"}
-    monkeypatch.setenv("IGPT_BAND_KERNEL", "0")
-    assert band_kernel()["enabled"] is False
+    monkeypatch.setenv("IGPT_DECODE_KERNEL", "0")
+    assert kernels()["decode kernel"]["enabled"] is False and kernels()["band kernel"]["enabled"] is True
 
 
 def test_igpt_info_prints_the_report_and_json_on_request(capsys):

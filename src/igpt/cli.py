@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
@@ -187,8 +188,6 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         RunFolder.save_model(out, model, palette, None)
         print(f"wrote {out}: {model.config.n_layer} layers, width {model.config.n_embd}, {palette.size} colours")
     else:
-        from igpt.clidoc import remaking_command
-
         model, palette, _ = load_run(cfg.to_hf, "cpu")
         hf.to_hf(model, palette, out, card=hf.ModelCard.of_run(cfg.to_hf, remaking_command))
         print(f"wrote {out}: loads with transformers.ImageGPTForCausalImageModeling.from_pretrained; "
@@ -342,6 +341,56 @@ def build_parser() -> argparse.ArgumentParser:
             add_flags(command, cls, **options)
         command.set_defaults(func=run)
     return parser
+
+
+# ---- the command that makes a recorded run again ----------------------------------------------
+KIND_COMMANDS = {"pretrain": "train", "finetune": "finetune"}  # run.json's kind: the command that makes such a run
+RUN_PLACEHOLDER = "RUN"  # --out of a remade run: run.json does not record where it was written
+STATED = ("name", "resolution")  # written out even where they are the defaults: what a reader looks for first
+
+
+def command_parsers(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(name, help, parser) of every command, in the parser's order: "train", "palette fit", ..."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                nested = command_parsers(sub, f"{prefix}{name} ")
+                out.extend(nested or [(prefix + name, helps.get(name, ""), sub)])
+    return out
+
+
+def _flag_words(action: argparse.Action, value) -> list[str]:
+    """The words that set `action`'s value to `value` (none where the default already gives it, but for STATED)."""
+    if value is None or (value == action.default and action.dest not in STATED):
+        return []
+    if action.nargs == 0:
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [action.option_strings[0 if value else 1]]
+        return [action.option_strings[0]] if value else []
+    if isinstance(value, (list, tuple)):
+        values = [str(v) for v in value] if action.nargs in ("*", "+") else [",".join(map(str, value))]
+    else:
+        values = [str(value)]
+    return [action.option_strings[0], *values]
+
+
+def remaking_command(record: dict, parser: argparse.ArgumentParser | None = None) -> str | None:
+    """The `igpt train` (or `igpt finetune`) command, with --out RUN_PLACEHOLDER, whose flags give the settings a
+    run.json records; None for a record no command makes."""
+    name = KIND_COMMANDS.get(record.get("kind"))
+    if name is None:
+        return None
+    command = next(sub for listed, _, sub in command_parsers(parser or build_parser()) if listed == name)
+    values = {**(record.get("data") or {}), **(record.get("config") or {}), "ckpt": record.get("source"),
+              "out": RUN_PLACEHOLDER}
+    words = ["igpt", name]
+    for action in command._actions:
+        if action.option_strings and action.dest in values:
+            words += _flag_words(action, values[action.dest])
+    return shlex.join(words)
+
 
 
 PLANNED = ("train", "finetune", "demo")  # commands whose plan line, before the first step, names the precision

@@ -1,5 +1,4 @@
-"""The `igpt` command line as text, read from its parser: the reference (docs/cli.md), and the command that
-makes a recorded run again.
+"""The `igpt` command reference (docs/cli.md), written from the parser.
 
     python -m igpt.clidoc docs/cli.md     rewrites the reference (without a path: prints it)
 
@@ -9,34 +8,15 @@ tests/test_cli_reference.py fails when docs/cli.md differs from what the parser 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 
+from igpt.cli import build_parser, command_parsers
+
 REGENERATE = "python -m igpt.clidoc docs/cli.md"
-KIND_COMMANDS = {"pretrain": "train", "finetune": "finetune"}  # run.json's kind: the command that makes such a run
-RUN_PLACEHOLDER = "RUN"  # --out of a remade run: run.json does not record where it was written
-STATED = ("name", "resolution")  # written out even where they are the defaults: what a reader looks for first
 
 
 def _parser(parser: argparse.ArgumentParser | None) -> argparse.ArgumentParser:
-    if parser is not None:
-        return parser
-    from igpt.cli import build_parser
-
-    return build_parser()
-
-
-def commands(parser: argparse.ArgumentParser | None = None,
-             prefix: str = "") -> list[tuple[str, str, argparse.ArgumentParser]]:
-    """(name, help, parser) of every command, in the parser's order: "train", "palette fit", ..."""
-    out = []
-    for action in _parser(parser)._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
-            for name, sub in action.choices.items():
-                nested = commands(sub, f"{prefix}{name} ")
-                out.extend(nested or [(prefix + name, helps.get(name, ""), sub)])
-    return out
+    return parser if parser is not None else build_parser()
 
 
 # ---- the reference ----------------------------------------------------------------------------
@@ -97,7 +77,7 @@ def command_section(name: str, help_text: str, command: argparse.ArgumentParser)
 def reference_markdown(parser: argparse.ArgumentParser | None = None) -> str:
     """docs/cli.md: a table of the commands, then each command's flags with their defaults and help."""
     parser = _parser(parser)
-    listed = commands(parser)
+    listed = command_parsers(parser)
     lines = [f"_Generated from the `igpt` parser by `{REGENERATE}`; do not edit._", "", "# igpt command reference", "",
              "`igpt --version` prints the version; `igpt COMMAND --help` prints a command's flags, as below.", "",
              "| command | what it does |", "|---|---|"]
@@ -106,38 +86,6 @@ def reference_markdown(parser: argparse.ArgumentParser | None = None) -> str:
     for name, text, command in listed:
         lines += command_section(name, text, command)
     return "\n".join(lines)
-
-
-# ---- the command that makes a run again ------------------------------------------------------
-def _flag_words(action: argparse.Action, value) -> list[str]:
-    """The words that set `action`'s value to `value` (none where the default already gives it, but for STATED)."""
-    if value is None or (value == action.default and action.dest not in STATED):
-        return []
-    if action.nargs == 0:
-        if isinstance(action, argparse.BooleanOptionalAction):
-            return [action.option_strings[0 if value else 1]]
-        return [action.option_strings[0]] if value else []
-    if isinstance(value, (list, tuple)):
-        values = [str(v) for v in value] if action.nargs in ("*", "+") else [",".join(map(str, value))]
-    else:
-        values = [str(value)]
-    return [action.option_strings[0], *values]
-
-
-def remaking_command(record: dict, parser: argparse.ArgumentParser | None = None) -> str | None:
-    """The `igpt train` (or `igpt finetune`) command, with --out RUN_PLACEHOLDER, whose flags give the settings a
-    run.json records; None for a record no command makes."""
-    name = KIND_COMMANDS.get(record.get("kind"))
-    if name is None:
-        return None
-    command = next(sub for listed, _, sub in commands(_parser(parser)) if listed == name)
-    values = {**(record.get("data") or {}), **(record.get("config") or {}), "ckpt": record.get("source"),
-              "out": RUN_PLACEHOLDER}
-    words = ["igpt", name]
-    for action in command._actions:
-        if action.option_strings and action.dest in values:
-            words += _flag_words(action, values[action.dest])
-    return shlex.join(words)
 
 
 def main(argv: list[str] | None = None) -> int:

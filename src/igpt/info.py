@@ -23,7 +23,7 @@ from igpt.config import option
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "bf16", "sve")  # x86, then Arm
 RELATED = ("torchvision",)  # not an extra of igpt's, but torch-fidelity's, and it must match torch
-ENVIRONMENT = ("IGPT_CACHE", "IGPT_BAND_KERNEL", "CXX", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+ENVIRONMENT = ("IGPT_CACHE", "IGPT_BAND_KERNEL", "IGPT_DECODE_KERNEL", "CXX", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 NOT_INSTALLED = "not installed"
 
 
@@ -37,7 +37,7 @@ class InfoConfig:
 def environment() -> dict[str, dict]:
     """Every fact `igpt info` reports, by section: plain values, ready for JSON."""
     return {"igpt": _installation(), "packages": packages(), "cpu": cpu(), "gpu": gpu(),
-            "band kernel": band_kernel(), "caches": caches(),
+            "kernels": kernels(), "caches": caches(),
             "environment variables": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ}}
 
 
@@ -151,16 +151,22 @@ def gpu() -> dict:
     return out
 
 
-def band_kernel() -> dict:
-    """Whether igpt's C++ band kernel is built (its file in the cache), without building it."""
+def kernels() -> dict:
+    """The C++ compiler, and whether each of igpt's C++ kernels is turned on and built (its files in the cache),
+    without building any."""
+    import igpt.decoding  # noqa: F401  (defines the decode kernel, and imports the band kernel)
     from igpt.data.sources import cache_root
+    from igpt.kernels import KERNELS
 
     folder = cache_root() / "kernels"
-    built = sorted(folder.glob("band_kernel-*.so"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     compiler = shlex.split(os.environ.get("CXX") or "c++")[0]
-    return {"enabled": os.environ.get("IGPT_BAND_KERNEL", "1") != "0",
-            "built": [str(path) for path in built] or f"not yet (compiled on first use into {folder})",
-            "c++ compiler": shutil.which(compiler) or f"{compiler} not found"}
+    facts = {"c++ compiler": shutil.which(compiler) or f"{compiler} not found"}
+    for kernel in KERNELS:
+        stem = kernel.source.stem
+        built = sorted(folder.glob(f"{stem}-*.so"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+        facts[kernel.name] = {"enabled": os.environ.get(kernel.switch, "1") != "0",
+                              "built": [str(path) for path in built] or f"not yet (compiled on first use into {folder})"}
+    return facts
 
 
 def folder_size(folder: Path) -> int:

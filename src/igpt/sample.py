@@ -70,6 +70,7 @@ def sample(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     compile: bool = False,
+    kernel: bool = True,
     watch: Callable[[int, torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor:
     """`n` token sequences of the model's full context; `prefix` (n or 1 rows of p tokens) is kept as given.
@@ -79,8 +80,9 @@ def sample(
     row, with `filled` the pixels written so far: the filling-in animation is drawn from it.
 
     `compile` runs each pixel's step through torch.compile with static shapes (CUDA graphs on
-    GPUs), the route to launch-free decoding there. On CPUs leave it off: the eager step attends
-    over the pixels so far only and is faster (bench/bench_sample.py measures both).
+    GPUs), the route to launch-free decoding there. On CPUs leave it off: each step is then one
+    call to igpt's decode kernel (`kernel`, where a C++ compiler builds it), faster than either
+    PyTorch route (bench/bench_sample.py measures each).
     """
     if model.config.objective != "ar":
         raise IgptError("sampling needs an autoregressive (ar) model; this one was trained with the bert objective")
@@ -103,7 +105,7 @@ def sample(
     chunks, weights = [], None
     for start in range(0, n, batch_size):
         rows = min(batch_size, n - start)
-        decoder = Decoder(model, rows, weights=weights, compile=compile)
+        decoder = Decoder(model, rows, weights=weights, compile=compile, kernel=kernel)
         weights = decoder.weights  # laid out once per call
         head = prefix[start : start + rows] if prefix is not None else None
         observe = None if watch is None else functools.partial(watch, start)
@@ -177,7 +179,7 @@ class SamplingConfig:
     batch_size: int | None = option(None, "images sampled at once", type=positive_int)
     device: str | None = device_option()
     precision: str = precision_option()
-    compile: bool = option(False, "torch.compile the decoding step (CUDA graphs on GPUs; on CPUs the eager step "
+    compile: bool = option(False, "torch.compile the decoding step (CUDA graphs on GPUs; on CPUs igpt's own step "
                                   "is faster)")
     out: str = option(help="output PNG (an .npy of the images is written beside it)")
     animate: str | None = option(None, "also write the images filling in, a frame every few rows (.gif or .webp)",
