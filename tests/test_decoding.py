@@ -77,13 +77,15 @@ def test_bert_models_have_no_incremental_decoding():
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("attention", ["dense", "local", "strided"])
-@pytest.mark.parametrize("rows, vocab, heads", [(1, 13, 4), (9, 40, 2), (17, 512, 8)])
-def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, heads):
+@pytest.mark.parametrize("rows, vocab, width, heads", [(1, 13, 32, 4), (9, 40, 32, 2), (17, 512, 32, 8),
+                                                     (5, 64, 96, 2)])
+def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, width, heads):
     """decode_kernel.cpp against the eager step on the same cache, every pattern, fp32 and bf16: batch sizes on
-    both sides of the rows it holds in registers, vocabularies that are and are not whole vectors. In bf16 the
-    kernel computes in float from bf16 weights and keys, the eager step rounds every product to bf16."""
-    model = random_model(attention=attention, positions="2d", window_rows=1, vocab_size=vocab, n_head=heads,
-                         bias=True)
+    both sides of the rows it holds in registers, vocabularies that are and are not whole vectors, head sizes
+    (4 to 48) that are and are not. In bf16 the kernel computes in float from bf16 weights and keys, the eager
+    step rounds every product to bf16."""
+    model = random_model(attention=attention, positions="2d", window_rows=1, vocab_size=vocab, n_embd=width,
+                         n_head=heads, bias=True)
     tokens = torch.randint(0, vocab, (rows, 25), generator=torch.Generator().manual_seed(2))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         logits = {}

@@ -112,12 +112,48 @@ static void norm_scales(const float* h, int64_t rows, int64_t d, float eps, floa
   }
 }
 
-// One (row, head)'s attention: store the new key and value in the cache's slot `write`, then attend
-// over `count` slots from `first`, `stride` apart; y gets the output. s: scratch for the scores.
+// One (row, head)'s attention over `count` cache slots from `first`, `stride` apart, the new key and value
+// already stored; y gets the output, s is scratch for the scores. Head sizes that are whole vectors keep q
+// and the output in registers (NV vectors) and score four keys at once; others take plain loops.
+template <typename T, int NV>
+static void attend_vectors(const float* q, const T* keys, const T* values, int64_t first, int64_t count,
+                           int64_t stride, float scale, float* s, float* y) {
+  constexpr int HD = NV * VL;
+  vec qv[NV], out[NV] = {};
+  for (int v = 0; v < NV; v++) qv[v] = load(q + v * VL) * splat(scale);
+  float top = -INFINITY;
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    vec acc[4] = {};
+    for (int v = 0; v < NV; v++)
+      for (int u = 0; u < 4; u++) acc[u] += qv[v] * load(keys + (first + (j + u) * stride) * HD + v * VL);
+    for (int u = 0; u < 4; u++) {
+      float dot = 0;
+      for (int l = 0; l < VL; l++) dot += acc[u][l];
+      s[j + u] = dot;
+      top = fmaxf(top, dot);
+    }
+  }
+  for (; j < count; j++) {
+    vec acc = {};
+    for (int v = 0; v < NV; v++) acc += qv[v] * load(keys + (first + j * stride) * HD + v * VL);
+    float dot = 0;
+    for (int l = 0; l < VL; l++) dot += acc[l];
+    s[j] = dot;
+    top = fmaxf(top, dot);
+  }
+  float total = 0;
+  for (j = 0; j < count; j++) { s[j] = exp_nonpositive(s[j] - top); total += s[j]; }
+  for (j = 0; j < count; j++) {
+    const vec p = splat(s[j]);
+    for (int v = 0; v < NV; v++) out[v] += p * load(values + (first + j * stride) * HD + v * VL);
+  }
+  for (int v = 0; v < NV; v++) store(y + v * VL, out[v] * splat(1.f / total));
+}
+
 template <typename T>
-static void attend(const float* q, const float* k, const float* v, T* keys, T* values, int64_t hd, int64_t write,
-                   int64_t first, int64_t count, int64_t stride, float scale, float* s, float* y) {
-  for (int64_t i = 0; i < hd; i++) { put(keys + write * hd + i, k[i]); put(values + write * hd + i, v[i]); }
+static void attend_scalar(const float* q, const T* keys, const T* values, int64_t hd, int64_t first, int64_t count,
+                          int64_t stride, float scale, float* s, float* y) {
   float top = -INFINITY;
   for (int64_t j = 0; j < count; j++) {
     const T* key = keys + (first + j * stride) * hd;
@@ -133,6 +169,22 @@ static void attend(const float* q, const float* k, const float* v, T* keys, T* v
     const T* value = values + (first + j * stride) * hd;
     const float p = s[j] / total;
     for (int64_t i = 0; i < hd; i++) y[i] += p * widen(value[i]);
+  }
+}
+
+// Store the new key and value k, v in slot `write`, then attend (above).
+template <typename T>
+static void attend(const float* q, const float* k, const float* v, T* keys, T* values, int64_t hd, int64_t write,
+                   int64_t first, int64_t count, int64_t stride, float scale, float* s, float* y) {
+  for (int64_t i = 0; i < hd; i++) { put(keys + write * hd + i, k[i]); put(values + write * hd + i, v[i]); }
+  switch (hd % VL ? 0 : hd / VL) {
+    case 1: return attend_vectors<T, 1>(q, keys, values, first, count, stride, scale, s, y);
+    case 2: return attend_vectors<T, 2>(q, keys, values, first, count, stride, scale, s, y);
+    case 3: return attend_vectors<T, 3>(q, keys, values, first, count, stride, scale, s, y);
+    case 4: return attend_vectors<T, 4>(q, keys, values, first, count, stride, scale, s, y);
+    case 6: return attend_vectors<T, 6>(q, keys, values, first, count, stride, scale, s, y);
+    case 8: return attend_vectors<T, 8>(q, keys, values, first, count, stride, scale, s, y);
+    default: return attend_scalar(q, keys, values, hd, first, count, stride, scale, s, y);
   }
 }
 
