@@ -20,7 +20,7 @@
 enum Kind { DENSE = 0, BAND = 1, COLUMN = 2 };  // attention/patterns.py's KINDS, in order
 enum Epilogue { STORE, ADD, SILU };             // what a product does with its result
 #define ROWS (REGS == 32 ? 8 : 4)               // batch rows held in registers at once
-#define COLS 2                                  // vectors of output columns per tile
+#define COLS 2                                  // vectors of output columns per tile: a panel
 
 // One layer as decoding.py packs it: ten addresses, then the pattern's kind, its window or side
 // (band, column) and the cache's slots per (batch, head).
@@ -29,77 +29,69 @@ struct Layer {
   int64_t kind, reach, slots;
 };
 
-// out[r][n] (=, +=, silu of) scale[r] * sum_k x[r][k] w[k][n] + bias[n], for R rows and NV vectors of
-// columns from n. x is (R, K) float; w is (K, N).
-template <typename T, int R, int NV>
-static inline void tile(const float* x, const float* scale, int64_t K, const T* w, const T* bias, int64_t N,
-                        float* out, int64_t n, Epilogue epilogue) {
-  vec acc[R][NV] = {};
+// The weights come packed in panels (decoding.KernelStep.pack): a (K, N) matrix as ceil(N / PANEL) panels
+// of (K, PANEL) each, contiguous, the last padded with zero columns, and its bias padded likewise, so a tile
+// streams its panel from memory in order instead of a short piece of each of K rows.
+#define PANEL (COLS * VL)
+
+static inline float silu(float a) { return a / (1.f + expf(fminf(-a, 80.f))); }
+
+// out[r][n0 + j] (=, +=, silu of) scale[r] * sum_k x[r][k] panel[k][j] + bias[j] for R rows (x: (R, K) float,
+// out: rows of N floats), the panel's first `valid` columns.
+template <typename T, int R>
+static inline void tile(const float* x, const float* scale, int64_t K, const T* panel, const T* bias, float* out,
+                        int64_t N, int64_t n0, int valid, Epilogue epilogue) {
+  vec acc[R][COLS] = {};
   for (int64_t k = 0; k < K; k++) {
-    vec wk[NV];
-    for (int v = 0; v < NV; v++) wk[v] = load(w + k * N + n + v * VL);
+    vec wk[COLS];
+    for (int v = 0; v < COLS; v++) wk[v] = load(panel + k * PANEL + v * VL);
     for (int r = 0; r < R; r++) {
       vec xr = splat(x[r * K + k]);
-      for (int v = 0; v < NV; v++) acc[r][v] += xr * wk[v];
+      for (int v = 0; v < COLS; v++) acc[r][v] += xr * wk[v];
     }
   }
   for (int r = 0; r < R; r++) {
-    float* o = out + r * N + n;
-    for (int v = 0; v < NV; v++) {
+    float result[PANEL];
+    for (int v = 0; v < COLS; v++) {
       vec a = acc[r][v] * splat(scale ? scale[r] : 1.f);
-      if (bias) a += load(bias + n + v * VL);
-      if (epilogue == ADD) a += load(o + v * VL);
-      store(o + v * VL, a);
+      if (bias) a += load(bias + v * VL);
+      store(result + v * VL, a);
     }
+    float* o = out + r * N + n0;
     if (epilogue == SILU)  // a loop of its own, so that it takes glibc's vector expf
-      for (int j = 0; j < NV * VL; j++) o[j] = o[j] / (1.f + expf(fminf(-o[j], 80.f)));
+      for (int j = 0; j < PANEL; j++) result[j] = silu(result[j]);
+    if (epilogue == ADD)
+      for (int j = 0; j < valid; j++) o[j] += result[j];
+    else
+      for (int j = 0; j < valid; j++) o[j] = result[j];
   }
 }
 
-// The columns past the last whole vector, one at a time.
-template <typename T>
-static void tail(const float* x, const float* scale, int64_t rows, int64_t K, const T* w, const T* bias, int64_t N,
-                 float* out, int64_t n0, Epilogue epilogue) {
-  for (int64_t r = 0; r < rows; r++)
-    for (int64_t n = n0; n < N; n++) {
-      float a = 0;
-      for (int64_t k = 0; k < K; k++) a += x[r * K + k] * widen(w[k * N + n]);
-      a = a * (scale ? scale[r] : 1.f) + (bias ? widen(bias[n]) : 0.f);
-      float* o = out + r * N + n;
-      *o = epilogue == ADD ? *o + a : epilogue == SILU ? a / (1.f + expf(fminf(-a, 80.f))) : a;
-    }
-}
-
-template <typename T, int NV>
-static void rows_of(const float* x, const float* scale, int64_t rows, int64_t K, const T* w, const T* bias, int64_t N,
-                    float* out, int64_t n, Epilogue e) {
-  int64_t r = 0;
-  for (; r + ROWS <= rows; r += ROWS) tile<T, ROWS, NV>(x + r * K, scale ? scale + r : 0, K, w, bias, N, out + r * N, n, e);
-  const float* xr = x + r * K; const float* sr = scale ? scale + r : 0; float* o = out + r * N;
-  switch (rows - r) {  // the batch's last rows, fewer than ROWS
-    case 1: tile<T, 1, NV>(xr, sr, K, w, bias, N, o, n, e); break;
-    case 2: tile<T, 2, NV>(xr, sr, K, w, bias, N, o, n, e); break;
-    case 3: tile<T, 3, NV>(xr, sr, K, w, bias, N, o, n, e); break;
-#if ROWS > 4
-    case 4: tile<T, 4, NV>(xr, sr, K, w, bias, N, o, n, e); break;
-    case 5: tile<T, 5, NV>(xr, sr, K, w, bias, N, o, n, e); break;
-    case 6: tile<T, 6, NV>(xr, sr, K, w, bias, N, o, n, e); break;
-    case 7: tile<T, 7, NV>(xr, sr, K, w, bias, N, o, n, e); break;
-#endif
-  }
-}
-
-// The product over every row, its column tiles shared out over the region's threads (call inside one).
+// The product over every row, its panels shared out over the region's threads (call inside one).
 template <typename T>
 static void product(const float* x, const float* scale, int64_t rows, int64_t K, const T* w, const T* bias, int64_t N,
                     float* out, Epilogue e) {
-  const int64_t width = COLS * VL, tiles = (N + width - 1) / width;
+  const int64_t panels = (N + PANEL - 1) / PANEL;
 #pragma omp for schedule(static)
-  for (int64_t c = 0; c < tiles; c++) {
-    int64_t n = c * width;
-    if (n + width <= N) { rows_of<T, COLS>(x, scale, rows, K, w, bias, N, out, n, e); continue; }
-    for (; n + VL <= N; n += VL) rows_of<T, 1>(x, scale, rows, K, w, bias, N, out, n, e);
-    if (n < N) tail(x, scale, rows, K, w, bias, N, out, n, e);
+  for (int64_t c = 0; c < panels; c++) {
+    const T* panel = w + c * K * PANEL;
+    const T* b = bias ? bias + c * PANEL : 0;
+    const int valid = (int)(N - c * PANEL < PANEL ? N - c * PANEL : PANEL);
+    int64_t r = 0;
+    for (; r + ROWS <= rows; r += ROWS)
+      tile<T, ROWS>(x + r * K, scale ? scale + r : 0, K, panel, b, out + r * N, N, c * PANEL, valid, e);
+    const float* xr = x + r * K; const float* sr = scale ? scale + r : 0; float* o = out + r * N;
+    switch (rows - r) {  // the batch's last rows, fewer than ROWS
+      case 1: tile<T, 1>(xr, sr, K, panel, b, o, N, c * PANEL, valid, e); break;
+      case 2: tile<T, 2>(xr, sr, K, panel, b, o, N, c * PANEL, valid, e); break;
+      case 3: tile<T, 3>(xr, sr, K, panel, b, o, N, c * PANEL, valid, e); break;
+#if ROWS > 4
+      case 4: tile<T, 4>(xr, sr, K, panel, b, o, N, c * PANEL, valid, e); break;
+      case 5: tile<T, 5>(xr, sr, K, panel, b, o, N, c * PANEL, valid, e); break;
+      case 6: tile<T, 6>(xr, sr, K, panel, b, o, N, c * PANEL, valid, e); break;
+      case 7: tile<T, 7>(xr, sr, K, panel, b, o, N, c * PANEL, valid, e); break;
+#endif
+    }
   }
 }
 
@@ -244,4 +236,5 @@ static int step(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t
 extern "C" {
 EXPORT(float, )
 EXPORT(bf16, _bf16)
+int decode_panel_width() { return PANEL; }
 }

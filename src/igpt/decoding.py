@@ -205,15 +205,16 @@ def _compiled_static_step(model: ImageGPT):
 _STEP_ARGUMENTS = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_float]
                    + [ctypes.c_void_p] * 5 + [ctypes.c_int])  # see decode_kernel.cpp's step
 KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
-                {"decode_step": _STEP_ARGUMENTS, "decode_step_bf16": _STEP_ARGUMENTS})
+                {"decode_step": _STEP_ARGUMENTS, "decode_step_bf16": _STEP_ARGUMENTS, "decode_panel_width": []})
 
 
 class KernelStep:
-    """The one-pixel step as one call to decode_kernel.cpp: the eager step's arithmetic on the same decode
-    weights and cache, from the tokens to float32 logits, with no Python between its operations.
+    """The one-pixel step as one call to decode_kernel.cpp: the eager step's arithmetic on the same cache, from
+    the tokens to float32 logits, with no Python between its operations.
 
-    Built per Decoder: it packs the addresses of the weights and of this cache's tensors once, so
-    both must stay where they are while it lives (they do: nothing reallocates them).
+    Built per Decoder. It holds the decode weights packed in the kernel's panels (`pack`), a
+    second copy while it lives, and the addresses of those and of this cache's tensors, which
+    nothing reallocates while it lives.
     """
 
     @staticmethod
@@ -225,19 +226,22 @@ class KernelStep:
         c = model.config
         self.config, self.cache = c, cache
         self.threads = torch.get_num_threads()
+        lib = KERNEL.library()
+        width = lib.decode_panel_width()
         with torch.no_grad():
             self.embed = model.wte.weight.float().contiguous()
             self.positions = model.positions(0, c.n_ctx).float().contiguous()
+            self.blocks = [[pack(*affine, width) for affine in block] for block in cache.weights.blocks]
+            self.head = pack(cache.weights.head, None, width)[0]
         rows = cache.batch
         self.work = torch.empty(rows * 9 * c.n_embd + self.threads * (c.n_ctx + rows))
         layers = []
-        for weights, pattern, keys, values in zip(cache.weights.blocks, cache.patterns, cache.k, cache.v):
-            addresses = [x.data_ptr() if x is not None else 0 for pair in weights for x in pair]
+        for block, pattern, keys, values in zip(self.blocks, cache.patterns, cache.k, cache.v):
+            addresses = [x.data_ptr() if x is not None else 0 for pair in block for x in pair]
             layers.append(addresses + [keys.data_ptr(), values.data_ptr(), KINDS.index(pattern.kind),
                                        pattern.window if pattern.kind == "band" else pattern.side, keys.shape[2]])
         self.layers = torch.tensor(layers, dtype=torch.int64)
-        bf16 = cache.k[0].dtype == torch.bfloat16
-        self.function = getattr(KERNEL.library(), "decode_step_bf16" if bf16 else "decode_step")
+        self.function = lib.decode_step_bf16 if cache.k[0].dtype == torch.bfloat16 else lib.decode_step
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) after feeding tokens (B,) at the cache's position; does not advance the cache."""
@@ -246,11 +250,19 @@ class KernelStep:
         logits = torch.empty(cache.batch, c.vocab_size)
         status = self.function(tokens.data_ptr(), cache.pos, self.layers.data_ptr(), c.n_layer, cache.batch,
                                c.n_embd, c.n_head, c.vocab_size, c.n_ctx, c.eps, self.embed.data_ptr(),
-                               self.positions.data_ptr(), cache.weights.head.data_ptr(), logits.data_ptr(),
+                               self.positions.data_ptr(), self.head.data_ptr(), logits.data_ptr(),
                                self.work.data_ptr(), self.threads)
         if status:
             raise IgptError(f"a token outside the vocabulary of {c.vocab_size} was fed to the decoder")
         return logits
+
+
+def pack(weight: torch.Tensor, bias: torch.Tensor | None, width: int) -> Affine:
+    """An (in, out) weight as the kernel reads it: panels of `width` output columns, each (in, width) and
+    contiguous, the last padded with zero columns; the bias padded likewise."""
+    padding = -weight.shape[1] % width
+    panels = F.pad(weight, (0, padding)).view(weight.shape[0], -1, width).transpose(0, 1).contiguous()
+    return panels, (F.pad(bias, (0, padding)) if bias is not None else None)
 
 
 class Decoder:
