@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ class DecodeWeights:
 
     blocks: list[tuple[Affine, Affine, Affine, Affine]]  # per block: qkv, attention output, fc, mlp output
     head: torch.Tensor
+    _panels: tuple | None = field(default=None, repr=False)
 
     @classmethod
     @torch.no_grad()
@@ -80,6 +81,15 @@ class DecodeWeights:
 
     def tensors(self) -> list[torch.Tensor]:
         return [w for block in self.blocks for pair in block for w in pair if w is not None] + [self.head]
+
+    @torch.no_grad()
+    def panels(self, width: int) -> tuple[list[list[Affine]], torch.Tensor]:
+        """The blocks and the head packed as decode_kernel.cpp reads them (`pack`), once for every Decoder
+        that shares these weights: a second copy of them."""
+        if self._panels is None:
+            self._panels = ([[pack(*affine, width) for affine in block] for block in self.blocks],
+                            pack(self.head, None, width)[0])
+        return self._panels
 
 
 def _affine(x: torch.Tensor, weight_bias: Affine) -> torch.Tensor:
@@ -212,9 +222,8 @@ class KernelStep:
     """The one-pixel step as one call to decode_kernel.cpp: the eager step's arithmetic on the same cache, from
     the tokens to float32 logits, with no Python between its operations.
 
-    Built per Decoder. It holds the decode weights packed in the kernel's panels (`pack`), a
-    second copy while it lives, and the addresses of those and of this cache's tensors, which
-    nothing reallocates while it lives.
+    Built per Decoder: it holds the addresses of the decode weights packed in the kernel's panels
+    (`DecodeWeights.panels`) and of this cache's tensors, which nothing reallocates while it lives.
     """
 
     @staticmethod
@@ -231,8 +240,7 @@ class KernelStep:
         with torch.no_grad():
             self.embed = model.wte.weight.float().contiguous()
             self.positions = model.positions(0, c.n_ctx).float().contiguous()
-            self.blocks = [[pack(*affine, width) for affine in block] for block in cache.weights.blocks]
-            self.head = pack(cache.weights.head, None, width)[0]
+        self.blocks, self.head = cache.weights.panels(width)
         rows = cache.batch
         self.work = torch.empty(rows * 9 * c.n_embd + self.threads * (c.n_ctx + rows))
         layers = []
