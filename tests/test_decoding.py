@@ -98,9 +98,14 @@ def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, wi
     torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=0)
 
 
-def test_the_kernel_step_refuses_a_token_outside_the_vocabulary():
+@torch.no_grad()
+def test_the_kernel_step_reads_any_integer_tokens_and_refuses_one_outside_the_vocabulary():
     model = random_model()
-    decoder = step_decoder(model, 2, "kernel")
-    decoder.feed(torch.zeros(2, 3, dtype=torch.long))
+    logits = []
+    for dtype in (torch.int64, torch.int32):
+        decoder = step_decoder(model, 2, "kernel")
+        decoder.feed(torch.zeros(2, 3, dtype=dtype))
+        logits.append(decoder.feed(torch.tensor([[1], [12]], dtype=dtype)))
+    torch.testing.assert_close(logits[0], logits[1])
     with pytest.raises(IgptError, match="outside the vocabulary of 13"):
         decoder.feed(torch.tensor([[1], [13]]))

@@ -254,7 +254,7 @@ class KernelStep:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) after feeding tokens (B,) at the cache's position; does not advance the cache."""
         c, cache = self.config, self.cache
-        tokens = tokens.contiguous()
+        tokens = tokens.to(torch.int64).contiguous()  # what the kernel reads
         logits = torch.empty(cache.batch, c.vocab_size)
         status = self.function(tokens.data_ptr(), cache.pos, self.layers.data_ptr(), c.n_layer, cache.batch,
                                c.n_embd, c.n_head, c.vocab_size, c.n_ctx, c.eps, self.embed.data_ptr(),
