@@ -392,7 +392,6 @@ def remaking_command(record: dict, parser: argparse.ArgumentParser | None = None
     return shlex.join(words)
 
 
-
 PLANNED = ("train", "finetune", "demo")  # commands whose plan line, before the first step, names the precision
 
 
