@@ -29,7 +29,7 @@ matmul peak measured in the same run.
 
 Sampling (--sample, default 16:8 32:8 32:64 64:8; --full adds 64:64, for the 64x64 goal: dense then reads
 about 1 GB of keys and values a step, minutes a run, so count on half an hour more, or less with --sample-repeat 1):
-images/s of igpt.sample.sample (eager, the CPU's fastest) on random weights, all patterns in
+images/s of igpt.sample.sample (its default step: igpt's decode kernel on CPUs) on random weights, all patterns in
 turns, best of --sample-repeat. Its floor is the bytes every pixel step must read, the decode
 weights plus the keys and values the pattern reads at that position in every layer, at the
 read bandwidth this run measures for a working set of that size (torch.sum over a tensor of it:

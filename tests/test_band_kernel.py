@@ -1,6 +1,6 @@
 """igpt's C++ band kernel (igpt/attention/band_kernel.py): exact against dense attention under the band's mask,
-in float32 and bfloat16, chosen by band_attention on a CPU, built once into the cache, and replaced by
-PyTorch's kernels wherever it cannot be built."""
+in float32 and bfloat16, chosen by band_attention on a CPU, and called from compiled graphs. How it is built,
+and what happens where it cannot be: tests/test_kernels.py."""
 
 import copy
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from igpt.cli import build_parser
 from igpt.cli import build_parser, command_parsers, remaking_command
 from igpt.clidoc import REGENERATE, cell, default_and_help, invocation, reference_markdown
 

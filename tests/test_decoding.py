@@ -99,7 +99,7 @@ def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, wi
 
 
 @torch.no_grad()
-def test_the_kernel_step_reads_any_integer_tokens_and_refuses_one_outside_the_vocabulary():
+def test_the_kernel_step_reads_any_integer_tokens_and_refuses_bad_ones():
     model = random_model()
     logits = []
     for dtype in (torch.int64, torch.int32):
@@ -109,3 +109,14 @@ def test_the_kernel_step_reads_any_integer_tokens_and_refuses_one_outside_the_vo
     torch.testing.assert_close(logits[0], logits[1])
     with pytest.raises(IgptError, match="outside the vocabulary of 13"):
         decoder.feed(torch.tensor([[1], [13]]))
+    with pytest.raises(IgptError, match="holds 2 rows; it was fed tokens of shape \\(1,\\)"):
+        decoder.feed(torch.tensor([[1]]))
+
+
+def test_the_kernel_step_stands_aside_for_decode_weights_of_another_dtype():
+    """Weights laid out for one dtype and a cache of another: the eager step's own error, not the kernel's misreads."""
+    model = random_model()
+    weights = Decoder(model, 1).weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder = Decoder(model, 1, weights=weights)
+    assert decoder.kernel_step is None

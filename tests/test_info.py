@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from igpt.info import NOT_INSTALLED, caches, kernels, cpu, cpuinfo, environment, format_environment, version_of
+from igpt.info import NOT_INSTALLED, caches, cpu, cpuinfo, environment, format_environment, kernels, version_of
 
 CPUINFO = """processor\t: 0
 model name\t: Example CPU 9000

@@ -7,8 +7,8 @@ Why the block is written here a second time, with its weights folded (`DecodeWei
 step at a small batch is a chain of tiny operations whose number, not their arithmetic, sets
 its pace, and folding the norm gains and GELU's scale into the matrices removes a third of
 them. tests/test_attention.py::test_cached_decoding_equals_the_full_forward_at_every_position
-holds every pattern's steps equal to the model's forward, and this is the only other place
-the block's forward is written. Three forms of the one-pixel step exist:
+holds every pattern's steps equal to the model's forward, and this file (with its C++ step,
+decode_kernel.cpp) is the only other place the block's forward is written. Three forms of the one-pixel step exist:
 
 - eager: attention over the pixels so far only (half the work on average);
 - kernel: the eager step's arithmetic in one call to decode_kernel.cpp (`KernelStep`), the
@@ -52,12 +52,13 @@ class DecodeWeights:
     sets the pace. So each RMS-norm gain is folded into the matrix that reads the normalised
     vector, quick GELU's 1.702 into the MLP's matrices (it becomes one silu), q/k/v are one
     matrix, and all are stored (in, out) for torch.mm. Costs one copy of the block weights
-    (in the autocast dtype when autocasting) while it lives.
+    (in the autocast dtype when autocasting) while it lives, and a second where the kernel
+    step packs them (`panels`).
     """
 
     blocks: list[tuple[Affine, Affine, Affine, Affine]]  # per block: qkv, attention output, fc, mlp output
     head: torch.Tensor
-    _panels: tuple | None = field(default=None, repr=False)
+    _panels: dict = field(default_factory=dict, repr=False)  # panel width: the packed blocks and head
 
     @classmethod
     @torch.no_grad()
@@ -86,10 +87,10 @@ class DecodeWeights:
     def panels(self, width: int) -> tuple[list[list[Affine]], torch.Tensor]:
         """The blocks and the head packed as decode_kernel.cpp reads them (`pack`), once for every Decoder
         that shares these weights: a second copy of them."""
-        if self._panels is None:
-            self._panels = ([[pack(*affine, width) for affine in block] for block in self.blocks],
-                            pack(self.head, None, width)[0])
-        return self._panels
+        if width not in self._panels:
+            self._panels[width] = ([[pack(*affine, width) for affine in block] for block in self.blocks],
+                                   pack(self.head, None, width)[0])
+        return self._panels[width]
 
 
 def _affine(x: torch.Tensor, weight_bias: Affine) -> torch.Tensor:
@@ -228,8 +229,10 @@ class KernelStep:
 
     @staticmethod
     def applies(cache: KVCache) -> bool:
-        return cache.k[0].device.type == "cpu" and cache.k[0].dtype in (torch.float32, torch.bfloat16) \
-            and KERNEL.available()
+        """A CPU cache in float32 or bfloat16 whose decode weights share its dtype, and the kernel built."""
+        dtype = cache.k[0].dtype
+        return cache.k[0].device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) \
+            and cache.weights.head.dtype == dtype and KERNEL.available()
 
     def __init__(self, model: ImageGPT, cache: KVCache):
         c = model.config
@@ -242,7 +245,7 @@ class KernelStep:
             self.positions = model.positions(0, c.n_ctx).float().contiguous()
         self.blocks, self.head = cache.weights.panels(width)
         rows = cache.batch
-        self.work = torch.empty(rows * 9 * c.n_embd + self.threads * (c.n_ctx + rows))
+        self.work = torch.empty(rows * 9 * c.n_embd + self.threads * (c.n_ctx + rows), dtype=torch.float32)
         layers = []
         for block, pattern, keys, values in zip(self.blocks, cache.patterns, cache.k, cache.v):
             addresses = [x.data_ptr() if x is not None else 0 for pair in block for x in pair]
@@ -254,8 +257,10 @@ class KernelStep:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) after feeding tokens (B,) at the cache's position; does not advance the cache."""
         c, cache = self.config, self.cache
+        if tokens.shape != (cache.batch,):
+            raise IgptError(f"the decoder holds {cache.batch} rows; it was fed tokens of shape {tuple(tokens.shape)}")
         tokens = tokens.to(torch.int64).contiguous()  # what the kernel reads
-        logits = torch.empty(cache.batch, c.vocab_size)
+        logits = torch.empty(cache.batch, c.vocab_size, dtype=torch.float32)
         status = self.function(tokens.data_ptr(), cache.pos, self.layers.data_ptr(), c.n_layer, cache.batch,
                                c.n_embd, c.n_head, c.vocab_size, c.n_ctx, c.eps, self.embed.data_ptr(),
                                self.positions.data_ptr(), self.head.data_ptr(), logits.data_ptr(),
@@ -280,7 +285,7 @@ class Decoder:
     sampling call lays them out once for all its batches. `static`: one-pixel steps through
     the static step; `compile`: that step compiled (CUDA graphs on GPUs, where it removes the
     launch overhead). Otherwise `kernel`: steps through decode_kernel.cpp where it applies (a CPU, a
-    C++ compiler: `KernelStep`), else the eager step.
+    float32 or bfloat16 cache, a C++ compiler: `KernelStep.applies`), else the eager step.
     """
 
     def __init__(self, model: ImageGPT, batch: int, *, weights: DecodeWeights | None = None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -155,17 +154,13 @@ def kernels() -> dict:
     """The C++ compiler, and whether each of igpt's C++ kernels is turned on and built (its files in the cache),
     without building any."""
     import igpt.decoding  # noqa: F401  (defines the decode kernel, and imports the band kernel)
-    from igpt.data.sources import cache_root
-    from igpt.kernels import KERNELS
+    from igpt.kernels import KERNELS, compiler_command, folder
 
-    folder = cache_root() / "kernels"
-    compiler = shlex.split(os.environ.get("CXX") or "c++")[0]
+    compiler = compiler_command()[0]
     facts = {"c++ compiler": shutil.which(compiler) or f"{compiler} not found"}
     for kernel in KERNELS:
-        stem = kernel.source.stem
-        built = sorted(folder.glob(f"{stem}-*.so"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-        facts[kernel.name] = {"enabled": os.environ.get(kernel.switch, "1") != "0",
-                              "built": [str(path) for path in built] or f"not yet (compiled on first use into {folder})"}
+        facts[kernel.name] = {"enabled": kernel.enabled(), "built": [str(path) for path in kernel.built()]
+                              or f"not yet (compiled on first use into {folder()})"}
     return facts
 
 

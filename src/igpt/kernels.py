@@ -51,6 +51,15 @@ class Kernel:
     def available(self) -> bool:
         return self.library() is not None
 
+    def enabled(self) -> bool:
+        """False where IGPT_<NAME>=0 turns it off."""
+        return os.environ.get(self.switch, "1") != "0"
+
+    def built(self) -> list[Path]:
+        """Its libraries in the cache, oldest first, without building any."""
+        here = folder()
+        return sorted(here.glob(f"{self.source.stem}-*.so"), key=lambda p: p.stat().st_mtime) if here.is_dir() else []
+
     def library(self) -> ctypes.CDLL | None:
         """The compiled library, built or loaded once per process, or None (turned off, or no working compiler:
         the reason goes to the log)."""
@@ -64,7 +73,7 @@ class Kernel:
         self._library, self._tried = None, False
 
     def _load(self) -> ctypes.CDLL | None:
-        if os.environ.get(self.switch, "1") == "0":
+        if not self.enabled():
             return None
         try:
             path = self.build()
@@ -90,7 +99,7 @@ class Kernel:
         or an interrupted copy, overwritten) is built again before anything maps it, since loading a
         damaged one kills the process with a bus error rather than raise.
         """
-        name, *options = shlex.split(os.environ.get("CXX") or "c++")  # CXX may be a command: "ccache g++"
+        name, *options = compiler_command()
         compiler = shutil.which(name)
         if compiler is None:
             raise OSError(f"no C++ compiler ({name}) on the PATH")
@@ -98,7 +107,7 @@ class Kernel:
         texts = [path.read_text() for path in (self.source, *HEADERS)]
         key = hashlib.sha256("\0".join([*texts, compiler, *options, str(binary.st_size), str(binary.st_mtime_ns),
                                          *COMPILE, *LINK, cpu_identity()]).encode())
-        path = cache_root() / "kernels" / f"{self.source.stem}-{key.hexdigest()[:16]}.so"
+        path = folder() / f"{self.source.stem}-{key.hexdigest()[:16]}.so"
         if intact(path):
             return path
         if path.exists():
@@ -135,6 +144,16 @@ def intact(library_path: Path) -> bool:
         return json.loads(build_record(library_path).read_text()) == fingerprint(library_path)
     except (OSError, ValueError):
         return False
+
+
+def folder() -> Path:
+    """Where the libraries are built: the igpt cache's `kernels` folder."""
+    return cache_root() / "kernels"
+
+
+def compiler_command() -> list[str]:
+    """The C++ compiler as a command: $CXX (which may carry words of its own: "ccache g++"), else c++."""
+    return shlex.split(os.environ.get("CXX") or "c++")
 
 
 def cpu_identity() -> str:
