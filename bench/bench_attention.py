@@ -62,8 +62,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (add_device_options, attended_keys, band_kernel_state, best_of, machine, matmul_peak,
-                    pattern_train_flops_per_token, peak_memory, read_bandwidth, reset_peak_memory, result_row, synchronize, write_json)
+from common import (add_device_options, band_kernel_state, best_of, machine, matmul_peak,
+                    pattern_train_flops_per_token, peak_memory, read_bandwidth, reset_peak_memory, result_row, step_bytes,
+                    synchronize, write_json)
 from igpt.batches import Batch
 from igpt.decoding import Decoder
 from igpt.distributed import World
@@ -256,14 +257,6 @@ def warm(model: ImageGPT, batch: int) -> None:
     logits = decoder.feed(None)
     for _ in range(3):
         logits = decoder.feed(logits.argmax(-1)[:, None])
-
-
-def step_bytes(config: ImageGPTConfig, batch: int, element: int) -> np.ndarray:
-    """Bytes each pixel step reads, per position: the decode weights (12 L d^2 + d x vocab) once, and the keys
-    and values the pattern reads at that position in every layer, for every row of the batch."""
-    d = config.n_embd
-    weights = (12 * config.n_layer * d * d + d * config.vocab_size) * element
-    return weights + batch * 2 * d * element * attended_keys(config).sum(0)
 
 
 class Bandwidth:

@@ -384,7 +384,7 @@ def main() -> None:
 
 
 def measure(args) -> dict:
-    summary = {"machine": machine(), "cores": len(os.sched_getaffinity(0)), "images": args.images, "val": args.val,
+    summary = {"machine": machine(), "cores": cores(), "images": args.images, "val": args.val,
                "grad_accum": args.grad_accum}
     start = time.perf_counter()
     write_release(args.workdir / "imagenet32", args.images, args.val)

@@ -29,9 +29,9 @@ import torch
 
 from common import (DTYPES, HuggingFaceAsIgpt, add_device_options, add_precisions_option, best_of, exported_to_hf,
                     machine, matmul_peaks, of_peak, optimizer_step, pattern_train_flops_per_token, peaks_line,
-                    random_batch, result_row, timed_precisions, write_json)
+                    random_batch, result_row, seeded_model, timed_precisions, write_json)
 from igpt.attention import choose_backend, layer_pattern
-from igpt.model import ImageGPT, ImageGPTConfig
+from igpt.model import ImageGPTConfig
 
 PATTERN_SHAPE = dict(n_layer=4, n_embd=192, n_head=6)
 PAPER_SHAPE = dict(n_layer=6, n_embd=384, n_head=8)
@@ -42,13 +42,6 @@ CASES = {  # name: objective, attention, positions
     "dense-1d bert": ("bert", "dense", "1d"),
 }
 QUICK_CASE = "strided-2d ar"
-
-
-def seeded_model(config: ImageGPTConfig, device: str) -> ImageGPT:
-    """The same initial weights for every precision and contender of a case."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return ImageGPT(config).to(device).train()
 
 
 def warmed(steps: dict, times: int = 2) -> dict:

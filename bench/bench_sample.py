@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from common import (DTYPES, add_device_options, add_precisions_option, attended_keys, autocast, best_of,
-                    exported_to_hf, hf_input_ids, machine, matmul_peaks, peaks_line, read_bandwidth, result_row,
-                    synchronize, timed_precisions, write_json)
+                    decode_weight_count, exported_to_hf, hf_input_ids, machine, matmul_peaks, peaks_line,
+                    read_bandwidth, result_row, step_bytes, synchronize, timed_precisions, write_json)
 from igpt.attention import layer_pattern
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.sample import sample
@@ -59,17 +59,15 @@ def uncached(model: ImageGPT, batch: int, pixels: int) -> None:
 def step_costs(config: ImageGPTConfig, batch: int, element: int) -> tuple[np.ndarray, np.ndarray]:
     """Bytes read and FLOPs of the one-pixel step at each position: the decode weights once, and the keys and values
     each layer's pattern attends at that position, for every row of the batch."""
-    d = config.n_embd
-    weights = 12 * config.n_layer * d * d + d * config.vocab_size
     keys = attended_keys(config).sum(0)  # over the layers
-    return (weights + 2 * batch * d * keys) * element, 2.0 * batch * weights + 4.0 * batch * d * keys
+    return (step_bytes(config, batch, element),
+            2.0 * batch * decode_weight_count(config) + 4.0 * batch * config.n_embd * keys)
 
 
 def working_set(config: ImageGPTConfig, batch: int, element: int) -> int:
     """Bytes the sampler holds: the decode weights and the whole key/value cache (what each layer's pattern keeps)."""
-    d = config.n_embd
     slots = sum(layer_pattern(config, layer).slots(config.n_ctx) for layer in range(config.n_layer))
-    return (12 * config.n_layer * d * d + d * config.vocab_size + 2 * batch * d * slots) * element
+    return (decode_weight_count(config) + 2 * batch * config.n_embd * slots) * element
 
 
 def floor(config: ImageGPTConfig, batch: int, precision: str, peak: float, device: str) -> dict:

@@ -130,12 +130,9 @@ def step_seconds(config, batch_size: int, device="cpu", precision: str = "fp32",
     (igpt.train.train_step, igpt.train.median_seconds): the model alone, without the data thread, validations or
     checkpoints that `igpt train --minutes` also counts. compile: the model as `--compile` runs it (its
     compilation is left out)."""
-    from igpt.model import ImageGPT
     from igpt.train import median_seconds
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = ImageGPT(config).to(device)
+    model = seeded_model(config, device)
     tokens, mask = random_batch(config, batch_size, device)
     step = optimizer_step(torch.compile(model) if compile else model, tokens, precision, mask)
     return median_seconds(lambda _: step(), torch.device(device), warm=3 if compile else 1, timed=steps)
@@ -236,6 +233,26 @@ def attended_keys(config) -> np.ndarray:
     from igpt.attention import layer_pattern
 
     return np.stack([layer_pattern(config, layer).mask(config.n_ctx).sum(1).numpy() for layer in range(config.n_layer)])
+
+
+def decode_weight_count(config) -> int:
+    """Elements of the decode weights a sampling step reads once: 12 L d^2 in the blocks, d x vocab in the head."""
+    return 12 * config.n_layer * config.n_embd**2 + config.n_embd * config.vocab_size
+
+
+def step_bytes(config, batch: int, element: int) -> np.ndarray:
+    """Bytes each pixel step reads, per position: the decode weights once, and the keys and values the pattern
+    reads at that position in every layer, for every row of the batch."""
+    return (decode_weight_count(config) + batch * 2 * config.n_embd * attended_keys(config).sum(0)) * element
+
+
+def seeded_model(config, device: str):
+    """The same initial weights for every precision and contender of a case, in training mode."""
+    from igpt.model import ImageGPT
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ImageGPT(config).to(device).train()
 
 
 def pattern_train_flops_per_token(config) -> float:
@@ -401,7 +418,7 @@ def write_training_json(path: str | None, benchmark: str, device: str, label: st
     row = result_row(label, tokens_per_s=rates[best], images_per_s=rates[best] / config.n_ctx,
                      mfu=of_peak(rates[best], flops, peaks, mode_precision(best[1])), vs_hugging_face=vs_hugging_face,
                      notes=notes)
-    auto = peak_name(device) if peak_name(device) in peaks else next(iter(peaks))
+    auto = peak_name(device)
     write_json(path, benchmark, device, [row], peak_flops=peaks[auto], peak_dtype=auto, peaks=peaks,
                flops_per_token=flops, tokens_per_s={", ".join(key): rate for key, rate in rates.items()},
                of_peak={", ".join(key): of_peak(rate, flops, peaks, mode_precision(key[1]))

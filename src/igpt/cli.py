@@ -376,13 +376,13 @@ def _flag_words(action: argparse.Action, value) -> list[str]:
     return [action.option_strings[0], *values]
 
 
-def remaking_command(record: dict, parser: argparse.ArgumentParser | None = None) -> str | None:
+def remaking_command(record: dict) -> str | None:
     """The `igpt train` (or `igpt finetune`) command, with --out RUN_PLACEHOLDER, whose flags give the settings a
     run.json records; None for a record no command makes."""
     name = KIND_COMMANDS.get(record.get("kind"))
     if name is None:
         return None
-    command = next(sub for listed, _, sub in command_parsers(parser or build_parser()) if listed == name)
+    command = next(sub for listed, _, sub in command_parsers(build_parser()) if listed == name)
     values = {**(record.get("data") or {}), **(record.get("config") or {}), "ckpt": record.get("source"),
               "out": RUN_PLACEHOLDER}
     words = ["igpt", name]
@@ -395,18 +395,19 @@ def remaking_command(record: dict, parser: argparse.ArgumentParser | None = None
 PLANNED = ("train", "finetune", "demo")  # commands whose plan line, before the first step, names the precision
 
 
-def _choose_precision(args: argparse.Namespace) -> str | None:
+def _choose_precision(args: argparse.Namespace) -> tuple[str | None, bool]:
     """--precision resolved once for the command (auto: bf16 where native) and passed on resolved, so the files
-    it writes record what ran; returns the line that says what was chosen and why."""
+    it writes record what ran; returns the line that says what was chosen and why, and whether it warns (bf16
+    asked for where it runs emulated)."""
     from igpt.distributed import resolve_device
-    from igpt.precision import precision_choice, resolve_precision
+    from igpt.precision import bf16_native, precision_choice, resolve_precision
 
     if getattr(args, "precision", None) is None:
-        return None
+        return None, False
     device = resolve_device(getattr(args, "device", None))
     line = precision_choice(args.precision, device)
     args.precision = resolve_precision(args.precision, device)
-    return line
+    return line, args.precision == "bf16" and not bf16_native(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,11 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help() if args.command is None else parser.parse_args([args.command, "--help"])
         return 2
     try:
-        precision = _choose_precision(args)
-        if precision and "warning" in precision:
+        precision, warns = _choose_precision(args)
+        if warns:
             print(f"igpt: {precision}", file=sys.stderr)
         args.func(args)
-        if precision and "warning" not in precision and args.command not in PLANNED and not getattr(args, "quiet", False):
+        if precision and not warns and args.command not in PLANNED and not getattr(args, "quiet", False):
             print(f"igpt: {precision}", file=sys.stderr)
     except IgptError as err:
         print(f"igpt: error: {err}", file=sys.stderr)

@@ -15,10 +15,6 @@ from igpt.cli import build_parser, command_parsers
 REGENERATE = "python -m igpt.clidoc docs/cli.md"
 
 
-def _parser(parser: argparse.ArgumentParser | None) -> argparse.ArgumentParser:
-    return parser if parser is not None else build_parser()
-
-
 # ---- the reference ----------------------------------------------------------------------------
 def cell(text: str) -> str:
     """Text that stays one markdown table cell and shows as written."""
@@ -29,14 +25,7 @@ def invocation(action: argparse.Action) -> str:
     """How a flag is written: `--steps STEPS`, `--crop, --no-crop`, `IMAGES [IMAGES ...]`."""
     if action.option_strings and action.nargs == 0:
         return ", ".join(action.option_strings)
-    if action.metavar is not None:
-        metavar = action.metavar
-    elif action.choices is not None:
-        metavar = "{" + ",".join(map(str, action.choices)) + "}"
-    else:
-        metavar = action.dest.upper()
-    value = {None: metavar, "?": f"[{metavar}]", "*": f"[{metavar} ...]", "+": f"{metavar} [{metavar} ...]"}.get(
-        action.nargs, " ".join([metavar] * action.nargs) if isinstance(action.nargs, int) else metavar)
+    value = argparse.HelpFormatter("igpt")._format_args(action, action.dest.upper())  # as --help writes it
     return " ".join([action.option_strings[0], value]) if action.option_strings else value
 
 
@@ -74,10 +63,9 @@ def command_section(name: str, help_text: str, command: argparse.ArgumentParser)
     return lines + ([""] + groups if groups else []) + [""]
 
 
-def reference_markdown(parser: argparse.ArgumentParser | None = None) -> str:
+def reference_markdown() -> str:
     """docs/cli.md: a table of the commands, then each command's flags with their defaults and help."""
-    parser = _parser(parser)
-    listed = command_parsers(parser)
+    listed = command_parsers(build_parser())
     lines = [f"_Generated from the `igpt` parser by `{REGENERATE}`; do not edit._", "", "# igpt command reference", "",
              "`igpt --version` prints the version; `igpt COMMAND --help` prints a command's flags, as below.", "",
              "| command | what it does |", "|---|---|"]

@@ -22,11 +22,11 @@ enum Epilogue { STORE, ADD, SILU };             // what a product does with its 
 #define ROWS (REGS == 32 ? 8 : 4)               // batch rows held in registers at once
 #define COLS 2                                  // vectors of output columns per tile: a panel
 
-// One layer as decoding.py packs it: ten addresses, then the pattern's kind, its window or side
-// (band, column) and the cache's slots per (batch, head).
+// One layer as decoding.py packs it: ten addresses, then the pattern's kind, the image's side (what a
+// column layer strides by) and the cache's slots per (batch, head) (a band layer's ring: its window).
 struct Layer {
   int64_t qkv, qkv_bias, proj, proj_bias, fc, fc_bias, out, out_bias, keys, values;
-  int64_t kind, reach, slots;
+  int64_t kind, side, slots;
 };
 
 // The weights come packed in panels (decoding.KernelStep.pack): a (K, N) matrix as ceil(N / PANEL) panels
@@ -205,8 +205,8 @@ static int step(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t
       norm_scales(h, rows, d, eps, scale);
       product(h, scale, rows, d, (const T*)L.qkv, (const T*)L.qkv_bias, 3 * d, qkv, STORE);
       int64_t write = pos, first = 0, count = pos + 1, stride = 1;
-      if (L.kind == BAND) { write = pos % L.reach; count = pos + 1 < L.reach ? pos + 1 : L.reach; }
-      if (L.kind == COLUMN) { first = pos % L.reach; count = pos / L.reach + 1; stride = L.reach; }
+      if (L.kind == BAND) { write = pos % L.slots; count = pos + 1 < L.slots ? pos + 1 : L.slots; }  // the ring
+      if (L.kind == COLUMN) { first = pos % L.side; count = pos / L.side + 1; stride = L.side; }
 #pragma omp for schedule(static)
       for (int64_t pair = 0; pair < rows * heads; pair++) {
         const int64_t r = pair / heads, n = pair % heads, at = pair * L.slots * hd;

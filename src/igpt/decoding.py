@@ -249,8 +249,8 @@ class KernelStep:
         layers = []
         for block, pattern, keys, values in zip(self.blocks, cache.patterns, cache.k, cache.v):
             addresses = [x.data_ptr() if x is not None else 0 for pair in block for x in pair]
-            layers.append(addresses + [keys.data_ptr(), values.data_ptr(), KINDS.index(pattern.kind),
-                                       pattern.window if pattern.kind == "band" else pattern.side, keys.shape[2]])
+            layers.append(addresses + [keys.data_ptr(), values.data_ptr(), KINDS.index(pattern.kind), pattern.side,
+                                       keys.shape[2]])
         self.layers = torch.tensor(layers, dtype=torch.int64)
         self.function = lib.decode_step_bf16 if cache.k[0].dtype == torch.bfloat16 else lib.decode_step
 

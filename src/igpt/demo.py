@@ -7,8 +7,8 @@ library's own pipeline, the one its `igpt` command runs. The plan (resolution, p
 PLANS' for the data sets sized by hand, else igpt.plan's, the judgement `igpt train` starts from,
 kept small enough for minutes. Pretraining gets TRAIN_SHARE of the
 budget as the Trainer's --minutes: the loop times its own steps, validation, checkpoint and
-sample grid on this machine and sizes the run to fit. It trains in fp32, PretrainConfig's
-default: choosing bf16 where it is faster would mean timing both, which the loop does not do.
+sample grid on this machine and sizes the run to fit. It trains in --precision (auto: bf16 where
+the hardware runs it natively), and the summary records what the Trainer resolved that to.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def run_demo(spec: str = DEFAULT_DATA, out: str | Path | None = None, *, budget_
         if not labelled:
             log("  skipped: the data has no class labels")
     result = {
-        "plan": dataclasses.asdict(plan), "steps": trained["step"], "precision": plan.pretrain.precision,
+        "plan": dataclasses.asdict(plan), "steps": trained["step"], "precision": trainer.config.precision,
         "device": str(device), "model": dataclasses.asdict(model.config),
         "n_params": sum(p.numel() for p in model.parameters()), "eval": evaluation,
         "best_val_bits_per_pixel": trained["best_val_loss"] / LN2, "probe": probe, "sample_quality": sample_quality,

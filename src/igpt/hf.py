@@ -25,7 +25,7 @@ from igpt.config import option
 from igpt.data import NAMED
 from igpt.errors import IgptError
 from igpt.fileio import atomic_write, atomic_write_json, atomic_write_text
-from igpt.model import ImageGPT, ImageGPTConfig
+from igpt.model import ImageGPT, ImageGPTConfig, num_params
 from igpt.palette import HF_CONFIG_NAME, Palette
 from igpt.runrecord import RUN_CONFIG, read_record
 
@@ -281,7 +281,7 @@ class ModelCard:
         config = model.config
         facts = [("resolution", f"{config.side}x{config.side} pixels"), ("palette", f"{palette.size} colours"),
                  ("network", f"{config.n_layer} layers, width {config.n_embd}, {config.n_head} heads, "
-                             f"{sum(p.numel() for p in model.parameters()):,} parameters"),
+                             f"{num_params(config):,} parameters"),
                  ("data", self.data), ("training", self.kind and f"{self.kind}, {self.steps or 0:,} steps")]
         if self.evaluation is not None:
             split = self.evaluation.get("split", "test")

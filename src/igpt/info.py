@@ -121,14 +121,14 @@ def cpuinfo(text: str | None = None) -> dict[str, str]:
 
 def cpu(entries: dict[str, str] | None = None) -> dict:
     """The CPU's model, cores and the flags that matter, with torch's own view (every OS) and bf16 nativeness."""
+    from igpt.data.cache import cores
     from igpt.precision import bf16_native
 
     entries = cpuinfo() if entries is None else entries
     model = entries.get("model name") or entries.get("Model") or entries.get("Hardware") or platform.processor()
     listed = set((entries.get("flags") or entries.get("Features") or "").split())
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"model": model or platform.machine(), "machine": platform.machine(), "cores": os.cpu_count(),
-            "cores usable": usable, "torch threads": torch.get_num_threads(),
+            "cores usable": cores(), "torch threads": torch.get_num_threads(),
             "flags": [flag for flag in CPU_FLAGS if flag in listed] if listed else "not listed on this OS",
             "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
             "bf16 native": bf16_native(torch.device("cpu"))}
@@ -183,9 +183,10 @@ def caches() -> dict:
     root = cache_root()
     if not root.is_dir():
         return {"folder": f"{root} (empty: not created yet)"}
-    parts = sorted(p for p in root.iterdir() if p.is_dir())
-    return {"folder": str(root), **{part.name: human_size(folder_size(part)) for part in parts},
-            "total": human_size(folder_size(root))}
+    sizes = {part.name: folder_size(part) for part in sorted(root.iterdir()) if part.is_dir()}
+    loose = sum(entry.lstat().st_size for entry in root.iterdir() if not entry.is_dir())  # files beside the parts
+    return {"folder": str(root), **{name: human_size(size) for name, size in sizes.items()},
+            "total": human_size(sum(sizes.values()) + loose)}
 
 
 def human_size(n: float) -> str:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from igpt.data import DataConfig, open_source
+from igpt.data import DataConfig, image_count, open_source
 from igpt.data.folders import FileSplit
 from igpt.data.images import decode, fit_to
 from igpt.errors import IgptError
@@ -67,8 +67,7 @@ def native_side(data: DataConfig) -> int:
     native = open_source(data.name, data.data_dir)
     crop = data.crop or native.crop
     split = native.splits.get("train") or next(iter(native.splits.values()))
-    count = len(split.names) if isinstance(split, FileSplit) else len(split.images)
-    rows = sample_rows(count).tolist()
+    rows = sample_rows(image_count(split)).tolist()
     if isinstance(split, FileSplit):
         images = []
         for file, source in split.read(rows):

@@ -24,8 +24,8 @@ from igpt.errors import IgptError
 from igpt.evaluate import LN2, evaluate
 from igpt.model import ATTENTIONS, OBJECTIVES, POSITIONS, PRESETS, ImageGPT, ImageGPTConfig
 from igpt.palette import Palette
-from igpt.plan import (BUDGET_MINUTES, PALETTE_SIZES, PAPER_RESOLUTION, PIXELS_PER_MINUTE, palette_size,
-                       resolution_for, size_data)
+from igpt.plan import (BUDGET_MINUTES, PALETTE_SIZES, PAPER_RESOLUTION, PIXELS_PER_MINUTE, budget_minutes,
+                       palette_size, resolution_for)
 from igpt.precision import autocast
 from igpt.runrecord import RunInfo
 from igpt.train import Task, TrainConfig, inherited
@@ -102,7 +102,7 @@ def planned(data: dict, pretrain: dict, resuming: str | Path | None = None) -> t
     if "resolution" not in data:
         described = described.replace(resolution=resolution_for(described))
     if unsized:
-        cfg = dataclasses.replace(cfg, minutes=size_data(described).budget_minutes)
+        cfg = dataclasses.replace(cfg, minutes=budget_minutes(len(described.images("train").images), described.resolution))
     return described, cfg
 
 

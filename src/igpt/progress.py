@@ -41,7 +41,7 @@ class OutputOptions:
     @property
     def progress(self) -> bool:
         """Whether the pipeline shows progress at all (a bar or lines: `progress_bar` picks)."""
-        return style(self.quiet) != QUIET
+        return not self.quiet
 
     @property
     def log(self) -> Callable[[str], None]:

@@ -381,8 +381,7 @@ class Trainer:
         else:
             time_text = f"about {self.estimated_s / 60:.1f} minutes"
         steps = f"{self.total:,}" if self.start == 0 else f"{self.total - self.start:,} of {self.total:,}"
-        precision = resolve_precision(cfg.precision, self.world.device)
-        return f"plan: {self.task.describe()}; {precision}; {steps} steps of batch {cfg.batch_size}, {time_text}"
+        return f"plan: {self.task.describe()}; {cfg.precision}; {steps} steps of batch {cfg.batch_size}, {time_text}"
 
     def _past_cutoff(self) -> bool:
         """Whether --minutes' last moment to begin a step has passed (on any rank, so that all stop together)."""

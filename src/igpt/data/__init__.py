@@ -154,7 +154,7 @@ def _plan(native: Native, split: str, seed: int) -> tuple[str, np.ndarray | None
         return split, None, ""
     if "train" not in native.splits:
         raise IgptError(f"this data has no {split} split and no train split to hold one out from")
-    n = _count(native.splits["train"])
+    n = image_count(native.splits["train"])
     held = [s for s in ("val", "test") if s not in native.splits]
     size = max(1, round(HOLD_OUT * n)) if n >= 10 else 0
     order = np.random.default_rng(seed).permutation(n)
@@ -168,7 +168,8 @@ def _plan(native: Native, split: str, seed: int) -> tuple[str, np.ndarray | None
     return "train", np.sort(parts[split]), note
 
 
-def _count(native_split) -> int:
+def image_count(native_split) -> int:
+    """Images in a source's native split: its files, or its array's rows."""
     return len(native_split.names) if isinstance(native_split, FileSplit) else len(native_split.images)
 
 
@@ -202,7 +203,7 @@ def _select(spec: str, split: str, resolution: int | None, *, data_dir=None, cro
     native_split = native.splits[source]
     if require_labels and (native_split.labels is None or native.classes is None):
         raise IgptError(f"{spec} has no labels: put images in class subfolders (class/file or split/class/file)")
-    rows = np.arange(_count(native_split)) if rows is None else rows
+    rows = np.arange(image_count(native_split)) if rows is None else rows
     key = entry_key(identity=native.identity, split=split, resolution=resolution, crop=crop, seed=seed,
                     skip_bad=skip_bad)
     return _Selection(native, native_split, rows, note, resolution, crop, skip_bad, key)
@@ -257,15 +258,16 @@ def _images(selection: _Selection, shape: tuple, start: int, stop: int) -> Rows:
     return Rows({"images": out if kept.all() else out[kept]}, kept, first_bad)
 
 
-def _workers(selection: _Selection, shape: tuple, encoding: bool) -> int:
+def _workers(selection: _Selection, shape: tuple, encoding: bool, whole_files: bool) -> int:
     """Worker processes for a build (0: none): every core once the work is worth starting them, less the one this
-    process encodes on, and no more than the memory holds where the source is read a whole batch file at a time."""
+    process encodes on, and no more than the memory holds where the source is read a whole batch file at a time
+    (`whole_files`)."""
     decoding = isinstance(selection.source, FileSplit)
     work = len(selection.rows) * (1 if decoding else math.prod(shape[:2]))
     if work < (_PARALLEL_FILES if decoding else _PARALLEL_PIXELS):
         return 0
     workers = cores() - encoding
-    if _pieces(selection) is not None:
+    if whole_files:
         workers = min(workers, _available_memory() // max(1, selection.source.images.piece_bytes))
     return max(0, workers)
 
@@ -296,8 +298,9 @@ def _row_build(selection: _Selection, shape: tuple, columns: dict, encode: Calla
             np.save(folder / "labels.npy", labels)
         return {"skipped": int((~kept).sum()), "resolution": int(shape[0])}
 
+    pieces = _pieces(selection)
     return RowBuild(len(selection.rows), columns, functools.partial(_images, selection, shape), finish, encode,
-                    pieces=_pieces(selection), workers=_workers(selection, shape, encode is not None))
+                    pieces=pieces, workers=_workers(selection, shape, encode is not None, pieces is not None))
 
 
 def _build_pixels(selection: _Selection) -> dict:
