@@ -8,10 +8,12 @@ gradient once (bench/band_kernels.py times it against them).
 
 It is built on first use (igpt/kernels.py) and called through ctypes inside two custom
 operators (igpt::band_forward, igpt::band_backward), which eager autograd and torch.compile both
-run. It takes float32 or bfloat16 (computing in float either way) with head sizes 16, 32, 48, 64,
-96 and 128; where no compiler works, or with IGPT_BAND_KERNEL=0, `available()` is False and the
-other backends serve. The (batch, head) pairs are shared out over torch's own OpenMP threads (a
-pool of Python threads competed with them, and lost the kernel's gain inside a training step).
+run. It takes float32 or bfloat16 with head sizes 16, 32, 48, 64, 96 and 128, and sums in float
+either way; in bf16 on a CPU with AVX512-BF16 the products run in its bf16 dot instruction, with the
+probabilities and the scores' gradients rounded to bf16 as flash attention rounds them, elsewhere in float.
+Where no compiler works, or with IGPT_BAND_KERNEL=0, `available()` is False and the other backends
+serve. The (batch, head) pairs are shared out over torch's own OpenMP threads (a pool of Python
+threads competed with them, and lost the kernel's gain inside a training step).
 """
 
 from __future__ import annotations
