@@ -99,6 +99,29 @@ def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, wi
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 3.0])
+def test_the_kernel_draws_as_sample_draws(dtype, temperature):
+    """The kernel's own pick of the next pixel against sample.draw (and argmax) on the logits it returns, with the
+    same uniform numbers: flat and sharp distributions, a vocabulary larger than the context."""
+    from igpt.sample import draw
+
+    model = random_model(vocab_size=40)
+    rows = 64
+    tokens = torch.randint(0, 40, (rows, 24), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        decoder = step_decoder(model, rows, "kernel")
+        decoder.feed(tokens[:, :3])
+        for i in range(3, 24):
+            uniforms = torch.rand(rows, generator=torch.Generator().manual_seed(i))
+            logits, drawn = decoder.kernel_step(tokens[:, i], draw=True, uniforms=uniforms, temperature=temperature)
+            _, greedy = decoder.kernel_step(tokens[:, i], draw=True)
+            expected = draw((logits / temperature).softmax(-1), torch.Generator().manual_seed(i))
+            assert torch.equal(drawn, expected) and torch.equal(greedy, logits.argmax(-1))
+            assert torch.equal(decoder.feed_and_draw(tokens[:, i], uniforms, temperature), drawn)
+
+
+@torch.no_grad()
 def test_the_kernel_step_reads_any_integer_tokens_and_refuses_bad_ones():
     model = random_model()
     logits = []

@@ -1,5 +1,6 @@
 // One sampling step of an autoregressive igpt model on a CPU: a new pixel per image through every
-// block, from its token to the next pixel's logits, in one call.
+// block, from its token to the next pixel's logits (and, when asked, the next pixel drawn from
+// them), in one call.
 //
 // igpt/decoding.py calls this through ctypes for each one-pixel step after the prefix. Why
 // hand-written (docs/design.md): at a sampling batch a step is about 90 small operations, and
@@ -180,13 +181,31 @@ static void attend(const float* q, const float* k, const float* v, T* keys, T* v
   }
 }
 
-// The step for tokens (rows) fed at input position `pos`: logits (rows, vocab) of the next pixel.
+// The next token of a row of logits as sample.py's draw picks it from softmax(logits / temperature): the first
+// whose running sum of probabilities reaches (1 - u) of their total, u uniform in [0, 1) (every entry it can
+// return has mass); without u, the likeliest (greedy). cdf: vocab floats of scratch.
+static int64_t pick(const float* logits, int64_t vocab, const float* u, float temperature, float* cdf) {
+  int64_t best = 0;
+  for (int64_t j = 1; j < vocab; j++) best = logits[j] > logits[best] ? j : best;
+  if (!u) return best;
+  const float top = logits[best], inverse = 1.f / temperature;
+  for (int64_t j = 0; j < vocab; j++) cdf[j] = exp_nonpositive((logits[j] - top) * inverse);
+  for (int64_t j = 1; j < vocab; j++) cdf[j] += cdf[j - 1];  // a scan: summed in order, as the search reads it
+  const float target = (1.f - *u) * cdf[vocab - 1];
+  int64_t j = 0;
+  while (j < vocab - 1 && cdf[j] < target) j++;
+  return j;
+}
+
+// The step for tokens (rows) fed at input position `pos`: logits (rows, vocab) of the next pixel and, where
+// `drawn` is given, the next pixel itself (`pick`, with uniforms[r] for row r, or greedy without uniforms).
 // embed (vocab, d) and positions (n_ctx, d) are float; head is (d, vocab). work holds
-// rows * 9 * d + threads * (n_ctx + rows) floats.
+// rows * 9 * d + threads * (max(n_ctx, vocab) + rows) floats.
 template <typename T>
 static int step(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t n_layer, int64_t rows, int64_t d,
                 int64_t heads, int64_t vocab, int64_t n_ctx, float eps, const float* embed, const float* positions,
-                const T* head, float* logits, float* work, int threads) {
+                const T* head, float* logits, const float* uniforms, float temperature, int64_t* drawn, float* work,
+                int threads) {
   for (int64_t r = 0; r < rows; r++)
     if (tokens[r] < 0 || tokens[r] >= vocab) return 1;
   const int64_t hd = d / heads;
@@ -195,8 +214,9 @@ static int step(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t
 #pragma omp parallel num_threads(threads)
   {
     FlushDenormals flush;
-    float* scores = own + omp_get_thread_num() * (n_ctx + rows);
-    float* scale = scores + n_ctx;  // this thread's copy of the rows' norm factors
+    const int64_t scratch = n_ctx > vocab ? n_ctx : vocab;
+    float* scores = own + omp_get_thread_num() * (scratch + rows);  // a row's scores, or its running sums in pick
+    float* scale = scores + scratch;  // this thread's copy of the rows' norm factors
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++)
       for (int64_t i = 0; i < d; i++) h[r * d + i] = embed[tokens[r] * d + i] + positions[pos * d + i];
@@ -221,6 +241,11 @@ static int step(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t
     }
     norm_scales(h, rows, d, eps, scale);
     product(h, scale, rows, d, head, (const T*)0, vocab, logits, STORE);
+    if (drawn) {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; r++)
+        drawn[r] = pick(logits + r * vocab, vocab, uniforms ? uniforms + r : 0, temperature, scores);
+    }
   }
   return 0;
 }
@@ -228,9 +253,10 @@ static int step(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t
 #define EXPORT(T, SUFFIX)                                                                                           \
   int decode_step##SUFFIX(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t n_layer, int64_t rows,   \
                           int64_t d, int64_t heads, int64_t vocab, int64_t n_ctx, float eps, const float* embed,   \
-                          const float* positions, const T* head, float* logits, float* work, int threads) {         \
+                          const float* positions, const T* head, float* logits, const float* uniforms,             \
+                          float temperature, int64_t* drawn, float* work, int threads) {                           \
     return step(tokens, pos, layers, n_layer, rows, d, heads, vocab, n_ctx, eps, embed, positions, head, logits,    \
-                work, threads);                                                                                     \
+                uniforms, temperature, drawn, work, threads);                                                       \
   }
 
 extern "C" {

@@ -214,7 +214,8 @@ def _compiled_static_step(model: ImageGPT):
 
 
 _STEP_ARGUMENTS = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_float]
-                   + [ctypes.c_void_p] * 5 + [ctypes.c_int])  # see decode_kernel.cpp's step
+                   + [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2
+                   + [ctypes.c_int])  # see decode_kernel.cpp's step
 KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
                 {"decode_step": _STEP_ARGUMENTS, "decode_step_bf16": _STEP_ARGUMENTS, "decode_panel_width": []})
 
@@ -245,7 +246,8 @@ class KernelStep:
             self.positions = model.positions(0, c.n_ctx).float().contiguous()
         self.blocks, self.head = cache.weights.panels(width)
         rows = cache.batch
-        self.work = torch.empty(rows * 9 * c.n_embd + self.threads * (c.n_ctx + rows), dtype=torch.float32)
+        scratch = max(c.n_ctx, c.vocab_size) + rows
+        self.work = torch.empty(rows * 9 * c.n_embd + self.threads * scratch, dtype=torch.float32)
         layers = []
         for block, pattern, keys, values in zip(self.blocks, cache.patterns, cache.k, cache.v):
             addresses = [x.data_ptr() if x is not None else 0 for pair in block for x in pair]
@@ -254,20 +256,27 @@ class KernelStep:
         self.layers = torch.tensor(layers, dtype=torch.int64)
         self.function = lib.decode_step_bf16 if cache.k[0].dtype == torch.bfloat16 else lib.decode_step
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) after feeding tokens (B,) at the cache's position; does not advance the cache."""
+    def __call__(self, tokens: torch.Tensor, *, draw: bool = False, uniforms: torch.Tensor | None = None,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, vocab) after feeding tokens (B,) at the cache's position, and with `draw` the next tokens (B,)
+        picked from them in the same call, as sample.draw picks them at `temperature` with `uniforms` (B,)
+        (greedy without). Does not advance the cache."""
         c, cache = self.config, self.cache
         if tokens.shape != (cache.batch,):
             raise IgptError(f"the decoder holds {cache.batch} rows; it was fed tokens of shape {tuple(tokens.shape)}")
         tokens = tokens.to(torch.int64).contiguous()  # what the kernel reads
         logits = torch.empty(cache.batch, c.vocab_size, dtype=torch.float32)
+        drawn = torch.empty(cache.batch, dtype=torch.int64) if draw else None
+        if uniforms is not None:
+            uniforms = uniforms.to(torch.float32).contiguous()
         status = self.function(tokens.data_ptr(), cache.pos, self.layers.data_ptr(), c.n_layer, cache.batch,
                                c.n_embd, c.n_head, c.vocab_size, c.n_ctx, c.eps, self.embed.data_ptr(),
                                self.positions.data_ptr(), self.head.data_ptr(), logits.data_ptr(),
-                               self.work.data_ptr(), self.threads)
+                               uniforms.data_ptr() if uniforms is not None else None, temperature,
+                               drawn.data_ptr() if draw else None, self.work.data_ptr(), self.threads)
         if status:
             raise IgptError(f"a token outside the vocabulary of {c.vocab_size} was fed to the decoder")
-        return logits
+        return logits, drawn
 
 
 def pack(weight: torch.Tensor, bias: torch.Tensor | None, width: int) -> Affine:
@@ -308,6 +317,23 @@ class Decoder:
         elif kernel and KernelStep.applies(self.cache):
             self.kernel_step = KernelStep(model, self.cache)
 
+    @property
+    def draws(self) -> bool:
+        """Whether `feed_and_draw` runs here: the kernel's step can pick the next pixel itself."""
+        return self.kernel_step is not None
+
+    @torch.no_grad()
+    def feed_and_draw(self, tokens: torch.Tensor, uniforms: torch.Tensor | None, temperature: float) -> torch.Tensor:
+        """Feed one pixel per row (B,) after the prefix and return the next pixels (B,), drawn in the kernel's call
+        as sample.draw draws from softmax(logits / temperature) with `uniforms` (B,), or greedy without: the
+        Python operators of a sampling step cost as much as a small model's step."""
+        if not 0 < self.cache.pos < self.model.config.n_ctx:
+            raise IgptError(f"feed_and_draw takes one pixel after the prefix and within the context, "
+                            f"not at position {self.cache.pos}")
+        _, drawn = self.kernel_step(tokens, draw=True, uniforms=uniforms, temperature=temperature)
+        self.cache.advance(1)
+        return drawn
+
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor | None) -> torch.Tensor:
         """Feed the next tokens (B, T) (None at the start: the empty prefix); logits (B, vocab) for the next pixel.
@@ -327,7 +353,7 @@ class Decoder:
                 logits = self.feed(tokens[:, j : j + 1])
             return logits
         if self.kernel_step is not None and cache.pos > 0 and t == 1:
-            logits = self.kernel_step(tokens[:, 0])
+            logits, _ = self.kernel_step(tokens[:, 0])
         elif self.static_step is not None and cache.pos > 0 and t == 1:
             if tokens.is_cuda:  # a new CUDA-graph step: the last step's logits have been consumed
                 torch.compiler.cudagraph_mark_step_begin()

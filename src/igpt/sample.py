@@ -50,7 +50,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
     Exact, and cheaper than torch.multinomial, which draws V random numbers per row on CPUs.
     A zero-probability entry is never returned: the target lies in (0, total], and the first
-    entry whose cumulative sum reaches it always has mass.
+    entry whose cumulative sum reaches it always has mass. decode_kernel.cpp's `pick` draws the
+    same way inside the sampling step (`Decoder.feed_and_draw`).
     """
     cdf = probs.cumsum(-1)
     u = torch.rand(len(probs), 1, generator=generator, device=probs.device, dtype=cdf.dtype)
@@ -122,17 +123,24 @@ def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, g
         out[:, :known] = prefix
     if watch is not None:
         watch(out, known)
-    logits = decoder.feed(out[:, :known] if known else None)  # predictions for pixel `known`
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1) if greedy else draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1),
+                                                     generator)
+
+    fused = decoder.draws and top_k is None and top_p is None  # the kernel picks as `pick` does, in its own call
+    nxt = pick(decoder.feed(out[:, :known] if known else None))  # pixel `known`
     for pos in range(known, n_ctx):
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            nxt = draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1), generator)
         out[:, pos] = nxt
         if watch is not None and (pos + 1) % side == 0:
             watch(out, pos + 1)
-        if pos + 1 < n_ctx:
-            logits = decoder.feed(nxt[:, None])
+        if pos + 1 == n_ctx:
+            break
+        if fused:
+            uniforms = None if greedy else torch.rand(len(nxt), generator=generator, device=nxt.device)
+            nxt = decoder.feed_and_draw(nxt, uniforms, temperature)
+        else:
+            nxt = pick(decoder.feed(nxt[:, None]))
     return out
 
 
