@@ -147,16 +147,17 @@ def run_refused(argv: list[str], cwd, monkeypatch, capsys) -> str:
 SERVE_COUNTING_STEPS = (
     "import os, sys, time\n"
     "from igpt.decoding import Decoder\n"
-    "feed = Decoder.feed\n"
-    "def counted(self, *args, **kwargs):\n"
-    "    time.sleep(float(os.environ['IGPT_TEST_STEP_SECONDS']))\n"
-    "    with open(os.environ['IGPT_TEST_STEPS'], 'a') as f:\n"
-    "        f.write('.')\n"
-    "    return feed(self, *args, **kwargs)\n"
-    "Decoder.feed = counted\n"
+    "def counted(step):\n"
+    "    def slowed(self, *args, **kwargs):\n"
+    "        time.sleep(float(os.environ['IGPT_TEST_STEP_SECONDS']))\n"
+    "        with open(os.environ['IGPT_TEST_STEPS'], 'a') as f:\n"
+    "            f.write('.')\n"
+    "        return step(self, *args, **kwargs)\n"
+    "    return slowed\n"
+    "Decoder.feed, Decoder.feed_and_draw = counted(Decoder.feed), counted(Decoder.feed_and_draw)\n"
     "from igpt.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
-)  # `python -c SERVE_COUNTING_STEPS serve ...`: igpt serve, each decoding step slowed down and counted in a file
+)  # `python -c SERVE_COUNTING_STEPS serve ...`: igpt serve, each decoding step (either form) slowed down and counted
 
 
 class Served:
