@@ -91,6 +91,21 @@ static inline void weighted_rows(const float* w, int width, const T* rows, int64
   }
 }
 
+// A row of scores to exp(score - the window's largest) over its window s[a..b] and 0 elsewhere up to n; returns
+// that largest, and the exps' sum in *sum.
+static inline float window_exps(float* s, int a, int b, int n, float* sum) {
+  float m = s[a];
+  for (int j = a + 1; j <= b; j++) m = s[j] > m ? s[j] : m;
+  float total = 0.f;
+  for (int j = 0; j < n; j++) {
+    float e = j >= a && j <= b ? exp_nonpositive(s[j] - m) : 0.f;
+    s[j] = e;
+    total += e;
+  }
+  *sum = total;
+  return m;
+}
+
 // One tile's queries (scaled) and, in the backward, their output gradients; rows past t are zero.
 template <typename T, int HD>
 static inline void load_tile(const T* x, int64_t sx, int64_t q0, int nq, float factor, float (*tile)[HD]) {
@@ -116,15 +131,7 @@ static void forward_head(const Head<T>& h, int64_t t, int64_t window, float scal
     products<HD>(qs, kt, tp, lo, nk, p, width);
     for (int i = 0; i < nq; i++) {
       float* s = p + i * width;
-      int a = (int)(first_key(q0 + i, window) - lo), b = (int)(q0 + i - lo);
-      float m = s[a];
-      for (int j = a + 1; j <= b; j++) m = s[j] > m ? s[j] : m;
-      float sum = 0.f;
-      for (int j = 0; j < nk; j++) {
-        float e = j >= a && j <= b ? exp_nonpositive(s[j] - m) : 0.f;
-        s[j] = e;
-        sum += e;
-      }
+      float sum, m = window_exps(s, (int)(first_key(q0 + i, window) - lo), (int)(q0 + i - lo), nk, &sum);
       for (int j = 0; j < nk; j++) s[j] /= sum;
       h.lse_out[q0 + i] = m + logf(sum);
     }
@@ -379,15 +386,7 @@ struct Path<bf16, HD> {
       products<HD>(qs, kd, tp, lo, nk, scale, p, width);
       for (int i = 0; i < nq; i++) {
         float* s = p + i * width;
-        int a = (int)(first_key(q0 + i, window) - lo), b = (int)(q0 + i - lo);
-        float m = s[a];
-        for (int j = a + 1; j <= b; j++) m = s[j] > m ? s[j] : m;
-        float sum = 0.f;
-        for (int j = 0; j < padded; j++) {
-          float e = j >= a && j <= b ? exp_nonpositive(s[j] - m) : 0.f;
-          s[j] = e;
-          sum += e;
-        }
+        float sum, m = window_exps(s, (int)(first_key(q0 + i, window) - lo), (int)(q0 + i - lo), padded, &sum);
         // P unnormalised (its largest exactly 1) in bf16, and O = P V divided by the sum of those bf16 weights
         // so that they sum to one (the float sum would scale each output by their rounding as well).
         for (int j = 0; j < padded; j += VL) store_rounded(pb + i * width + j, load(s + j));
