@@ -106,6 +106,21 @@ static inline float window_exps(float* s, int a, int b, int n, float* sum) {
   return m;
 }
 
+// Row i of the backward's tile at q0 (nq queries, keys from lo), up to its n-th key: p's row becomes the
+// forward's probabilities, recomputed from the log-sum-exp over the query's window (0 elsewhere), and dp's
+// (dP) the scaled scores' gradients P (dP - D).
+static inline void score_gradients(float* p, float* dp, int width, int i, int64_t q0, int nq, int64_t lo,
+                                   int64_t window, const float* lse, float D, int n) {
+  const int a = (int)(first_key(q0 + i, window) - lo), b = i < nq ? (int)(q0 + i - lo) : -1;
+  const float l = i < nq ? lse[q0 + i] : 0.f;
+  float *s = p + i * width, *ds = dp + i * width;
+  for (int j = 0; j < n; j++) {
+    float e = j >= a && j <= b ? exp_nonpositive(s[j] - l) : 0.f;
+    s[j] = e;
+    ds[j] = e * (ds[j] - D);
+  }
+}
+
 // One tile's queries (scaled) and, in the backward, their output gradients; rows past t are zero.
 template <typename T, int HD>
 static inline void load_tile(const T* x, int64_t sx, int64_t q0, int nq, float factor, float (*tile)[HD]) {
@@ -162,16 +177,7 @@ static void backward_head(const Head<T>& h, int64_t t, int64_t window, float sca
     products<HD>(qs, kt, tp, lo, nk, p, width);
     products<HD>(gs, vt, tp, lo, nk, dp, width);
     const int padded = (nk + VL - 1) & ~(VL - 1);
-    for (int i = 0; i < TILE; i++) {
-      int a = (int)(first_key(q0 + i, window) - lo), b = i < nq ? (int)(q0 + i - lo) : -1;
-      float l = i < nq ? h.lse[q0 + i] : 0.f;
-      float *s = p + i * width, *ds = dp + i * width;
-      for (int j = 0; j < padded; j++) {
-        float e = j >= a && j <= b ? exp_nonpositive(s[j] - l) : 0.f;  // the forward's probabilities, recomputed
-        s[j] = e;
-        ds[j] = e * (ds[j] - D[i]);  // the gradient of the scaled scores
-      }
-    }
+    for (int i = 0; i < TILE; i++) score_gradients(p, dp, width, i, q0, nq, lo, window, h.lse, D[i], padded);
     accumulate_transposed<HD>(qs, dp, width, lo, nk, dkt, tp);
     accumulate_transposed<HD>(gs, p, width, lo, nk, dvt, tp);
     weighted_rows<T, HD>(dp, width, h.k, h.sk, q0, nq, lo, window, scale, h.dq, h.sdq);
@@ -434,15 +440,8 @@ struct Path<bf16, HD> {
       products<HD>(gs, vd, tp, lo, nk, 1.f, dp, width);
       const int padded = (nk + VL - 1) & ~(VL - 1);
       for (int i = 0; i < TILE; i++) {
-        int a = (int)(first_key(q0 + i, window) - lo), b = i < nq ? (int)(q0 + i - lo) : -1;
-        float l = i < nq ? h.lse[q0 + i] : 0.f;
-        float *s = p + i * width, *ds = dp + i * width;
-        for (int j = 0; j < padded; j++) {
-          float e = j >= a && j <= b ? exp_nonpositive(s[j] - l) : 0.f;  // the forward's probabilities, recomputed
-          s[j] = e;
-          ds[j] = e * (ds[j] - D[i]);  // the gradient of the scaled scores
-        }
-        for (int j = 0; j < padded; j += VL) store_rounded(dsb + i * width + j, load(ds + j));
+        score_gradients(p, dp, width, i, q0, nq, lo, window, h.lse, D[i], padded);
+        for (int j = 0; j < padded; j += VL) store_rounded(dsb + i * width + j, load(dp + i * width + j));
       }
       for (int i = 0; i < TILE; i += 2)
         for (int j = 0; j < padded; j += VL) {
