@@ -48,6 +48,13 @@ def test_tiny_temperature_is_greedy():
     torch.testing.assert_close(sample(model, 2, temperature=1e-4, generator=gen), sample(model, 2, greedy=True))
 
 
+def test_a_prefix_of_the_whole_image_comes_back_as_it_is():
+    model = small_model()
+    prefix = torch.randint(0, 11, (2, 16))
+    torch.testing.assert_close(sample(model, 2, prefix), prefix)
+    torch.testing.assert_close(complete(model, prefix, keep_rows=4, samples=2)[:, 0], prefix)
+
+
 def test_prefix_is_kept_and_seeds_reproduce():
     model = small_model()
     prefix = torch.randint(0, 11, (4, 6))

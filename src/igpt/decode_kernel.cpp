@@ -181,16 +181,22 @@ static void attend(const float* q, const float* k, const float* v, T* keys, T* v
   }
 }
 
-// The next token of a row of logits as sample.py's draw picks it from softmax(logits / temperature): the first
-// whose running sum of probabilities reaches (1 - u) of their total, u uniform in [0, 1) (every entry it can
-// return has mass); without u, the likeliest (greedy). cdf: vocab floats of scratch.
+// The next token of a row of logits as sample.py's draw picks it from softmax(logits / temperature), its
+// arithmetic in the same order up to float rounding: the first whose running sum of probabilities reaches
+// (1 - u) of their total, u uniform in [0, 1) (every entry it can return has mass); without u, the likeliest
+// (greedy). cdf: vocab floats of scratch.
 static int64_t pick(const float* logits, int64_t vocab, const float* u, float temperature, float* cdf) {
   int64_t best = 0;
   for (int64_t j = 1; j < vocab; j++) best = logits[j] > logits[best] ? j : best;
   if (!u) return best;
-  const float top = logits[best], inverse = 1.f / temperature;
-  for (int64_t j = 0; j < vocab; j++) cdf[j] = exp_nonpositive((logits[j] - top) * inverse);
-  for (int64_t j = 1; j < vocab; j++) cdf[j] += cdf[j - 1];  // a scan: summed in order, as the search reads it
+  const float top = logits[best] / temperature;
+  float total = 0;
+  for (int64_t j = 0; j < vocab; j++) {
+    cdf[j] = exp_nonpositive(logits[j] / temperature - top);
+    total += cdf[j];
+  }
+  double sum = 0;  // a scan in double, as torch's cumsum accumulates
+  for (int64_t j = 0; j < vocab; j++) cdf[j] = (float)(sum += cdf[j] / total);
   const float target = (1.f - *u) * cdf[vocab - 1];
   int64_t j = 0;
   while (j < vocab - 1 && cdf[j] < target) j++;

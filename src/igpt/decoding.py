@@ -12,7 +12,8 @@ decode_kernel.cpp) is the only other place the block's forward is written. Three
 
 - eager: attention over the pixels so far only (half the work on average);
 - kernel: the eager step's arithmetic in one call to decode_kernel.cpp (`KernelStep`), the
-  whole step outside the Python dispatcher: what CPUs run where a C++ compiler works;
+  whole step outside the Python dispatcher, and with plain temperature or greedy sampling the
+  draw of the next pixel too (`Decoder.feed_and_draw`): what CPUs run where a C++ compiler works;
 - static: attention over the whole cache under a position mask, so every step has the same
   shapes and `torch.compile` (CUDA graphs on GPUs) captures one graph for the whole image.
 
@@ -213,6 +214,12 @@ def _compiled_static_step(model: ImageGPT):
     return _COMPILED[model]
 
 
+def check_temperature(temperature: float) -> None:
+    """Sampling divides the logits by the temperature: it must be positive."""
+    if temperature <= 0:
+        raise IgptError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax decoding)")
+
+
 _STEP_ARGUMENTS = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_float]
                    + [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2
                    + [ctypes.c_int])  # see decode_kernel.cpp's step
@@ -222,7 +229,8 @@ KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
 
 class KernelStep:
     """The one-pixel step as one call to decode_kernel.cpp: the eager step's arithmetic on the same cache, from
-    the tokens to float32 logits, with no Python between its operations.
+    the tokens to float32 logits (and, asked, the next pixel drawn from them), with no Python between its
+    operations.
 
     Built per Decoder: it holds the addresses of the decode weights packed in the kernel's panels
     (`DecodeWeights.panels`) and of this cache's tensors, which nothing reallocates while it lives.
@@ -262,8 +270,12 @@ class KernelStep:
         picked from them in the same call, as sample.draw picks them at `temperature` with `uniforms` (B,)
         (greedy without). Does not advance the cache."""
         c, cache = self.config, self.cache
-        if tokens.shape != (cache.batch,):
-            raise IgptError(f"the decoder holds {cache.batch} rows; it was fed tokens of shape {tuple(tokens.shape)}")
+        for name, x in (("tokens", tokens), ("uniform numbers", uniforms)):
+            if x is not None and x.shape != (cache.batch,):
+                raise IgptError(f"the decoder holds {cache.batch} rows; it was fed {name} of shape {tuple(x.shape)}")
+        if uniforms is not None and not draw:
+            raise IgptError("uniform numbers are for a step that draws (draw=True)")
+        check_temperature(temperature)
         tokens = tokens.to(torch.int64).contiguous()  # what the kernel reads
         logits = torch.empty(cache.batch, c.vocab_size, dtype=torch.float32)
         drawn = torch.empty(cache.batch, dtype=torch.int64) if draw else None
@@ -288,7 +300,8 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None, width: int) -> Affine:
 
 
 class Decoder:
-    """Feeds an ar model a prefix, then one pixel per step, and returns the next pixel's logits each time.
+    """Feeds an ar model a prefix, then one pixel per step, and returns the next pixel's logits each time
+    (`feed`), or with the kernel step the next pixel itself, drawn in the step's call (`feed_and_draw`).
 
     `weights`: the decode weights of an earlier Decoder of the same model and dtype, so a
     sampling call lays them out once for all its batches. `static`: one-pixel steps through
@@ -318,7 +331,7 @@ class Decoder:
             self.kernel_step = KernelStep(model, self.cache)
 
     @property
-    def draws(self) -> bool:
+    def draws_in_kernel(self) -> bool:
         """Whether `feed_and_draw` runs here: the kernel's step can pick the next pixel itself."""
         return self.kernel_step is not None
 
@@ -326,7 +339,9 @@ class Decoder:
     def feed_and_draw(self, tokens: torch.Tensor, uniforms: torch.Tensor | None, temperature: float) -> torch.Tensor:
         """Feed one pixel per row (B,) after the prefix and return the next pixels (B,), drawn in the kernel's call
         as sample.draw draws from softmax(logits / temperature) with `uniforms` (B,), or greedy without: the
-        Python operators of a sampling step cost as much as a small model's step."""
+        Python operators of a sampling step take a sizeable share of a small model's step."""
+        if not self.draws_in_kernel:
+            raise IgptError("this decoder has no kernel step to draw in; feed it and draw from the logits")
         if not 0 < self.cache.pos < self.model.config.n_ctx:
             raise IgptError(f"feed_and_draw takes one pixel after the prefix and within the context, "
                             f"not at position {self.cache.pos}")

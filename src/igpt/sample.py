@@ -18,7 +18,7 @@ import torch
 from igpt.animation import Animation, check_animation_path
 from igpt.config import device_option, option, positive_int, seed_option
 from igpt.data import split_option
-from igpt.decoding import Decoder
+from igpt.decoding import Decoder, check_temperature
 from igpt.errors import IgptError
 from igpt.fileio import atomic_write
 from igpt.grids import completion_layout, save_grid
@@ -27,8 +27,7 @@ from igpt.precision import autocast, precision_option
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Temperature, then top-k, then nucleus (top-p) filtering; filtered entries become -inf."""
-    if temperature <= 0:
-        raise IgptError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax decoding)")
+    check_temperature(temperature)
     if top_p is not None and not 0 < top_p <= 1:
         raise IgptError(f"top-p must lie in (0, 1], got {top_p}")
     if top_k is not None and top_k <= 0:
@@ -54,8 +53,14 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     same way inside the sampling step (`Decoder.feed_and_draw`).
     """
     cdf = probs.cumsum(-1)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    u = uniforms(len(probs), generator, probs.device)[:, None]
     return torch.searchsorted(cdf, (1 - u) * cdf[:, -1:]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def uniforms(rows: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One float32 number uniform in [0, 1) per row: what `draw` inverts, and what the kernel's own draw takes
+    (one stream for both routes, so a seed draws alike on either)."""
+    return torch.rand(rows, generator=generator, device=device, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -128,7 +133,9 @@ def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, g
         return logits.argmax(-1) if greedy else draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1),
                                                      generator)
 
-    fused = decoder.draws and top_k is None and top_p is None  # the kernel picks as `pick` does, in its own call
+    if known == n_ctx:  # nothing left to draw
+        return out
+    fused = decoder.draws_in_kernel and top_k is None and top_p is None  # the kernel picks as `pick` does
     nxt = pick(decoder.feed(out[:, :known] if known else None))  # pixel `known`
     for pos in range(known, n_ctx):
         out[:, pos] = nxt
@@ -137,8 +144,8 @@ def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, g
         if pos + 1 == n_ctx:
             break
         if fused:
-            uniforms = None if greedy else torch.rand(len(nxt), generator=generator, device=nxt.device)
-            nxt = decoder.feed_and_draw(nxt, uniforms, temperature)
+            numbers = None if greedy else uniforms(len(nxt), generator, nxt.device)
+            nxt = decoder.feed_and_draw(nxt, numbers, temperature)
         else:
             nxt = pick(decoder.feed(nxt[:, None]))
     return out

@@ -267,7 +267,7 @@ template <int HD>
 static void pairs_along_d(const bf16* x, int64_t sx, int64_t t, int64_t tp, pair* xp) {
   for (int64_t j = 0; j < tp; j += VL)
     for (int c = 0; c < HD / 2; c += VL) {
-      const int n = HD / 2 - c < VL ? HD / 2 - c : VL;  // 8 in the last block where HD / 2 is 8, 24 or 48
+      const int n = HD / 2 - c < VL ? HD / 2 - c : VL;  // 8 in the last block where HD / 2 is 8 or 24
       pvec r[VL];
       for (int k = 0; k < VL; k++)
         r[k] = j + k < t ? _mm512_maskz_loadu_epi32((__mmask16)((1u << n) - 1), x + (j + k) * sx + 2 * c)
