@@ -60,7 +60,7 @@ def step_costs(config: ImageGPTConfig, batch: int, element: int) -> tuple[np.nda
     """Bytes read and FLOPs of the one-pixel step at each position: the decode weights once, and the keys and values
     each layer's pattern attends at that position, for every row of the batch."""
     keys = attended_keys(config).sum(0)  # over the layers
-    return (step_bytes(config, batch, element),
+    return (step_bytes(config, batch, element, keys),
             2.0 * batch * decode_weight_count(config) + 4.0 * batch * config.n_embd * keys)
 
 

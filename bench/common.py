@@ -240,10 +240,12 @@ def decode_weight_count(config) -> int:
     return 12 * config.n_layer * config.n_embd**2 + config.n_embd * config.vocab_size
 
 
-def step_bytes(config, batch: int, element: int) -> np.ndarray:
+def step_bytes(config, batch: int, element: int, keys: np.ndarray | None = None) -> np.ndarray:
     """Bytes each pixel step reads, per position: the decode weights once, and the keys and values the pattern
-    reads at that position in every layer, for every row of the batch."""
-    return (decode_weight_count(config) + batch * 2 * config.n_embd * attended_keys(config).sum(0)) * element
+    reads at that position in every layer, for every row of the batch (`keys`: attended_keys summed over the
+    layers, where the caller has it)."""
+    keys = attended_keys(config).sum(0) if keys is None else keys
+    return (decode_weight_count(config) + batch * 2 * config.n_embd * keys) * element
 
 
 def seeded_model(config, device: str):

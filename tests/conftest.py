@@ -86,6 +86,21 @@ def random_model(objective: str = "ar", **changes):
     return model.eval()
 
 
+def band_mask(t: int, window: int):
+    """The band written out on its own: query i sees the keys i - window < j <= i (True where it attends)."""
+    import torch
+
+    i, j = torch.arange(t)[:, None], torch.arange(t)
+    return (j <= i) & (j > i - window)
+
+
+def masked_dense(q, k, v, window: int):
+    """Band attention as PyTorch's SDPA under `band_mask`: the reference the kernels are held to."""
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(q.shape[2], window))
+
+
 def qkv_outputs_and_gradients(attend, qkv, grad, heads: int, layout: str = "model"):
     """attend's output and the gradient of the (B, t, 3 x width) product that q, k and v come from,
     as (B, heads, t, head_dim): views of it as the model makes them ("model"), contiguous copies, or

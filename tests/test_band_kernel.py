@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from igpt.attention import band_kernel
-from conftest import qkv_outputs_and_gradients
+from conftest import band_mask, masked_dense, qkv_outputs_and_gradients
 from igpt.attention import band_attention
 from igpt.model import ImageGPT, ImageGPTConfig
 
@@ -18,12 +18,6 @@ needs_kernel = pytest.mark.skipif(not band_kernel.available(), reason="no C++ co
 
 def from_the_kernel(out: torch.Tensor) -> bool:
     return "igpt_band_forward" in out.grad_fn.name()
-
-
-def masked_dense(q, k, v, window):
-    t = q.shape[2]
-    i, j = torch.arange(t)[:, None], torch.arange(t)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - window))
 
 
 SUBNORMAL = torch.tensor([1e-39])  # made under gradual underflow, before any kernel call
@@ -97,9 +91,8 @@ def test_bfloat16_at_every_head_size_and_window_edge(hd, window):
     for got, want in zip(ours, exact):
         torch.testing.assert_close(got.double(), want, atol=2**-8 * want.abs().max().item(), rtol=1.6e-2)
     q, k, v = qkv.view(b, t, 3, h, hd).permute(2, 0, 3, 1, 4)
-    i, j = torch.arange(t)[:, None], torch.arange(t)
     scores = q.double() @ k.double().transpose(-1, -2) / hd**0.5
-    lse = scores.masked_fill(~((j <= i) & (j > i - window)), -torch.inf).logsumexp(-1)
+    lse = scores.masked_fill(~band_mask(t, window), -torch.inf).logsumexp(-1)
     torch.testing.assert_close(torch.ops.igpt.band_forward(q, k, v, window)[1].double(), lse, atol=1e-5, rtol=1e-5)
 
 

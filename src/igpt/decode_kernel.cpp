@@ -121,19 +121,15 @@ static void attend_vectors(const float* q, const T* keys, const T* values, int64
     for (int v = 0; v < NV; v++)
       for (int u = 0; u < 4; u++) acc[u] += qv[v] * load(keys + (first + (j + u) * stride) * HD + v * VL);
     for (int u = 0; u < 4; u++) {
-      float dot = 0;
-      for (int l = 0; l < VL; l++) dot += acc[u][l];
-      s[j + u] = dot;
-      top = fmaxf(top, dot);
+      s[j + u] = lane_sum(acc[u]);
+      top = fmaxf(top, s[j + u]);
     }
   }
   for (; j < count; j++) {
     vec acc = {};
     for (int v = 0; v < NV; v++) acc += qv[v] * load(keys + (first + j * stride) * HD + v * VL);
-    float dot = 0;
-    for (int l = 0; l < VL; l++) dot += acc[l];
-    s[j] = dot;
-    top = fmaxf(top, dot);
+    s[j] = lane_sum(acc);
+    top = fmaxf(top, s[j]);
   }
   float total = 0;
   for (j = 0; j < count; j++) { s[j] = exp_nonpositive(s[j] - top); total += s[j]; }

@@ -273,9 +273,6 @@ class KernelStep:
         for name, x in (("tokens", tokens), ("uniform numbers", uniforms)):
             if x is not None and x.shape != (cache.batch,):
                 raise IgptError(f"the decoder holds {cache.batch} rows; it was fed {name} of shape {tuple(x.shape)}")
-        if uniforms is not None and not draw:
-            raise IgptError("uniform numbers are for a step that draws (draw=True)")
-        check_temperature(temperature)
         tokens = tokens.to(torch.int64).contiguous()  # what the kernel reads
         logits = torch.empty(cache.batch, c.vocab_size, dtype=torch.float32)
         drawn = torch.empty(cache.batch, dtype=torch.int64) if draw else None
@@ -342,6 +339,8 @@ class Decoder:
         Python operators of a sampling step take a sizeable share of a small model's step."""
         if not self.draws_in_kernel:
             raise IgptError("this decoder has no kernel step to draw in; feed it and draw from the logits")
+        if uniforms is not None:
+            check_temperature(temperature)
         if not 0 < self.cache.pos < self.model.config.n_ctx:
             raise IgptError(f"feed_and_draw takes one pixel after the prefix and within the context, "
                             f"not at position {self.cache.pos}")

@@ -166,14 +166,15 @@ def kernels() -> dict:
 
 def folder_size(folder: Path) -> int:
     """Bytes of the files under `folder`, links not followed."""
-    total = 0
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:  # removed while we walked
-                pass
-    return total
+    return sum(file_size(os.path.join(root, name)) for root, _dirs, files in os.walk(folder) for name in files)
+
+
+def file_size(path) -> int:
+    """Bytes of one file, its link not followed; 0 if it was removed while we looked."""
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
 
 
 def caches() -> dict:
@@ -183,8 +184,9 @@ def caches() -> dict:
     root = cache_root()
     if not root.is_dir():
         return {"folder": f"{root} (empty: not created yet)"}
-    sizes = {part.name: folder_size(part) for part in sorted(root.iterdir()) if part.is_dir()}
-    loose = sum(entry.lstat().st_size for entry in root.iterdir() if not entry.is_dir())  # files beside the parts
+    entries = sorted(root.iterdir())  # listed once
+    sizes = {part.name: folder_size(part) for part in entries if part.is_dir()}
+    loose = sum(file_size(entry) for entry in entries if not entry.is_dir())  # files beside the parts
     return {"folder": str(root), **{name: human_size(size) for name, size in sizes.items()},
             "total": human_size(sum(sizes.values()) + loose)}
 

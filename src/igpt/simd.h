@@ -28,6 +28,7 @@ typedef float vec __attribute__((vector_size(VL * 4)));
 static inline vec load(const float* p) { vec r; memcpy(&r, p, sizeof r); return r; }
 static inline void store(float* p, vec x) { memcpy(p, &x, sizeof x); }
 static inline vec splat(float x) { return x - (vec){}; }
+static inline float lane_sum(vec x) { float s = 0; for (int l = 0; l < VL; l++) s += x[l]; return s; }
 
 typedef uint16_t bf16;  // bfloat16's bits: a float's upper half
 typedef uint32_t uvec __attribute__((vector_size(VL * 4)));

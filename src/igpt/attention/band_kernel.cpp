@@ -132,10 +132,15 @@ template <typename T>
 struct Head { const T *q, *k, *v, *o, *dO; const float* lse; T* out; float* lse_out; T *dq, *dk, *dv;
               int64_t sq, sk, sv, so, sdo, sdq, sdk, sdv; };
 
+// Keys a transposed row holds: t and two tiles of zeros, so a last partial key tile reads zeros.
+static inline int64_t transposed_length(int64_t t) { return t + 2 * TILE; }
+
+// work: k transposed, then a tile of scores.
 template <typename T, int HD>
-static void forward_head(const Head<T>& h, int64_t t, int64_t window, float scale, float* kt, float* p) {
-  const int64_t tp = t + 2 * TILE;
+static void forward_head(const Head<T>& h, int64_t t, int64_t window, float scale, float* work) {
+  const int64_t tp = transposed_length(t);
   const int width = tile_width(window);
+  float *kt = work, *p = kt + HD * tp;
   transpose<T, HD>(h.k, h.sk, t, tp, kt);
   float qs[TILE][HD];
   for (int64_t q0 = 0; q0 < t; q0 += TILE) {
@@ -154,11 +159,13 @@ static void forward_head(const Head<T>& h, int64_t t, int64_t window, float scal
   }
 }
 
+// work: k, v, dk and dv transposed, then two tiles of scores (P and dP).
 template <typename T, int HD>
-static void backward_head(const Head<T>& h, int64_t t, int64_t window, float scale, float* work, float* p) {
-  const int64_t tp = t + 2 * TILE;
+static void backward_head(const Head<T>& h, int64_t t, int64_t window, float scale, float* work) {
+  const int64_t tp = transposed_length(t);
   const int width = tile_width(window);
-  float *kt = work, *vt = kt + HD * tp, *dkt = vt + HD * tp, *dvt = dkt + HD * tp, *dp = p + TILE * width;
+  float *kt = work, *vt = kt + HD * tp, *dkt = vt + HD * tp, *dvt = dkt + HD * tp, *p = dvt + HD * tp,
+        *dp = p + TILE * width;
   transpose<T, HD>(h.k, h.sk, t, tp, kt);
   transpose<T, HD>(h.v, h.sv, t, tp, vt);
   memset(dkt, 0, sizeof(float) * 2 * HD * tp);
@@ -195,13 +202,13 @@ template <typename T, int HD>
 struct Path {
   static size_t bytes(bool backward, int64_t t, int64_t window) {
     const int64_t buffers = backward ? 4 : 1;  // k transposed; in the backward also v, dk and dv transposed
-    return sizeof(float) * (buffers * HD * (t + 2 * TILE) + 2 * TILE * tile_width(window));
+    return sizeof(float) * (buffers * HD * transposed_length(t) + 2 * TILE * tile_width(window));
   }
   static void forward(const Head<T>& h, int64_t t, int64_t window, float scale, void* work) {
-    forward_head<T, HD>(h, t, window, scale, (float*)work, (float*)work + HD * (t + 2 * TILE));
+    forward_head<T, HD>(h, t, window, scale, (float*)work);
   }
   static void backward(const Head<T>& h, int64_t t, int64_t window, float scale, void* work) {
-    backward_head<T, HD>(h, t, window, scale, (float*)work, (float*)work + 4 * HD * (t + 2 * TILE));
+    backward_head<T, HD>(h, t, window, scale, (float*)work);
   }
 };
 
@@ -362,7 +369,7 @@ static inline void weighted_rows(const bf16* w, int width, const pair* rows, int
 // weighted_rows reads up to the pair of a group's last key.
 template <int HD>
 struct Path<bf16, HD> {
-  static int64_t span(int64_t t) { return (t + 2 * TILE + VL - 1) & ~(int64_t)(VL - 1); }  // keys in the layouts
+  static int64_t span(int64_t t) { return (transposed_length(t) + VL - 1) & ~(int64_t)(VL - 1); }  // keys in the layouts
   // k along d and v as pairs of keys, a tile's P in float and in bf16; in the backward k and v along d, k as
   // pairs of keys, P and dS as pairs of queries, dk and dv transposed in float, a tile's P and dP in float
   // and dS in bf16.
