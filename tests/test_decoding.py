@@ -110,23 +110,48 @@ def test_the_kernel_draws_as_sample_draws(dtype, temperature):
 
     model = random_model(vocab_size=40)
     rows = 64
-    tokens = torch.randint(0, 40, (rows, 24), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 40, (rows, 25), generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         decoder = step_decoder(model, rows, "kernel")
         decoder.feed(tokens[:, :3])
-        for i in range(3, 24):
+        for i in range(4, 25):  # the step at position i feeds pixel i - 1 and draws pixel i
             numbers = uniforms(rows, torch.Generator().manual_seed(i), torch.device("cpu"))
-            logits, drawn = decoder.kernel_step(tokens[:, i], draw=True, uniforms=numbers, temperature=temperature)
-            _, greedy = decoder.kernel_step(tokens[:, i], draw=True)
+            drawn, greedy, fed = tokens.clone(), tokens.clone(), tokens.clone()
+            logits = decoder.kernel_step.draw(drawn, 1, numbers[None], temperature)
+            decoder.kernel_step.draw(greedy, 1, None, 1.0)
             probs = (logits / temperature).softmax(-1)
             expected = draw(probs, torch.Generator().manual_seed(i))
             cdf = probs.double().cumsum(-1)
             target = (1 - numbers.double()) * cdf[:, -1]
-            differ = drawn != expected
-            edge = cdf.gather(1, torch.minimum(drawn, expected)[:, None])[:, 0]
+            differ = drawn[:, i] != expected
+            edge = cdf.gather(1, torch.minimum(drawn[:, i], expected)[:, None])[:, 0]
             assert ((edge - target).abs()[differ] < 1e-6).all() and differ.sum() <= 1
-            assert torch.equal(greedy, logits.argmax(-1))
-            assert torch.equal(decoder.feed_and_draw(tokens[:, i], numbers, temperature), drawn)
+            assert torch.equal(greedy[:, i], logits.argmax(-1))
+            assert torch.equal(greedy[:, :i], tokens[:, :i]) and torch.equal(greedy[:, i + 1 :], tokens[:, i + 1 :])
+            decoder.feed_and_draw(fed, 1, numbers[None], temperature)
+            assert torch.equal(fed, drawn)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attention", ["dense", "local", "strided"])
+def test_a_run_of_drawn_steps_equals_one_step_at_a_time(attention):
+    """feed_and_draw over several pixels in one call: each pixel drawn is the next step's input, and the cache
+    ends where single steps leave it."""
+    model = random_model(attention=attention, vocab_size=40)
+    start = torch.randint(0, 40, (5, 25), generator=torch.Generator().manual_seed(0))
+    numbers = torch.rand(21, 5, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for lengths in ([1] * 21, [5, 10, 6], [21]):
+        decoder = step_decoder(model, 5, "kernel")
+        decoder.feed(start[:, :3])
+        out, done = start.clone(), 0
+        for steps in lengths:
+            decoder.feed_and_draw(out, steps, numbers[done : done + steps], 1.0)
+            done += steps
+        assert decoder.cache.pos == 25 and torch.equal(out[:, :4], start[:, :4])
+        runs.append(out)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert not torch.equal(runs[0][:, 4:], start[:, 4:])
 
 
 @torch.no_grad()
@@ -134,13 +159,21 @@ def test_feed_and_draw_refuses_what_it_cannot_do():
     model = random_model()
     decoder = step_decoder(model, 2, "kernel")
     decoder.feed(torch.zeros(2, 3, dtype=torch.long))
-    tokens = torch.tensor([1, 2])
-    with pytest.raises(IgptError, match="holds 2 rows; it was fed uniform numbers of shape \\(3,\\)"):
-        decoder.feed_and_draw(tokens, torch.rand(3), 1.0)
+    out = torch.zeros(2, 25, dtype=torch.long)
+    with pytest.raises(IgptError, match="one uniform number per step and row, shape \\(1, 2\\), not \\(3,\\)"):
+        decoder.feed_and_draw(out, 1, torch.rand(3), 1.0)
     with pytest.raises(IgptError, match="temperature must be > 0"):
-        decoder.feed_and_draw(tokens, torch.rand(2), 0.0)
+        decoder.feed_and_draw(out, 1, torch.rand(1, 2), 0.0)
+    with pytest.raises(IgptError, match="contiguous CPU int64 tensor of shape \\(2, 25\\), not torch.int32"):
+        decoder.feed_and_draw(out.int(), 1, None, 1.0)
+    with pytest.raises(IgptError, match="not 22 from position 4"):
+        decoder.feed_and_draw(out, 22, None, 1.0)
     with pytest.raises(IgptError, match="no kernel step to draw in"):
-        step_decoder(model, 2, "eager").feed_and_draw(tokens, torch.rand(2), 1.0)
+        step_decoder(model, 2, "eager").feed_and_draw(out, 1, torch.rand(1, 2), 1.0)
+    out[1, 3] = 13
+    with pytest.raises(IgptError, match="outside the vocabulary of 13"):
+        decoder.feed_and_draw(out, 1, None, 1.0)
+    assert decoder.cache.pos == 4
 
 
 @torch.no_grad()

@@ -1,12 +1,13 @@
-// One sampling step of an autoregressive igpt model on a CPU: a new pixel per image through every
-// block, from its token to the next pixel's logits (and, when asked, the next pixel drawn from
-// them), in one call.
+// Sampling steps of an autoregressive igpt model on a CPU: a new pixel per image through every
+// block, from its token to the next pixel's logits and, when asked, the next pixel drawn from them
+// and fed back, for a run of steps in one call.
 //
-// igpt/decoding.py calls this through ctypes for each one-pixel step after the prefix. Why
-// hand-written (docs/design.md): at a sampling batch a step is about 90 small operations, and
-// dispatched one at a time their fixed cost, not their arithmetic, sets the pace. Here a step is
-// one OpenMP region whose threads meet at a barrier between its five phases per block; each
-// product streams the weights once, with the batch's rows held in registers.
+// igpt/decoding.py calls this through ctypes: one step for `Decoder.feed`, a run of drawn steps (up
+// to an image row's end) for `Decoder.feed_and_draw`. Why hand-written (docs/design.md): at a
+// sampling batch a step is about 90 small operations, and dispatched one at a time their fixed cost,
+// not their arithmetic, sets the pace. Here a run of steps is one OpenMP region whose threads meet
+// at a barrier between the phases of each block; each product streams the weights once, with the
+// batch's rows held in registers.
 //
 // The weights are decoding.DecodeWeights: (in, out) matrices with the RMS-norm gains and quick
 // GELU's 1.702 folded in, so a norm is one scale per row, applied to the product's result, and the
@@ -199,66 +200,85 @@ static int64_t pick(const float* logits, int64_t vocab, const float* u, float te
   return j;
 }
 
-// The step for tokens (rows) fed at input position `pos`: logits (rows, vocab) of the next pixel and, where
-// `drawn` is given, the next pixel itself (`pick`, with uniforms[r] for row r, or greedy without uniforms).
-// embed (vocab, d) and positions (n_ctx, d) are float; head is (d, vocab). work holds
-// rows * 9 * d + threads * (max(n_ctx, vocab) + rows) floats.
+// One step for every row at input position `pos` (call inside one parallel region): the rows' tokens
+// (token r at tokens[r * stride]) through every block to the next pixel's logits (rows, vocab) and, where
+// `drawn` is given, the next pixel itself, written to drawn[r * stride] (`pick`, with uniforms[r] for row r,
+// or greedy without uniforms). work: as `steps` lays it out.
 template <typename T>
-static int step(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t n_layer, int64_t rows, int64_t d,
-                int64_t heads, int64_t vocab, int64_t n_ctx, float eps, const float* embed, const float* positions,
-                const T* head, float* logits, const float* uniforms, float temperature, int64_t* drawn, float* work,
-                int threads) {
-  for (int64_t r = 0; r < rows; r++)
-    if (tokens[r] < 0 || tokens[r] >= vocab) return 1;
-  const int64_t hd = d / heads;
+static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer* layers, int64_t n_layer,
+                 int64_t rows, int64_t d, int64_t heads, int64_t vocab, int64_t n_ctx, float eps, const float* embed,
+                 const float* positions, const T* head, float* logits, const float* uniforms, float temperature,
+                 int64_t* drawn, float* work) {
+  const int64_t hd = d / heads, scratch = n_ctx > vocab ? n_ctx : vocab;
   const float attention_scale = 1.f / sqrtf((float)hd);
   float *h = work, *qkv = h + rows * d, *y = qkv + rows * 3 * d, *f = y + rows * d, *own = f + rows * 4 * d;
+  float* scores = own + omp_get_thread_num() * (scratch + rows);  // a row's scores, or its running sums in pick
+  float* scale = scores + scratch;                                  // this thread's copy of the rows' norm factors
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t i = 0; i < d; i++) h[r * d + i] = embed[tokens[r * stride] * d + i] + positions[pos * d + i];
+  for (int64_t l = 0; l < n_layer; l++) {
+    const Layer& L = layers[l];
+    norm_scales(h, rows, d, eps, scale);
+    product(h, scale, rows, d, (const T*)L.qkv, (const T*)L.qkv_bias, 3 * d, qkv, STORE);
+    int64_t write = pos, first = 0, count = pos + 1, spacing = 1;
+    if (L.kind == BAND) { write = pos % L.slots; count = pos + 1 < L.slots ? pos + 1 : L.slots; }  // the ring
+    if (L.kind == COLUMN) { first = pos % L.side; count = pos / L.side + 1; spacing = L.side; }
+#pragma omp for schedule(static)
+    for (int64_t pair = 0; pair < rows * heads; pair++) {
+      const int64_t r = pair / heads, n = pair % heads, at = pair * L.slots * hd;
+      const float* row = qkv + r * 3 * d + n * hd;
+      attend((const float*)row, row + d, row + 2 * d, (T*)L.keys + at, (T*)L.values + at, hd, write, first, count,
+             spacing, attention_scale, scores, y + r * d + n * hd);
+    }
+    product(y, (const float*)0, rows, d, (const T*)L.proj, (const T*)L.proj_bias, d, h, ADD);
+    norm_scales(h, rows, d, eps, scale);
+    product(h, scale, rows, d, (const T*)L.fc, (const T*)L.fc_bias, 4 * d, f, SILU);
+    product(f, (const float*)0, rows, 4 * d, (const T*)L.out, (const T*)L.out_bias, d, h, ADD);
+  }
+  norm_scales(h, rows, d, eps, scale);
+  product(h, scale, rows, d, head, (const T*)0, vocab, logits, STORE);
+  if (drawn) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+      drawn[r * stride] = pick(logits + r * vocab, vocab, uniforms ? uniforms + r : 0, temperature, scores);
+  }
+}
+
+// `count` steps from input position `pos` in one parallel region. Step s feeds the rows' tokens at
+// tokens[r * stride + s]; with `draw` it writes the pixel it picks at tokens[r * stride + s + 1], which the next
+// step feeds (uniforms: (count, rows), step s's at uniforms + s * rows, or none for greedy). Without `draw`,
+// count is 1. logits (rows, vocab) end holding the last step's. embed (vocab + 1, d: sos last) and positions
+// (n_ctx, d) are float; head is (d, vocab). work holds rows * 9 * d + threads * (max(n_ctx, vocab) + rows)
+// floats. Returns 1, having run nothing, where a token to feed lies outside the vocabulary (or is not sos at
+// position 0).
+template <typename T>
+static int steps(int64_t* tokens, int64_t stride, int64_t pos, int64_t count, int draw, const Layer* layers,
+                 int64_t n_layer, int64_t rows, int64_t d, int64_t heads, int64_t vocab, int64_t n_ctx, float eps,
+                 const float* embed, const float* positions, const T* head, float* logits, const float* uniforms,
+                 float temperature, float* work, int threads) {
+  for (int64_t r = 0; r < rows; r++) {  // position 0 feeds sos, embed's row after the vocabulary
+    const int64_t token = tokens[r * stride];
+    if (pos == 0 ? token != vocab : token < 0 || token >= vocab) return 1;
+  }
 #pragma omp parallel num_threads(threads)
   {
     FlushDenormals flush;
-    const int64_t scratch = n_ctx > vocab ? n_ctx : vocab;
-    float* scores = own + omp_get_thread_num() * (scratch + rows);  // a row's scores, or its running sums in pick
-    float* scale = scores + scratch;  // this thread's copy of the rows' norm factors
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++)
-      for (int64_t i = 0; i < d; i++) h[r * d + i] = embed[tokens[r] * d + i] + positions[pos * d + i];
-    for (int64_t l = 0; l < n_layer; l++) {
-      const Layer& L = layers[l];
-      norm_scales(h, rows, d, eps, scale);
-      product(h, scale, rows, d, (const T*)L.qkv, (const T*)L.qkv_bias, 3 * d, qkv, STORE);
-      int64_t write = pos, first = 0, count = pos + 1, stride = 1;
-      if (L.kind == BAND) { write = pos % L.slots; count = pos + 1 < L.slots ? pos + 1 : L.slots; }  // the ring
-      if (L.kind == COLUMN) { first = pos % L.side; count = pos / L.side + 1; stride = L.side; }
-#pragma omp for schedule(static)
-      for (int64_t pair = 0; pair < rows * heads; pair++) {
-        const int64_t r = pair / heads, n = pair % heads, at = pair * L.slots * hd;
-        const float* row = qkv + r * 3 * d + n * hd;
-        attend((const float*)row, row + d, row + 2 * d, (T*)L.keys + at, (T*)L.values + at, hd, write, first, count,
-               stride, attention_scale, scores, y + r * d + n * hd);
-      }
-      product(y, (const float*)0, rows, d, (const T*)L.proj, (const T*)L.proj_bias, d, h, ADD);
-      norm_scales(h, rows, d, eps, scale);
-      product(h, scale, rows, d, (const T*)L.fc, (const T*)L.fc_bias, 4 * d, f, SILU);
-      product(f, (const float*)0, rows, 4 * d, (const T*)L.out, (const T*)L.out_bias, d, h, ADD);
-    }
-    norm_scales(h, rows, d, eps, scale);
-    product(h, scale, rows, d, head, (const T*)0, vocab, logits, STORE);
-    if (drawn) {
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; r++)
-        drawn[r] = pick(logits + r * vocab, vocab, uniforms ? uniforms + r : 0, temperature, scores);
-    }
+    for (int64_t s = 0; s < count; s++)
+      step(tokens + s, stride, pos + s, layers, n_layer, rows, d, heads, vocab, n_ctx, eps, embed, positions, head,
+           logits, uniforms ? uniforms + s * rows : 0, temperature, draw ? tokens + s + 1 : 0, work);
   }
   return 0;
 }
 
 #define EXPORT(T, SUFFIX)                                                                                           \
-  int decode_step##SUFFIX(const int64_t* tokens, int64_t pos, const Layer* layers, int64_t n_layer, int64_t rows,   \
-                          int64_t d, int64_t heads, int64_t vocab, int64_t n_ctx, float eps, const float* embed,   \
-                          const float* positions, const T* head, float* logits, const float* uniforms,             \
-                          float temperature, int64_t* drawn, float* work, int threads) {                           \
-    return step(tokens, pos, layers, n_layer, rows, d, heads, vocab, n_ctx, eps, embed, positions, head, logits,    \
-                uniforms, temperature, drawn, work, threads);                                                       \
+  int decode_steps##SUFFIX(int64_t* tokens, int64_t stride, int64_t pos, int64_t count, int draw,                 \
+                           const Layer* layers, int64_t n_layer, int64_t rows, int64_t d, int64_t heads,          \
+                           int64_t vocab, int64_t n_ctx, float eps, const float* embed, const float* positions,  \
+                           const T* head, float* logits, const float* uniforms, float temperature, float* work,   \
+                           int threads) {                                                                         \
+    return steps(tokens, stride, pos, count, draw, layers, n_layer, rows, d, heads, vocab, n_ctx, eps, embed,      \
+                 positions, head, logits, uniforms, temperature, work, threads);                                 \
   }
 
 extern "C" {

@@ -220,11 +220,11 @@ def check_temperature(temperature: float) -> None:
         raise IgptError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax decoding)")
 
 
-_STEP_ARGUMENTS = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_float]
-                   + [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2
-                   + [ctypes.c_int])  # see decode_kernel.cpp's step
+_STEP_ARGUMENTS = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 6
+                   + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_void_p]
+                   + [ctypes.c_int])  # see decode_kernel.cpp's steps
 KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
-                {"decode_step": _STEP_ARGUMENTS, "decode_step_bf16": _STEP_ARGUMENTS, "decode_panel_width": []})
+                {"decode_steps": _STEP_ARGUMENTS, "decode_steps_bf16": _STEP_ARGUMENTS, "decode_panel_width": []})
 
 
 class KernelStep:
@@ -250,7 +250,7 @@ class KernelStep:
         lib = KERNEL.library()
         width = lib.decode_panel_width()
         with torch.no_grad():
-            self.embed = model.wte.weight.float().contiguous()
+            self.embed = torch.cat([model.wte.weight, model.sos[None]]).float().contiguous()  # position 0 feeds sos
             self.positions = model.positions(0, c.n_ctx).float().contiguous()
         self.blocks, self.head = cache.weights.panels(width)
         rows = cache.batch
@@ -262,30 +262,36 @@ class KernelStep:
             layers.append(addresses + [keys.data_ptr(), values.data_ptr(), KINDS.index(pattern.kind), pattern.side,
                                        keys.shape[2]])
         self.layers = torch.tensor(layers, dtype=torch.int64)
-        self.function = lib.decode_step_bf16 if cache.k[0].dtype == torch.bfloat16 else lib.decode_step
+        self.function = lib.decode_steps_bf16 if cache.k[0].dtype == torch.bfloat16 else lib.decode_steps
 
-    def __call__(self, tokens: torch.Tensor, *, draw: bool = False, uniforms: torch.Tensor | None = None,
-                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, vocab) after feeding tokens (B,) at the cache's position, and with `draw` the next tokens (B,)
-        picked from them in the same call, as sample.draw picks them at `temperature` with `uniforms` (B,)
-        (greedy without). Does not advance the cache."""
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) after feeding tokens (B,) at the cache's position. Does not advance the cache."""
+        if tokens.shape != (self.cache.batch,):
+            raise IgptError(f"the decoder holds {self.cache.batch} rows; it was fed tokens of shape "
+                            f"{tuple(tokens.shape)}")
+        return self._run(tokens.to(torch.int64).contiguous(), 1, 1, False, None, 1.0)
+
+    def draw(self, out: torch.Tensor, steps: int, uniforms: torch.Tensor | None, temperature: float) -> torch.Tensor:
+        """For the `steps` positions p from the cache's: feed out[:, p - 1] and write the next pixel to out[:, p],
+        drawn as sample.draw draws from softmax(logits / temperature) with that step's `uniforms` (steps, B), or
+        greedy without, in one call. out: (B, n_ctx) int64, contiguous. Returns the last step's logits; does not
+        advance the cache."""
+        return self._run(out[:, self.cache.pos - 1 :], out.stride(0), steps, True, uniforms, temperature)
+
+    def _run(self, tokens: torch.Tensor, stride: int, steps: int, draw: bool, uniforms: torch.Tensor | None,
+             temperature: float) -> torch.Tensor:
         c, cache = self.config, self.cache
-        for name, x in (("tokens", tokens), ("uniform numbers", uniforms)):
-            if x is not None and x.shape != (cache.batch,):
-                raise IgptError(f"the decoder holds {cache.batch} rows; it was fed {name} of shape {tuple(x.shape)}")
-        tokens = tokens.to(torch.int64).contiguous()  # what the kernel reads
         logits = torch.empty(cache.batch, c.vocab_size, dtype=torch.float32)
-        drawn = torch.empty(cache.batch, dtype=torch.int64) if draw else None
         if uniforms is not None:
             uniforms = uniforms.to(torch.float32).contiguous()
-        status = self.function(tokens.data_ptr(), cache.pos, self.layers.data_ptr(), c.n_layer, cache.batch,
-                               c.n_embd, c.n_head, c.vocab_size, c.n_ctx, c.eps, self.embed.data_ptr(),
+        status = self.function(tokens.data_ptr(), stride, cache.pos, steps, draw, self.layers.data_ptr(), c.n_layer,
+                               cache.batch, c.n_embd, c.n_head, c.vocab_size, c.n_ctx, c.eps, self.embed.data_ptr(),
                                self.positions.data_ptr(), self.head.data_ptr(), logits.data_ptr(),
                                uniforms.data_ptr() if uniforms is not None else None, temperature,
-                               drawn.data_ptr() if draw else None, self.work.data_ptr(), self.threads)
+                               self.work.data_ptr(), self.threads)
         if status:
             raise IgptError(f"a token outside the vocabulary of {c.vocab_size} was fed to the decoder")
-        return logits, drawn
+        return logits
 
 
 def pack(weight: torch.Tensor, bias: torch.Tensor | None, width: int) -> Affine:
@@ -333,20 +339,28 @@ class Decoder:
         return self.kernel_step is not None
 
     @torch.no_grad()
-    def feed_and_draw(self, tokens: torch.Tensor, uniforms: torch.Tensor | None, temperature: float) -> torch.Tensor:
-        """Feed one pixel per row (B,) after the prefix and return the next pixels (B,), drawn in the kernel's call
-        as sample.draw draws from softmax(logits / temperature) with `uniforms` (B,), or greedy without: the
-        Python operators of a sampling step take a sizeable share of a small model's step."""
+    def feed_and_draw(self, out: torch.Tensor, steps: int, uniforms: torch.Tensor | None, temperature: float) -> None:
+        """Continue the images in `out` (B, n_ctx) int64 by `steps` pixels in one kernel call: feed the last pixel
+        known, out[:, p - 1] at the cache's position p, write the next to out[:, p], drawn as sample.draw draws
+        from softmax(logits / temperature) with `uniforms[s]` (B,) at step s, or greedy without, and go on from
+        it. Per-step Python (the operators of a sampling step, the call itself) took a sizeable share of a small
+        model's step."""
         if not self.draws_in_kernel:
             raise IgptError("this decoder has no kernel step to draw in; feed it and draw from the logits")
+        batch, n_ctx, pos = self.cache.batch, self.model.config.n_ctx, self.cache.pos
+        if out.shape != (batch, n_ctx) or out.dtype != torch.int64 or not out.is_contiguous() or out.is_cuda:
+            raise IgptError(f"feed_and_draw fills a contiguous CPU int64 tensor of shape ({batch}, {n_ctx}), "
+                            f"not {out.dtype} {tuple(out.shape)}")
         if uniforms is not None:
+            if uniforms.shape != (steps, batch):
+                raise IgptError(f"feed_and_draw takes one uniform number per step and row, shape ({steps}, {batch}), "
+                                f"not {tuple(uniforms.shape)}")
             check_temperature(temperature)
-        if not 0 < self.cache.pos < self.model.config.n_ctx:
-            raise IgptError(f"feed_and_draw takes one pixel after the prefix and within the context, "
-                            f"not at position {self.cache.pos}")
-        _, drawn = self.kernel_step(tokens, draw=True, uniforms=uniforms, temperature=temperature)
-        self.cache.advance(1)
-        return drawn
+        if not (0 < pos and 0 < steps and pos + steps <= n_ctx):
+            raise IgptError(f"feed_and_draw draws pixels after the prefix and within the context of {n_ctx}, "
+                            f"not {steps} from position {pos}")
+        self.kernel_step.draw(out, steps, uniforms, temperature)
+        self.cache.advance(steps)
 
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -366,8 +380,9 @@ class Decoder:
             for j in range(t):
                 logits = self.feed(tokens[:, j : j + 1])
             return logits
-        if self.kernel_step is not None and cache.pos > 0 and t == 1:
-            logits, _ = self.kernel_step(tokens[:, 0])
+        if self.kernel_step is not None and t == 1:  # position 0 feeds sos, the kernel's token after the vocabulary
+            sos = torch.full((cache.batch,), model.config.vocab_size)
+            logits = self.kernel_step(tokens[:, 0] if cache.pos else sos)
         elif self.static_step is not None and cache.pos > 0 and t == 1:
             if tokens.is_cuda:  # a new CUDA-graph step: the last step's logits have been consumed
                 torch.compiler.cudagraph_mark_step_begin()

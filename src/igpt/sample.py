@@ -136,18 +136,21 @@ def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, g
     if known == n_ctx:  # nothing left to draw
         return out
     fused = decoder.draws_in_kernel and top_k is None and top_p is None  # the kernel picks as `pick` does
-    nxt = pick(decoder.feed(out[:, :known] if known else None))  # pixel `known`
-    for pos in range(known, n_ctx):
-        out[:, pos] = nxt
-        if watch is not None and (pos + 1) % side == 0:
-            watch(out, pos + 1)
-        if pos + 1 == n_ctx:
+    out[:, known] = pick(decoder.feed(out[:, :known] if known else None))
+    filled = known + 1
+    while True:
+        if watch is not None and filled % side == 0:
+            watch(out, filled)
+        if filled == n_ctx:
             break
-        if fused:
-            numbers = None if greedy else uniforms(len(nxt), generator, nxt.device)
-            nxt = decoder.feed_and_draw(nxt, numbers, temperature)
+        if fused:  # to the row's end in one call, so `watch` still sees every row
+            steps = min(side - filled % side, n_ctx - filled)
+            numbers = None if greedy else uniforms(steps * len(out), generator, out.device).view(steps, len(out))
+            decoder.feed_and_draw(out, steps, numbers, temperature)
+            filled += steps
         else:
-            nxt = pick(decoder.feed(nxt[:, None]))
+            out[:, filled] = pick(decoder.feed(out[:, filled - 1 : filled]))
+            filled += 1
     return out
 
 
