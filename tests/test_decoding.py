@@ -78,11 +78,11 @@ def test_bert_models_have_no_incremental_decoding():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("attention", ["dense", "local", "strided"])
 @pytest.mark.parametrize("rows, vocab, width, heads", [(1, 13, 32, 4), (9, 40, 32, 2), (17, 512, 32, 8),
-                                                     (5, 64, 96, 2)])
+                                                     (5, 64, 96, 2), (6, 40, 64, 2), (3, 40, 128, 2)])
 def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, width, heads):
     """decode_kernel.cpp against the eager step on the same cache, every pattern, fp32 and bf16: batch sizes on
     both sides of the rows it holds in registers, vocabularies that are and are not whole vectors, head sizes
-    (4 to 48) that are and are not. In bf16 the kernel computes in float from bf16 weights and keys, the eager
+    (4 to 64) that are and are not, (row, head) pairs that fill its groups and that leave some over. In bf16 the kernel computes in float from bf16 weights and keys, the eager
     step rounds every product to bf16."""
     model = random_model(attention=attention, positions="2d", window_rows=1, vocab_size=vocab, n_embd=width,
                          n_head=heads, bias=True)

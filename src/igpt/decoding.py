@@ -12,8 +12,9 @@ decode_kernel.cpp) is the only other place the block's forward is written. Three
 
 - eager: attention over the pixels so far only (half the work on average);
 - kernel: the eager step's arithmetic in one call to decode_kernel.cpp (`KernelStep`), the
-  whole step outside the Python dispatcher, and with plain temperature or greedy sampling the
-  draw of the next pixel too (`Decoder.feed_and_draw`): what CPUs run where a C++ compiler works;
+  whole step outside the Python dispatcher, and with plain temperature or greedy sampling a run
+  of steps that draw their pixels and feed them on, in one call (`Decoder.feed_and_draw`): what
+  CPUs run where a C++ compiler works;
 - static: attention over the whole cache under a position mask, so every step has the same
   shapes and `torch.compile` (CUDA graphs on GPUs) captures one graph for the whole image.
 
@@ -224,13 +225,14 @@ _STEP_ARGUMENTS = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, cty
                    + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_void_p]
                    + [ctypes.c_int])  # see decode_kernel.cpp's steps
 KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
-                {"decode_steps": _STEP_ARGUMENTS, "decode_steps_bf16": _STEP_ARGUMENTS, "decode_panel_width": []})
+                {"decode_steps": _STEP_ARGUMENTS, "decode_steps_bf16": _STEP_ARGUMENTS, "decode_panel_width": [],
+                 "decode_work_floats": [ctypes.c_int64] * 5})
 
 
 class KernelStep:
     """The one-pixel step as one call to decode_kernel.cpp: the eager step's arithmetic on the same cache, from
-    the tokens to float32 logits (and, asked, the next pixel drawn from them), with no Python between its
-    operations.
+    the tokens to float32 logits (`__call__`), or a run of such steps that each draw the next pixel and feed it
+    on (`draw`), with no Python between their operations.
 
     Built per Decoder: it holds the addresses of the decode weights packed in the kernel's panels
     (`DecodeWeights.panels`) and of this cache's tensors, which nothing reallocates while it lives.
@@ -254,8 +256,8 @@ class KernelStep:
             self.positions = model.positions(0, c.n_ctx).float().contiguous()
         self.blocks, self.head = cache.weights.panels(width)
         rows = cache.batch
-        scratch = max(c.n_ctx, c.vocab_size) + rows
-        self.work = torch.empty(rows * 9 * c.n_embd + self.threads * scratch, dtype=torch.float32)
+        self.work = torch.empty(lib.decode_work_floats(rows, c.n_embd, c.n_ctx, c.vocab_size, self.threads),
+                                dtype=torch.float32)
         layers = []
         for block, pattern, keys, values in zip(self.blocks, cache.patterns, cache.k, cache.v):
             addresses = [x.data_ptr() if x is not None else 0 for pair in block for x in pair]
@@ -304,7 +306,8 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None, width: int) -> Affine:
 
 class Decoder:
     """Feeds an ar model a prefix, then one pixel per step, and returns the next pixel's logits each time
-    (`feed`), or with the kernel step the next pixel itself, drawn in the step's call (`feed_and_draw`).
+    (`feed`), or with the kernel step draws a run of pixels, each fed to the next step, in one call
+    (`feed_and_draw`).
 
     `weights`: the decode weights of an earlier Decoder of the same model and dtype, so a
     sampling call lays them out once for all its batches. `static`: one-pixel steps through

@@ -59,7 +59,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 def uniforms(rows: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """One float32 number uniform in [0, 1) per row: what `draw` inverts, and what the kernel's own draw takes
-    (one stream for both routes, so a seed draws alike on either)."""
+    (one stream for both routes, so a seed draws alike on either: a CPU generator fills a tensor element after
+    element, so the kernel's run of steps takes its rows' numbers in one call)."""
     return torch.rand(rows, generator=generator, device=device, dtype=torch.float32)
 
 
