@@ -270,25 +270,30 @@ def pattern_train_flops_per_token(config) -> float:
 
 
 # ---- memory ----------------------------------------------------------------------------------
-def read_bandwidth(nbytes: int, device: str = "cpu", repeat: int = 10, bytes_per_timing: int = 2**25) -> float:
-    """Bytes/s of reading a float32 tensor of `nbytes` (torch.sum over it), the best of `repeat` timings.
+def bandwidth_reader(nbytes: int, device: str = "cpu", bytes_per_call: int = 2**25):
+    """A call that reads a float32 tensor of `nbytes` (torch.sum over it) about `bytes_per_call` in all (once at
+    least), and the bytes one call reads: time it in turns with what its bandwidth bounds.
 
-    Each timing sums it repeatedly, about `bytes_per_timing` in all (once at least), so a small tensor
-    is read from the caches it fits in and a large one from memory: call it at the size of a working
-    set. Many short timings, not a few long ones: the best of them is the one no other process disturbed.
+    A small tensor is read from the caches it fits in and a large one from memory: size it as a working set.
     """
     x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
     x.sum()  # pages touched, caches filled
     synchronize(device)
-    calls = max(1, bytes_per_timing // x.nbytes)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
+    calls = max(1, bytes_per_call // x.nbytes)
+
+    def read() -> None:
         for _ in range(calls):
             x.sum()
         synchronize(device)
-        best = min(best, (time.perf_counter() - start) / calls)
-    return x.nbytes / best
+
+    return read, calls * x.nbytes
+
+
+def read_bandwidth(nbytes: int, device: str = "cpu", repeat: int = 10, bytes_per_timing: int = 2**25) -> float:
+    """Bytes/s of reading a float32 tensor of `nbytes` (`bandwidth_reader`), the best of `repeat` timings. Many
+    short timings, not a few long ones: the best of them is the one no other process disturbed."""
+    read, nbytes_read = bandwidth_reader(nbytes, device, bytes_per_timing)
+    return nbytes_read / best_of({"read": read}, repeat)["read"]
 
 
 def _proc_status_bytes(field: str) -> int:
