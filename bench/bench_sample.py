@@ -6,7 +6,8 @@
 
 Each precision times igpt's routes for the one-pixel step: `kernel` (decode_kernel.cpp, the CPU
 default), `eager` (PyTorch operators from Python) and, unless --no-compile, `compiled` (the static
-step under torch.compile; CUDA graphs on GPUs). The issue's shapes: `--layers 4 --width 256 --heads 8 --side 16 --batches 8` and
+step under torch.compile; CUDA graphs on GPUs). The issue's shapes:
+`--layers 4 --width 256 --heads 8 --side 16 --batches 8` and
 `--layers 6 --width 384 --heads 8 --side 24 --batches 32` (dense attention, 1-D positions: the
 architecture Hugging Face runs). The same random weights run in both (exported through igpt.hf.to_hf).
 Each precision: fp32, and bf16 where the hardware runs it natively (or the --precisions given), igpt's
@@ -21,9 +22,9 @@ weights read once (12 L d^2 + d x vocab) and the keys and values the step reads 
 position attends, in each layer), in the compute dtype (4 bytes fp32, 2 bf16). Bandwidth: the read
 bandwidth (bench/common.py read_bandwidth) at the working set the sampler holds, those weights plus the
 whole cache, the best of ten reads before the contenders run and one in each of their turns (a host's
-other guests take a share that moves by the minute). FLOPs: 2 B (12 L d^2 + d x vocab), plus 4 B d per key attended in each layer. Peak: that
-precision's matmul peak, measured in the same run. A sample's floor is the sum over its positions;
-"of floor" is that floor's time over the measured time.
+other guests take a share that moves by the minute). FLOPs: 2 B (12 L d^2 + d x vocab), plus 4 B d per
+key attended in each layer. Peak: that precision's matmul peak, measured in the same run. A sample's
+floor is the sum over its positions; "of floor" is that floor's time over the measured time.
 """
 
 from __future__ import annotations

@@ -78,12 +78,13 @@ def test_bert_models_have_no_incremental_decoding():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("attention", ["dense", "local", "strided"])
 @pytest.mark.parametrize("rows, vocab, width, heads", [(1, 13, 32, 4), (9, 40, 32, 2), (17, 512, 32, 8),
-                                                     (5, 64, 96, 2), (6, 40, 64, 2), (3, 40, 128, 2)])
+                                                     (5, 64, 96, 2), (6, 40, 64, 2), (3, 40, 64, 2),
+                                                     (3, 40, 128, 2), (7, 40, 64, 1)])
 def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, width, heads):
     """decode_kernel.cpp against the eager step on the same cache, every pattern, fp32 and bf16: batch sizes on
     both sides of the rows it holds in registers, vocabularies that are and are not whole vectors, head sizes
-    (4 to 64) that are and are not, (row, head) pairs that fill its groups and that leave some over. In bf16 the kernel computes in float from bf16 weights and keys, the eager
-    step rounds every product to bf16."""
+    (4 to 64) that are and are not, (row, head) pairs that fill its groups and that leave some over. In bf16 the
+    kernel computes in float from bf16 weights and keys, the eager step rounds every product to bf16."""
     model = random_model(attention=attention, positions="2d", window_rows=1, vocab_size=vocab, n_embd=width,
                          n_head=heads, bias=True)
     tokens = torch.randint(0, vocab, (rows, 25), generator=torch.Generator().manual_seed(2))
@@ -140,7 +141,7 @@ def test_a_run_of_drawn_steps_equals_one_step_at_a_time(attention):
     model = random_model(attention=attention, vocab_size=40)
     start = torch.randint(0, 40, (5, 25), generator=torch.Generator().manual_seed(0))
     numbers = torch.rand(21, 5, generator=torch.Generator().manual_seed(1))
-    runs = []
+    runs, caches = [], []
     for lengths in ([1] * 21, [5, 10, 6], [21]):
         decoder = step_decoder(model, 5, "kernel")
         decoder.feed(start[:, :3])
@@ -150,7 +151,9 @@ def test_a_run_of_drawn_steps_equals_one_step_at_a_time(attention):
             done += steps
         assert decoder.cache.pos == 25 and torch.equal(out[:, :4], start[:, :4])
         runs.append(out)
+        caches.append([*decoder.cache.k, *decoder.cache.v])
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*caches))
     assert not torch.equal(runs[0][:, 4:], start[:, 4:])
 
 
@@ -160,11 +163,12 @@ def test_feed_and_draw_refuses_what_it_cannot_do():
     decoder = step_decoder(model, 2, "kernel")
     decoder.feed(torch.zeros(2, 3, dtype=torch.long))
     out = torch.zeros(2, 25, dtype=torch.long)
-    with pytest.raises(IgptError, match="one uniform number per step and row, shape \\(1, 2\\), not \\(3,\\)"):
+    with pytest.raises(IgptError, match="one uniform number per step and row, a CPU tensor of shape "
+                       "\\(1, 2\\), not cpu \\(3,\\)"):
         decoder.feed_and_draw(out, 1, torch.rand(3), 1.0)
     with pytest.raises(IgptError, match="temperature must be > 0"):
         decoder.feed_and_draw(out, 1, torch.rand(1, 2), 0.0)
-    with pytest.raises(IgptError, match="contiguous CPU int64 tensor of shape \\(2, 25\\), not torch.int32"):
+    with pytest.raises(IgptError, match="contiguous CPU int64 tensor of shape \\(2, 25\\), not cpu torch.int32"):
         decoder.feed_and_draw(out.int(), 1, None, 1.0)
     with pytest.raises(IgptError, match="not 22 from position 4"):
         decoder.feed_and_draw(out, 22, None, 1.0)

@@ -161,11 +161,14 @@ static void attend_vectors(const float* const* q, T* const* keys, T* const* valu
     for (int v = 0; v < NV; v++) store(y[g] + v * VL, out[g][v] * splat(1.f / total[g]));
 }
 
-// n pairs (at most GROUP) through attend_vectors, as many at once as the registers hold q and the outputs for.
+// Whether attend_vectors<T, NV, G>'s scoring pass (G queries of NV vectors, G * U sums) fits the registers.
+constexpr bool fits(int NV, int G) { return G * NV + G * (G == 1 ? 4 : 2) <= REGS - 2; }
+
+// n pairs (at most GROUP) through attend_vectors, as many at once as the registers hold their queries and sums.
 template <typename T, int NV>
 static void attend_group(int n, const float* const* q, T* const* keys, T* const* values, int64_t first,
                          int64_t count, int64_t stride, float scale, float* s, float* const* y) {
-  constexpr int G = NV <= 3 ? GROUP : 2;
+  constexpr int G = fits(NV, GROUP) ? GROUP : fits(NV, 2) ? 2 : 1;
   int g = 0;
   for (; g + G <= n; g += G)
     attend_vectors<T, NV, G>(q + g, keys + g, values + g, first, count, stride, scale, s, y + g);
@@ -255,7 +258,7 @@ static int64_t thread_scratch(int64_t n_ctx, int64_t vocab) { return GROUP * n_c
 // One step for every row at input position `pos` (call inside one parallel region): the rows' tokens
 // (token r at tokens[r * stride]) through every block to the next pixel's logits (rows, vocab) and, where
 // `drawn` is given, the next pixel itself, written to drawn[r * stride] (`pick`, with uniforms[r] for row r,
-// or greedy without uniforms). work: as `steps` lays it out.
+// or greedy without uniforms). work: decode_work_floats floats, laid out below.
 template <typename T>
 static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer* layers, int64_t n_layer,
                  int64_t rows, int64_t d, int64_t heads, int64_t vocab, int64_t n_ctx, float eps, const float* embed,
@@ -276,11 +279,12 @@ static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer
     int64_t write = pos, first = 0, count = pos + 1, spacing = 1;
     if (L.kind == BAND) { write = pos % L.slots; count = pos + 1 < L.slots ? pos + 1 : L.slots; }  // the ring
     if (L.kind == COLUMN) { first = pos % L.side; count = pos / L.side + 1; spacing = L.side; }
-    const int64_t pairs = rows * heads;
+    const int64_t pairs = rows * heads, share = (pairs + omp_get_num_threads() - 1) / omp_get_num_threads();
+    const int64_t size = share < GROUP ? share : GROUP;  // pairs a group: every thread has one where pairs are few
 #pragma omp for schedule(static)
-    for (int64_t group = 0; group < (pairs + GROUP - 1) / GROUP; group++) {
-      const int64_t pair = group * GROUP;
-      attend<T>(pair, (int)(pairs - pair < GROUP ? pairs - pair : GROUP), qkv, L, d, heads, write, first, count,
+    for (int64_t group = 0; group < (pairs + size - 1) / size; group++) {
+      const int64_t pair = group * size;
+      attend<T>(pair, (int)(pairs - pair < size ? pairs - pair : size), qkv, L, d, heads, write, first, count,
                 spacing, attention_scale, scores, y);
     }
     product(y, (const float*)0, rows, d, (const T*)L.proj, (const T*)L.proj_bias, d, h, ADD);
@@ -336,7 +340,7 @@ extern "C" {
 EXPORT(float, )
 EXPORT(bf16, _bf16)
 int decode_panel_width() { return PANEL; }
-int decode_work_floats(int64_t rows, int64_t d, int64_t n_ctx, int64_t vocab, int64_t threads) {
-  return (int)(rows * 9 * d + threads * (thread_scratch(n_ctx, vocab) + rows));
+int64_t decode_work_floats(int64_t rows, int64_t d, int64_t n_ctx, int64_t vocab, int64_t threads) {
+  return rows * 9 * d + threads * (thread_scratch(n_ctx, vocab) + rows);
 }
 }

@@ -29,6 +29,7 @@ The cache owns its position; only `KVCache.advance` moves it.
 from __future__ import annotations
 
 import ctypes
+import operator
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,7 +227,7 @@ _STEP_ARGUMENTS = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, cty
                    + [ctypes.c_int])  # see decode_kernel.cpp's steps
 KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
                 {"decode_steps": _STEP_ARGUMENTS, "decode_steps_bf16": _STEP_ARGUMENTS, "decode_panel_width": [],
-                 "decode_work_floats": [ctypes.c_int64] * 5})
+                 "decode_work_floats": [ctypes.c_int64] * 5}, {"decode_work_floats": ctypes.c_int64})
 
 
 class KernelStep:
@@ -276,9 +277,23 @@ class KernelStep:
     def draw(self, out: torch.Tensor, steps: int, uniforms: torch.Tensor | None, temperature: float) -> torch.Tensor:
         """For the `steps` positions p from the cache's: feed out[:, p - 1] and write the next pixel to out[:, p],
         drawn as sample.draw draws from softmax(logits / temperature) with that step's `uniforms` (steps, B), or
-        greedy without, in one call. out: (B, n_ctx) int64, contiguous. Returns the last step's logits; does not
-        advance the cache."""
-        return self._run(out[:, self.cache.pos - 1 :], out.stride(0), steps, True, uniforms, temperature)
+        greedy without, in one call. out: (B, n_ctx) int64 on the CPU, contiguous. Returns the last step's
+        logits; does not advance the cache. Checks all it hands the kernel, which reads and writes in place."""
+        batch, n_ctx, pos = self.cache.batch, self.config.n_ctx, self.cache.pos
+        steps = operator.index(steps)
+        if out.shape != (batch, n_ctx) or out.dtype != torch.int64 or not out.is_contiguous() \
+                or out.device.type != "cpu":
+            raise IgptError(f"feed_and_draw fills a contiguous CPU int64 tensor of shape ({batch}, {n_ctx}), "
+                            f"not {out.device.type} {out.dtype} {tuple(out.shape)}")
+        if uniforms is not None:
+            if uniforms.shape != (steps, batch) or uniforms.device.type != "cpu":
+                raise IgptError(f"feed_and_draw takes one uniform number per step and row, a CPU tensor of shape "
+                                f"({steps}, {batch}), not {uniforms.device.type} {tuple(uniforms.shape)}")
+            check_temperature(temperature)
+        if not (0 < pos and 0 < steps and pos + steps <= n_ctx):
+            raise IgptError(f"feed_and_draw draws pixels after the prefix and within the context of {n_ctx}, "
+                            f"not {steps} from position {pos}")
+        return self._run(out[:, pos - 1 :], n_ctx, steps, True, uniforms, temperature)
 
     def _run(self, tokens: torch.Tensor, stride: int, steps: int, draw: bool, uniforms: torch.Tensor | None,
              temperature: float) -> torch.Tensor:
@@ -292,7 +307,8 @@ class KernelStep:
                                uniforms.data_ptr() if uniforms is not None else None, temperature,
                                self.work.data_ptr(), self.threads)
         if status:
-            raise IgptError(f"a token outside the vocabulary of {c.vocab_size} was fed to the decoder")
+            raise IgptError(f"a token outside the vocabulary of {c.vocab_size} (or at position 0 other than sos) "
+                            "was fed to the decoder")
         return logits
 
 
@@ -346,22 +362,10 @@ class Decoder:
         """Continue the images in `out` (B, n_ctx) int64 by `steps` pixels in one kernel call: feed the last pixel
         known, out[:, p - 1] at the cache's position p, write the next to out[:, p], drawn as sample.draw draws
         from softmax(logits / temperature) with `uniforms[s]` (B,) at step s, or greedy without, and go on from
-        it. Per-step Python (the operators of a sampling step, the call itself) took a sizeable share of a small
-        model's step."""
+        it (`KernelStep.draw`). Per-step Python (the operators of a sampling step, the call itself) took a
+        sizeable share of a small model's step."""
         if not self.draws_in_kernel:
             raise IgptError("this decoder has no kernel step to draw in; feed it and draw from the logits")
-        batch, n_ctx, pos = self.cache.batch, self.model.config.n_ctx, self.cache.pos
-        if out.shape != (batch, n_ctx) or out.dtype != torch.int64 or not out.is_contiguous() or out.is_cuda:
-            raise IgptError(f"feed_and_draw fills a contiguous CPU int64 tensor of shape ({batch}, {n_ctx}), "
-                            f"not {out.dtype} {tuple(out.shape)}")
-        if uniforms is not None:
-            if uniforms.shape != (steps, batch):
-                raise IgptError(f"feed_and_draw takes one uniform number per step and row, shape ({steps}, {batch}), "
-                                f"not {tuple(uniforms.shape)}")
-            check_temperature(temperature)
-        if not (0 < pos and 0 < steps and pos + steps <= n_ctx):
-            raise IgptError(f"feed_and_draw draws pixels after the prefix and within the context of {n_ctx}, "
-                            f"not {steps} from position {pos}")
         self.kernel_step.draw(out, steps, uniforms, temperature)
         self.cache.advance(steps)
 

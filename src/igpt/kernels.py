@@ -38,10 +38,11 @@ KERNELS: list["Kernel"] = []  # every Kernel defined, in the order their modules
 
 
 class Kernel:
-    """One C++ source built into a shared library, with the argument types of the functions it exports."""
+    """One C++ source built into a shared library, with the argument types of the functions it exports (and the
+    result types of those that return other than an int)."""
 
-    def __init__(self, source: Path, signatures: dict[str, list]):
-        self.source, self.signatures = source, signatures
+    def __init__(self, source: Path, signatures: dict[str, list], results: dict[str, type] | None = None):
+        self.source, self.signatures, self.results = source, signatures, results or {}
         self.name = source.stem.replace("_", " ")  # "band kernel": for messages
         self.switch = "IGPT_" + source.stem.upper()  # IGPT_BAND_KERNEL=0 turns it off
         self._library: ctypes.CDLL | None = None
@@ -88,6 +89,8 @@ class Kernel:
             return None
         for function, argtypes in self.signatures.items():
             getattr(lib, function).argtypes = argtypes
+        for function, restype in self.results.items():
+            getattr(lib, function).restype = restype
         return lib
 
     def build(self) -> Path:

@@ -87,9 +87,10 @@ def sample(
     row, with `filled` the pixels written so far: the filling-in animation is drawn from it.
 
     `compile` runs each pixel's step through torch.compile with static shapes (CUDA graphs on
-    GPUs), the route to launch-free decoding there. On CPUs leave it off: each step is then one
-    call to igpt's decode kernel (`kernel`, where a C++ compiler builds it), faster than either
-    PyTorch route (bench/bench_sample.py measures each).
+    GPUs), the route to launch-free decoding there. On CPUs leave it off: steps then run in igpt's
+    decode kernel (`kernel`, where a C++ compiler builds it), with plain temperature or greedy
+    sampling the rest of an image row in one call, faster than either PyTorch route
+    (bench/bench_sample.py measures each).
     """
     if model.config.objective != "ar":
         raise IgptError("sampling needs an autoregressive (ar) model; this one was trained with the bert objective")
