@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
-from conftest import PAPER, STEPS, TINY_RUN, qkv_outputs_and_gradients, random_model, step_decoder
+from conftest import PAPER, STEPS, TINY_RUN, band_mask, qkv_outputs_and_gradients, random_model, step_decoder
 from igpt import IgptError
 from igpt.attention import band_kernel
 from igpt.attention import backends as model_module
@@ -297,7 +297,7 @@ def test_band_and_column_attention_equal_masked_dense_attention_forward_and_back
     qkv = torch.randn(b, t, 3 * h * hd, dtype=torch.float64)
     grad = torch.randn(b, h, t, hd, dtype=torch.float64)
     i, j = torch.arange(t)[:, None], torch.arange(t)
-    masks = {"band": (j <= i) & (j > i - window), "column": (j <= i) & ((i - j) % block == 0)}
+    masks = {"band": band_mask(t, window), "column": (j <= i) & ((i - j) % block == 0)}
     for name, attend in (("band", lambda q, k, v: band_attention(q, k, v, window, block)),
                          ("column", lambda q, k, v: column_attention(q, k, v, block))):
         results = [qkv_outputs_and_gradients(fn, qkv, grad, h, layout) for fn in

@@ -111,6 +111,9 @@ static void norm_scales(const float* h, int64_t rows, int64_t d, float eps, floa
 // near it (a keys-then-values read at a sampling batch's cache: about three times as fast with four).
 #define GROUP 4
 
+// Keys attend_vectors scores at once per pair: four for one pair, two where several go together.
+constexpr int keys_at_once(int G) { return G == 1 ? 4 : 2; }
+
 // The attention of G (row, head) pairs over `count` cache slots from `first`, `stride` apart, their new keys
 // and values already stored: pair g's query q[g] against keys[g], values[g], its output to y[g]. s: scratch
 // for G * count scores. The pairs go through each pass together, so that their G streams are read at once.
@@ -118,7 +121,7 @@ static void norm_scales(const float* h, int64_t rows, int64_t d, float eps, floa
 template <typename T, int NV, int G>
 static void attend_vectors(const float* const* q, T* const* keys, T* const* values, int64_t first, int64_t count,
                            int64_t stride, float scale, float* s, float* const* y) {
-  constexpr int HD = NV * VL, U = G == 1 ? 4 : 2;  // keys scored at once per pair
+  constexpr int HD = NV * VL, U = keys_at_once(G);
   vec qv[G][NV];
   float top[G];
   for (int g = 0; g < G; g++) {
@@ -162,7 +165,7 @@ static void attend_vectors(const float* const* q, T* const* keys, T* const* valu
 }
 
 // Whether attend_vectors<T, NV, G>'s scoring pass (G queries of NV vectors, G * U sums) fits the registers.
-constexpr bool fits(int NV, int G) { return G * NV + G * (G == 1 ? 4 : 2) <= REGS - 2; }
+constexpr bool fits(int NV, int G) { return G * NV + G * keys_at_once(G) <= REGS - 2; }
 
 // n pairs (at most GROUP) through attend_vectors, as many at once as the registers hold their queries and sums.
 template <typename T, int NV>
@@ -269,6 +272,8 @@ static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer
   float *h = work, *qkv = h + rows * d, *y = qkv + rows * 3 * d, *f = y + rows * d, *own = f + rows * 4 * d;
   float* scores = own + omp_get_thread_num() * (scratch + rows);
   float* scale = scores + scratch;  // this thread's copy of the rows' norm factors
+  const int64_t pairs = rows * heads, share = (pairs + omp_get_num_threads() - 1) / omp_get_num_threads();
+  const int64_t size = share < GROUP ? share : GROUP;  // pairs a group: every thread has one where pairs are few
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; r++)
     for (int64_t i = 0; i < d; i++) h[r * d + i] = embed[tokens[r * stride] * d + i] + positions[pos * d + i];
@@ -279,8 +284,6 @@ static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer
     int64_t write = pos, first = 0, count = pos + 1, spacing = 1;
     if (L.kind == BAND) { write = pos % L.slots; count = pos + 1 < L.slots ? pos + 1 : L.slots; }  // the ring
     if (L.kind == COLUMN) { first = pos % L.side; count = pos / L.side + 1; spacing = L.side; }
-    const int64_t pairs = rows * heads, share = (pairs + omp_get_num_threads() - 1) / omp_get_num_threads();
-    const int64_t size = share < GROUP ? share : GROUP;  // pairs a group: every thread has one where pairs are few
 #pragma omp for schedule(static)
     for (int64_t group = 0; group < (pairs + size - 1) / size; group++) {
       const int64_t pair = group * size;

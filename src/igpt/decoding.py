@@ -388,8 +388,8 @@ class Decoder:
                 logits = self.feed(tokens[:, j : j + 1])
             return logits
         if self.kernel_step is not None and t == 1:  # position 0 feeds sos, the kernel's token after the vocabulary
-            sos = torch.full((cache.batch,), model.config.vocab_size)
-            logits = self.kernel_step(tokens[:, 0] if cache.pos else sos)
+            logits = self.kernel_step(tokens[:, 0] if cache.pos
+                                      else torch.full((cache.batch,), model.config.vocab_size))
         elif self.static_step is not None and cache.pos > 0 and t == 1:
             if tokens.is_cuda:  # a new CUDA-graph step: the last step's logits have been consumed
                 torch.compiler.cudagraph_mark_step_begin()

@@ -146,7 +146,7 @@ def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, g
         if filled == n_ctx:
             break
         if fused:  # to the row's end in one call, so `watch` still sees every row
-            steps = min(side - filled % side, n_ctx - filled)
+            steps = side - filled % side
             numbers = None if greedy else uniforms(steps * len(out), generator, out.device).view(steps, len(out))
             decoder.feed_and_draw(out, steps, numbers, temperature)
             filled += steps
