@@ -329,6 +329,22 @@ static int steps(int64_t* tokens, int64_t stride, int64_t pos, int64_t count, in
   return 0;
 }
 
+// An (n, k) float matrix times factor[i] in each column i, packed as `product` reads its weights (decoding.Fold):
+// ceil(n / PANEL) panels of (k, PANEL), the last padded with zero columns, in T. Written here, not with PyTorch's
+// operators: their strided copy for this transpose ran about ten times slower than a plain pass over the matrix,
+// and every sampling call lays out its model.
+template <typename T>
+static void pack(const float* w, const float* factor, int64_t n, int64_t k, T* panels, int threads) {
+  const int64_t count = (n + PANEL - 1) / PANEL;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t c = 0; c < count; c++)
+    for (int64_t i = 0; i < k; i++)
+      for (int64_t j = 0; j < PANEL; j++) {
+        const int64_t row = c * PANEL + j;
+        put(panels + (c * k + i) * PANEL + j, row < n ? w[row * k + i] * factor[i] : 0.f);
+      }
+}
+
 #define EXPORT(T, SUFFIX)                                                                                           \
   int decode_steps##SUFFIX(int64_t* tokens, int64_t stride, int64_t pos, int64_t count, int draw,                 \
                            const Layer* layers, int64_t n_layer, int64_t rows, int64_t d, int64_t heads,          \
@@ -337,6 +353,9 @@ static int steps(int64_t* tokens, int64_t stride, int64_t pos, int64_t count, in
                            int threads) {                                                                         \
     return steps(tokens, stride, pos, count, draw, layers, n_layer, rows, d, heads, vocab, n_ctx, eps, embed,      \
                  positions, head, logits, uniforms, temperature, work, threads);                                 \
+  }                                                                                                               \
+  void decode_pack##SUFFIX(const float* w, const float* factor, int64_t n, int64_t k, T* panels, int threads) {    \
+    pack(w, factor, n, k, panels, threads);                                                                       \
   }
 
 extern "C" {

@@ -31,8 +31,8 @@ from __future__ import annotations
 import ctypes
 import operator
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,56 +44,105 @@ from igpt.kernels import Kernel
 from igpt.model import ImageGPT
 from igpt.ops import QUICK_GELU
 
-Affine = tuple[torch.Tensor, torch.Tensor | None]  # a weight laid out (in, out) and its bias
+Affine = tuple[torch.Tensor, torch.Tensor | None]  # a weight laid out for a step and its bias
 
 
-@dataclass
+class Fold(NamedTuple):
+    """One matrix of a block as a step reads it, before any layout: the model's (out, in) weight times `factor`
+    (in,), float32, one number per input, and its bias times `bias_scale`."""
+
+    weight: torch.Tensor
+    factor: torch.Tensor
+    bias: torch.Tensor | None
+    bias_scale: float = 1.0
+
+    def stored(self, dtype: torch.dtype) -> Affine:
+        """(in, out), contiguous, for torch.mm: one pass over the weight."""
+        out = torch.empty(self.weight.shape[::-1], dtype=dtype, device=self.weight.device)
+        torch.mul(self.weight.t(), self.factor[:, None], out=out)
+        return out, self._bias(dtype)
+
+    def packed(self, dtype: torch.dtype) -> Affine:
+        """As decode_kernel.cpp reads it (its `pack`, one pass): panels of the kernel's width in output columns,
+        each (in, width) and contiguous, the last padded with zero columns, and the bias padded likewise."""
+        lib = KERNEL.library()
+        n, k = self.weight.shape
+        width = lib.decode_panel_width()
+        panels = torch.empty(-(-n // width), k, width, dtype=dtype)
+        weight = self.weight.float().contiguous()
+        (lib.decode_pack_bf16 if dtype == torch.bfloat16 else lib.decode_pack)(
+            weight.data_ptr(), self.factor.data_ptr(), n, k, panels.data_ptr(), torch.get_num_threads())
+        bias = self._bias(dtype)
+        return panels, (F.pad(bias, (0, -n % width)) if bias is not None else None)
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return (self.bias.float() * self.bias_scale).to(dtype) if self.bias is not None else None
+
+
 class DecodeWeights:
-    """The block weights laid out for decoding steps, built once per sampling call.
+    """The block weights laid out for decoding steps, built once per sampling call, each layout on first use.
 
-    A step at a small batch is a chain of tiny operations whose number, not their arithmetic,
-    sets the pace. So each RMS-norm gain is folded into the matrix that reads the normalised
-    vector, quick GELU's 1.702 into the MLP's matrices (it becomes one silu), q/k/v are one
-    matrix, and all are stored (in, out) for torch.mm. Costs one copy of the block weights
-    (in the autocast dtype when autocasting) while it lives, and a second where the kernel
-    step packs them (`panels`).
+    A step at a small batch is a chain of tiny operations whose number, not their arithmetic, sets the pace. So each
+    RMS-norm gain is folded into the matrix that reads the normalised vector, quick GELU's 1.702 into the MLP's
+    matrices (it becomes one silu), and q/k/v are one matrix (`Fold`). The eager and static steps read them stored
+    (in, out) for torch.mm (`blocks`, `head`); the kernel step reads them packed in panels (`panels`). Each
+    layout costs one copy of the block weights (in the autocast dtype when autocasting) while it lives, and is
+    built only where a step reads it, in one pass per matrix: a sample drawn from an empty prefix by the kernel
+    never builds the stored layout, and laying out was a tenth of a small model's sample.
     """
 
-    blocks: list[tuple[Affine, Affine, Affine, Affine]]  # per block: qkv, attention output, fc, mlp output
-    head: torch.Tensor
-    _panels: dict = field(default_factory=dict, repr=False)  # panel width: the packed blocks and head
+    def __init__(self, model: ImageGPT, dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+        self._stored: tuple[list[tuple[Affine, ...]], torch.Tensor] | None = None
+        self._panels: tuple[list[list[Affine]], torch.Tensor] | None = None
 
-    @classmethod
     @torch.no_grad()
-    def of(cls, model: ImageGPT, dtype: torch.dtype) -> "DecodeWeights":
-        def affine(weight, bias=None, scale=1.0, gain=None) -> Affine:
-            w = weight.float() * scale * (gain.float() if gain is not None else 1.0)
-            b = bias.float() * scale if bias is not None else None
-            return w.t().contiguous().to(dtype), (b.to(dtype) if b is not None else None)
+    def folds(self) -> tuple[list[tuple[Fold, Fold, Fold, Fold]], Fold]:
+        """Per block qkv, attention output, fc and MLP output, and the head."""
+        def fold(weight, bias, gain=None, scale=1.0, bias_scale=1.0) -> Fold:
+            factor = gain.float() * scale if gain is not None else torch.full(weight.shape[1:], scale,
+                                                                                device=weight.device)
+            return Fold(weight, factor, bias, bias_scale)
 
         blocks = []
-        for block in model.blocks:
+        for block in self.model.blocks:
             attn, mlp = block.attn, block.mlp
-            qkv, qkv_bias = attn._stacked()
-            blocks.append((
-                affine(qkv, qkv_bias, gain=block.ln_1.weight),
-                affine(attn.proj.weight, attn.proj.bias),
-                affine(mlp.fc.weight, mlp.fc.bias, scale=QUICK_GELU, gain=block.ln_2.weight),
-                affine(mlp.proj.weight / QUICK_GELU, mlp.proj.bias),
-            ))
-        return cls(blocks, affine(model.head.weight, gain=model.ln_f.weight)[0])
+            blocks.append((fold(*attn._stacked(), gain=block.ln_1.weight),
+                           fold(attn.proj.weight, attn.proj.bias),
+                           fold(mlp.fc.weight, mlp.fc.bias, block.ln_2.weight, QUICK_GELU, QUICK_GELU),
+                           fold(mlp.proj.weight, mlp.proj.bias, scale=1 / QUICK_GELU)))
+        return blocks, fold(self.model.head.weight, None, self.model.ln_f.weight)
+
+    @property
+    def blocks(self) -> list[tuple[Affine, Affine, Affine, Affine]]:
+        """Per block: qkv, attention output, fc and MLP output, each stored (in, out)."""
+        return self._stored_layout()[0]
+
+    @property
+    def head(self) -> torch.Tensor:
+        return self._stored_layout()[1]
+
+    @torch.no_grad()
+    def _stored_layout(self) -> tuple[list[tuple[Affine, ...]], torch.Tensor]:
+        if self._stored is None:
+            blocks, head = self.folds()
+            self._stored = ([tuple(fold.stored(self.dtype) for fold in block) for block in blocks],
+                            head.stored(self.dtype)[0])
+        return self._stored
 
     def tensors(self) -> list[torch.Tensor]:
+        """The stored layout's tensors (what the static step reads)."""
         return [w for block in self.blocks for pair in block for w in pair if w is not None] + [self.head]
 
     @torch.no_grad()
-    def panels(self, width: int) -> tuple[list[list[Affine]], torch.Tensor]:
-        """The blocks and the head packed as decode_kernel.cpp reads them (`pack`), once for every Decoder
-        that shares these weights: a second copy of them."""
-        if width not in self._panels:
-            self._panels[width] = ([[pack(*affine, width) for affine in block] for block in self.blocks],
-                                   pack(self.head, None, width)[0])
-        return self._panels[width]
+    def panels(self) -> tuple[list[list[Affine]], torch.Tensor]:
+        """The blocks and the head packed as decode_kernel.cpp reads them, once for every Decoder that shares
+        these weights."""
+        if self._panels is None:
+            blocks, head = self.folds()
+            self._panels = ([[fold.packed(self.dtype) for fold in block] for block in blocks],
+                            head.packed(self.dtype)[0])
+        return self._panels
 
 
 def _affine(x: torch.Tensor, weight_bias: Affine) -> torch.Tensor:
@@ -225,8 +274,10 @@ def check_temperature(temperature: float) -> None:
 _STEP_ARGUMENTS = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 6
                    + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_void_p]
                    + [ctypes.c_int])  # see decode_kernel.cpp's steps
+_PACK_ARGUMENTS = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int]  # decode_kernel.cpp's pack
 KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
                 {"decode_steps": _STEP_ARGUMENTS, "decode_steps_bf16": _STEP_ARGUMENTS, "decode_panel_width": [],
+                 "decode_pack": _PACK_ARGUMENTS, "decode_pack_bf16": _PACK_ARGUMENTS,
                  "decode_work_floats": [ctypes.c_int64] * 5}, {"decode_work_floats": ctypes.c_int64})
 
 
@@ -244,18 +295,17 @@ class KernelStep:
         """A CPU cache in float32 or bfloat16 whose decode weights share its dtype, and the kernel built."""
         dtype = cache.k[0].dtype
         return cache.k[0].device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) \
-            and cache.weights.head.dtype == dtype and KERNEL.available()
+            and cache.weights.dtype == dtype and KERNEL.available()
 
     def __init__(self, model: ImageGPT, cache: KVCache):
         c = model.config
         self.config, self.cache = c, cache
         self.threads = torch.get_num_threads()
         lib = KERNEL.library()
-        width = lib.decode_panel_width()
         with torch.no_grad():
             self.embed = torch.cat([model.wte.weight, model.sos[None]]).float().contiguous()  # position 0 feeds sos
             self.positions = model.positions(0, c.n_ctx).float().contiguous()
-        self.blocks, self.head = cache.weights.panels(width)
+        self.blocks, self.head = cache.weights.panels()
         rows = cache.batch
         self.work = torch.empty(lib.decode_work_floats(rows, c.n_embd, c.n_ctx, c.vocab_size, self.threads),
                                 dtype=torch.float32)
@@ -312,14 +362,6 @@ class KernelStep:
         return logits
 
 
-def pack(weight: torch.Tensor, bias: torch.Tensor | None, width: int) -> Affine:
-    """An (in, out) weight as the kernel reads it: panels of `width` output columns, each (in, width) and
-    contiguous, the last padded with zero columns; the bias padded likewise."""
-    padding = -weight.shape[1] % width
-    panels = F.pad(weight, (0, padding)).view(weight.shape[0], -1, width).transpose(0, 1).contiguous()
-    return panels, (F.pad(bias, (0, padding)) if bias is not None else None)
-
-
 class Decoder:
     """Feeds an ar model a prefix, then one pixel per step, and returns the next pixel's logits each time
     (`feed`), or with the kernel step draws a run of pixels, each fed to the next step, in one call
@@ -339,7 +381,7 @@ class Decoder:
         self.model = model
         device = model.wte.weight.device
         dtype = compute_dtype(model, device)
-        self.weights = weights or DecodeWeights.of(model, dtype)
+        self.weights = weights or DecodeWeights(model, dtype)
         self.cache = KVCache(model, batch, self.weights, device, dtype, static=static or compile)
         self.static_step = None
         self.kernel_step = None
