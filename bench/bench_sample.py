@@ -137,8 +137,8 @@ def bandwidths(config: ImageGPTConfig, batch: int, modes: tuple[str, ...], devic
     now, readers = {}, {}
     for precision in modes:
         held = working_set(config, batch, DTYPES[precision].itemsize)
-        now[precision] = read_bandwidth(held, device)
         readers[precision] = bandwidth_reader(held, device)
+        now[precision] = read_bandwidth(held, device, reader=readers[precision])
     return now, readers
 
 
