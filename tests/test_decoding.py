@@ -103,21 +103,26 @@ def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, wi
 @pytest.mark.parametrize("width", [32, 40])
 def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width):
     """The two layouts of the decode weights, built apart (decode_kernel.cpp packs the panels): the same numbers,
-    rounded alike in bf16, and only zeros in the padding; widths whose matrices fill the panels and do not."""
+    rounded alike in bf16, and only zeros in the padding; matrices that fill the panels and that do not, at every
+    vector width (a vocabulary of 41)."""
     if not KERNEL.available():
         pytest.skip("no C++ compiler builds igpt's decode kernel here")
-    weights = DecodeWeights(random_model(n_embd=width, bias=True, vocab_size=40), dtype)
+    weights = DecodeWeights(random_model(n_embd=width, bias=True, vocab_size=41), dtype)
     blocks, head = weights.panels()
+    packed = [pair for block in blocks for pair in block] + [(head, None)]
     stored = [pair for block in weights.blocks for pair in block] + [(weights.head, None)]
-    for (panels, panel_bias), (matrix, bias) in zip([pair for block in blocks for pair in block] + [(head, None)],
-                                                   stored):
+    for (panels, panel_bias), (matrix, bias) in zip(packed, stored, strict=True):
         assert panels.dtype == matrix.dtype == dtype
         columns = panels.transpose(0, 1).reshape(matrix.shape[0], -1)  # (in, panels x width)
         n = matrix.shape[1]
         assert torch.equal(columns[:, :n], matrix) and not columns[:, n:].any()
         if bias is not None:
             assert torch.equal(panel_bias[:n], bias) and not panel_bias[n:].any()
-    decoder = Decoder(weights.model, 2)  # sampling from an empty prefix reads only the panels: builds only those
+
+
+@torch.no_grad()
+def test_sampling_from_an_empty_prefix_in_the_kernel_builds_only_its_panels():
+    decoder = step_decoder(random_model(), 2, "kernel")
     decoder.feed(None)
     decoder.feed_and_draw(torch.zeros(2, 25, dtype=torch.int64), 24, None, 1.0)
     assert decoder.weights._stored is None and decoder.weights._panels is not None

@@ -9,8 +9,8 @@
 // at a barrier between the phases of each block; each product streams the weights once, with the
 // batch's rows held in registers.
 //
-// The weights are decoding.DecodeWeights: (in, out) matrices with the RMS-norm gains and quick
-// GELU's 1.702 folded in, so a norm is one scale per row, applied to the product's result, and the
+// The weights are decoding.DecodeWeights, packed by `pack` below: the blocks' matrices with the RMS-norm
+// gains and quick GELU's 1.702 folded in, so a norm is one scale per row, applied to the product's result, and the
 // MLP's activation is silu. Weights and the key/value cache are float or bfloat16 together; every
 // product and sum runs in float. The cache holds (batch, heads, slots, head_dim) per layer, written
 // and read as igpt/attention/patterns.py's Pattern.read does: dense and column layers keep every
@@ -31,7 +31,7 @@ struct Layer {
   int64_t kind, side, slots;
 };
 
-// The weights come packed in panels (decoding.KernelStep.pack): a (K, N) matrix as ceil(N / PANEL) panels
+// The weights come packed in panels (`pack`, below): a (K, N) matrix as ceil(N / PANEL) panels
 // of (K, PANEL) each, contiguous, the last padded with zero columns, and its bias padded likewise, so a tile
 // streams its panel from memory in order instead of a short piece of each of K rows.
 #define PANEL (COLS * VL)

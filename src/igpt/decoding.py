@@ -32,7 +32,7 @@ import ctypes
 import operator
 import weakref
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,17 +49,26 @@ Affine = tuple[torch.Tensor, torch.Tensor | None]  # a weight laid out for a ste
 
 class Fold(NamedTuple):
     """One matrix of a block as a step reads it, before any layout: the model's (out, in) weight times `factor`
-    (in,), float32, one number per input, and its bias times `bias_scale`."""
+    (in,), float32 and contiguous, one number per input, and its bias times `bias_scale`. Both layouts form each
+    product in float32 and round it once to their dtype, so they hold the same numbers."""
 
     weight: torch.Tensor
     factor: torch.Tensor
     bias: torch.Tensor | None
     bias_scale: float = 1.0
 
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None, gain: torch.Tensor | None = None, scale: float = 1.0,
+           bias_scale: float = 1.0) -> "Fold":
+        """The weight with an RMS-norm `gain` (that reads its input) and a `scale` folded in."""
+        factor = (gain.float() * scale if gain is not None
+                  else torch.full(weight.shape[1:], scale, dtype=torch.float32, device=weight.device))
+        return cls(weight, factor, bias, bias_scale)
+
     def stored(self, dtype: torch.dtype) -> Affine:
         """(in, out), contiguous, for torch.mm: one pass over the weight."""
         out = torch.empty(self.weight.shape[::-1], dtype=dtype, device=self.weight.device)
-        torch.mul(self.weight.t(), self.factor[:, None], out=out)
+        torch.mul(self.weight.float().t(), self.factor[:, None], out=out)  # in float32, as the kernel's pack
         return out, self._bias(dtype)
 
     def packed(self, dtype: torch.dtype) -> Affine:
@@ -87,8 +96,9 @@ class DecodeWeights:
     matrices (it becomes one silu), and q/k/v are one matrix (`Fold`). The eager and static steps read them stored
     (in, out) for torch.mm (`blocks`, `head`); the kernel step reads them packed in panels (`panels`). Each
     layout costs one copy of the block weights (in the autocast dtype when autocasting) while it lives, and is
-    built only where a step reads it, in one pass per matrix: a sample drawn from an empty prefix by the kernel
-    never builds the stored layout, and laying out was a tenth of a small model's sample.
+    built only where a step reads it, block by block, in one pass over each float32 matrix: a sample drawn from
+    an empty prefix by the kernel never builds the stored layout, and laying out was a tenth of a small model's
+    sample.
     """
 
     def __init__(self, model: ImageGPT, dtype: torch.dtype):
@@ -96,22 +106,18 @@ class DecodeWeights:
         self._stored: tuple[list[tuple[Affine, ...]], torch.Tensor] | None = None
         self._panels: tuple[list[list[Affine]], torch.Tensor] | None = None
 
-    @torch.no_grad()
-    def folds(self) -> tuple[list[tuple[Fold, Fold, Fold, Fold]], Fold]:
-        """Per block qkv, attention output, fc and MLP output, and the head."""
-        def fold(weight, bias, gain=None, scale=1.0, bias_scale=1.0) -> Fold:
-            factor = gain.float() * scale if gain is not None else torch.full(weight.shape[1:], scale,
-                                                                                device=weight.device)
-            return Fold(weight, factor, bias, bias_scale)
-
-        blocks = []
+    def block_folds(self) -> Iterator[tuple[Fold, Fold, Fold, Fold]]:
+        """Per block, its qkv, attention output, fc and MLP output: one block at a time, so that only one block's
+        stacked qkv lives beside the layout being built."""
         for block in self.model.blocks:
             attn, mlp = block.attn, block.mlp
-            blocks.append((fold(*attn._stacked(), gain=block.ln_1.weight),
-                           fold(attn.proj.weight, attn.proj.bias),
-                           fold(mlp.fc.weight, mlp.fc.bias, block.ln_2.weight, QUICK_GELU, QUICK_GELU),
-                           fold(mlp.proj.weight, mlp.proj.bias, scale=1 / QUICK_GELU)))
-        return blocks, fold(self.model.head.weight, None, self.model.ln_f.weight)
+            yield (Fold.of(*attn._stacked(), gain=block.ln_1.weight),
+                   Fold.of(attn.proj.weight, attn.proj.bias),
+                   Fold.of(mlp.fc.weight, mlp.fc.bias, block.ln_2.weight, QUICK_GELU, QUICK_GELU),
+                   Fold.of(mlp.proj.weight, mlp.proj.bias, scale=1 / QUICK_GELU))
+
+    def head_fold(self) -> Fold:
+        return Fold.of(self.model.head.weight, None, self.model.ln_f.weight)
 
     @property
     def blocks(self) -> list[tuple[Affine, Affine, Affine, Affine]]:
@@ -125,9 +131,8 @@ class DecodeWeights:
     @torch.no_grad()
     def _stored_layout(self) -> tuple[list[tuple[Affine, ...]], torch.Tensor]:
         if self._stored is None:
-            blocks, head = self.folds()
-            self._stored = ([tuple(fold.stored(self.dtype) for fold in block) for block in blocks],
-                            head.stored(self.dtype)[0])
+            self._stored = ([tuple(fold.stored(self.dtype) for fold in block) for block in self.block_folds()],
+                            self.head_fold().stored(self.dtype)[0])
         return self._stored
 
     def tensors(self) -> list[torch.Tensor]:
@@ -139,9 +144,8 @@ class DecodeWeights:
         """The blocks and the head packed as decode_kernel.cpp reads them, once for every Decoder that shares
         these weights."""
         if self._panels is None:
-            blocks, head = self.folds()
-            self._panels = ([[fold.packed(self.dtype) for fold in block] for block in blocks],
-                            head.packed(self.dtype)[0])
+            self._panels = ([[fold.packed(self.dtype) for fold in block] for block in self.block_folds()],
+                            self.head_fold().packed(self.dtype)[0])
         return self._panels
 
 
@@ -278,7 +282,8 @@ _PACK_ARGUMENTS = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_
 KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
                 {"decode_steps": _STEP_ARGUMENTS, "decode_steps_bf16": _STEP_ARGUMENTS, "decode_panel_width": [],
                  "decode_pack": _PACK_ARGUMENTS, "decode_pack_bf16": _PACK_ARGUMENTS,
-                 "decode_work_floats": [ctypes.c_int64] * 5}, {"decode_work_floats": ctypes.c_int64})
+                 "decode_work_floats": [ctypes.c_int64] * 5},
+                {"decode_work_floats": ctypes.c_int64, "decode_pack": None, "decode_pack_bf16": None})
 
 
 class KernelStep:
