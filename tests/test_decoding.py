@@ -5,7 +5,7 @@ import torch
 
 from conftest import STEPS, random_model, step_decoder
 from igpt import IgptError
-from igpt.decoding import KERNEL, DecodeWeights, Decoder
+from igpt.decoding import DecodeWeights, Decoder
 
 
 @torch.no_grad()
@@ -101,14 +101,13 @@ def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, wi
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [32, 40])
-def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width):
-    """The two layouts of the decode weights, built apart (decode_kernel.cpp packs the panels): the same numbers,
-    rounded alike in bf16, and only zeros in the padding; matrices that fill the panels and that do not, at every
-    vector width (a vocabulary of 41)."""
-    if not KERNEL.available():
-        pytest.skip("no C++ compiler builds igpt's decode kernel here")
+@pytest.mark.parametrize("panel", [32, 16, 8])
+def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width, panel):
+    """The two layouts of the decode weights, built apart: the same numbers, rounded alike in bf16, and only zeros
+    in the padding; matrices that fill the panels and that do not (a vocabulary of 41), at the panel widths of
+    AVX-512, AVX2 and SSE."""
     weights = DecodeWeights(random_model(n_embd=width, bias=True, vocab_size=41), dtype)
-    blocks, head = weights.panels()
+    blocks, head = weights.panels(panel)
     packed = [pair for block in blocks for pair in block] + [(head, None)]
     stored = [pair for block in weights.blocks for pair in block] + [(weights.head, None)]
     for (panels, panel_bias), (matrix, bias) in zip(packed, stored, strict=True):

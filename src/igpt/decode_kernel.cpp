@@ -9,8 +9,8 @@
 // at a barrier between the phases of each block; each product streams the weights once, with the
 // batch's rows held in registers.
 //
-// The weights are decoding.DecodeWeights, packed by `pack` below: the blocks' matrices with the RMS-norm
-// gains and quick GELU's 1.702 folded in, so a norm is one scale per row, applied to the product's result, and the
+// The weights are decoding.DecodeWeights' panels: the blocks' matrices with the RMS-norm gains and
+// quick GELU's 1.702 folded in, so a norm is one scale per row, applied to the product's result, and the
 // MLP's activation is silu. Weights and the key/value cache are float or bfloat16 together; every
 // product and sum runs in float. The cache holds (batch, heads, slots, head_dim) per layer, written
 // and read as igpt/attention/patterns.py's Pattern.read does: dense and column layers keep every
@@ -31,7 +31,7 @@ struct Layer {
   int64_t kind, side, slots;
 };
 
-// The weights come packed in panels (`pack`, below): a (K, N) matrix as ceil(N / PANEL) panels
+// The weights come packed in panels (decoding.Fold.packed): a (K, N) matrix as ceil(N / PANEL) panels
 // of (K, PANEL) each, contiguous, the last padded with zero columns, and its bias padded likewise, so a tile
 // streams its panel from memory in order instead of a short piece of each of K rows.
 #define PANEL (COLS * VL)
@@ -329,22 +329,6 @@ static int steps(int64_t* tokens, int64_t stride, int64_t pos, int64_t count, in
   return 0;
 }
 
-// An (n, k) float matrix times factor[i] in each column i, packed as `product` reads its weights (decoding.Fold):
-// ceil(n / PANEL) panels of (k, PANEL), the last padded with zero columns, in T. Written here, not with PyTorch's
-// operators: their strided copy for this transpose ran about ten times slower than a plain pass over the matrix,
-// and every sampling call lays out its model.
-template <typename T>
-static void pack(const float* w, const float* factor, int64_t n, int64_t k, T* panels, int threads) {
-  const int64_t count = (n + PANEL - 1) / PANEL;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t c = 0; c < count; c++)
-    for (int64_t i = 0; i < k; i++)
-      for (int64_t j = 0; j < PANEL; j++) {
-        const int64_t row = c * PANEL + j;
-        put(panels + (c * k + i) * PANEL + j, row < n ? w[row * k + i] * factor[i] : 0.f);
-      }
-}
-
 #define EXPORT(T, SUFFIX)                                                                                           \
   int decode_steps##SUFFIX(int64_t* tokens, int64_t stride, int64_t pos, int64_t count, int draw,                 \
                            const Layer* layers, int64_t n_layer, int64_t rows, int64_t d, int64_t heads,          \
@@ -353,9 +337,6 @@ static void pack(const float* w, const float* factor, int64_t n, int64_t k, T* p
                            int threads) {                                                                         \
     return steps(tokens, stride, pos, count, draw, layers, n_layer, rows, d, heads, vocab, n_ctx, eps, embed,      \
                  positions, head, logits, uniforms, temperature, work, threads);                                 \
-  }                                                                                                               \
-  void decode_pack##SUFFIX(const float* w, const float* factor, int64_t n, int64_t k, T* panels, int threads) {    \
-    pack(w, factor, n, k, panels, threads);                                                                       \
   }
 
 extern "C" {

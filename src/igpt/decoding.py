@@ -68,19 +68,20 @@ class Fold(NamedTuple):
     def stored(self, dtype: torch.dtype) -> Affine:
         """(in, out), contiguous, for torch.mm: one pass over the weight."""
         out = torch.empty(self.weight.shape[::-1], dtype=dtype, device=self.weight.device)
-        torch.mul(self.weight.float().t(), self.factor[:, None], out=out)  # in float32, as the kernel's pack
+        torch.mul(self.weight.float().t(), self.factor[:, None], out=out)
         return out, self._bias(dtype)
 
-    def packed(self, dtype: torch.dtype) -> Affine:
-        """As decode_kernel.cpp reads it (its `pack`, one pass): panels of the kernel's width in output columns,
-        each (in, width) and contiguous, the last padded with zero columns, and the bias padded likewise."""
-        lib = KERNEL.library()
-        n, k = self.weight.shape
-        width = lib.decode_panel_width()
-        panels = torch.empty(-(-n // width), k, width, dtype=dtype)
-        weight = self.weight.float().contiguous()
-        (lib.decode_pack_bf16 if dtype == torch.bfloat16 else lib.decode_pack)(
-            weight.data_ptr(), self.factor.data_ptr(), n, k, panels.data_ptr(), torch.get_num_threads())
+    def packed(self, dtype: torch.dtype, width: int) -> Affine:
+        """As decode_kernel.cpp reads it: panels of `width` output columns, each (in, width) and contiguous, the
+        last padded with zero columns, and the bias padded likewise; one pass over the weight."""
+        weight, (n, k) = self.weight.float(), self.weight.shape
+        whole, rest = divmod(n, width)
+        panels = torch.empty(whole + (rest > 0), k, width, dtype=dtype, device=weight.device)
+        torch.mul(weight[: whole * width].view(whole, width, k).transpose(1, 2), self.factor[:, None],
+                  out=panels[:whole])
+        if rest:
+            panels[whole, :, rest:] = 0
+            torch.mul(weight[whole * width :].t(), self.factor[:, None], out=panels[whole, :, :rest])
         bias = self._bias(dtype)
         return panels, (F.pad(bias, (0, -n % width)) if bias is not None else None)
 
@@ -140,12 +141,12 @@ class DecodeWeights:
         return [w for block in self.blocks for pair in block for w in pair if w is not None] + [self.head]
 
     @torch.no_grad()
-    def panels(self) -> tuple[list[list[Affine]], torch.Tensor]:
-        """The blocks and the head packed as decode_kernel.cpp reads them, once for every Decoder that shares
-        these weights."""
+    def panels(self, width: int) -> tuple[list[list[Affine]], torch.Tensor]:
+        """The blocks and the head packed in panels `width` columns wide, as decode_kernel.cpp reads them, once for
+        every Decoder that shares these weights."""
         if self._panels is None:
-            self._panels = ([[fold.packed(self.dtype) for fold in block] for block in self.block_folds()],
-                            self.head_fold().packed(self.dtype)[0])
+            self._panels = ([[fold.packed(self.dtype, width) for fold in block] for block in self.block_folds()],
+                            self.head_fold().packed(self.dtype, width)[0])
         return self._panels
 
 
@@ -278,12 +279,9 @@ def check_temperature(temperature: float) -> None:
 _STEP_ARGUMENTS = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 6
                    + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_void_p]
                    + [ctypes.c_int])  # see decode_kernel.cpp's steps
-_PACK_ARGUMENTS = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int]  # decode_kernel.cpp's pack
 KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
                 {"decode_steps": _STEP_ARGUMENTS, "decode_steps_bf16": _STEP_ARGUMENTS, "decode_panel_width": [],
-                 "decode_pack": _PACK_ARGUMENTS, "decode_pack_bf16": _PACK_ARGUMENTS,
-                 "decode_work_floats": [ctypes.c_int64] * 5},
-                {"decode_work_floats": ctypes.c_int64, "decode_pack": None, "decode_pack_bf16": None})
+                 "decode_work_floats": [ctypes.c_int64] * 5}, {"decode_work_floats": ctypes.c_int64})
 
 
 class KernelStep:
@@ -307,10 +305,11 @@ class KernelStep:
         self.config, self.cache = c, cache
         self.threads = torch.get_num_threads()
         lib = KERNEL.library()
+        width = lib.decode_panel_width()
         with torch.no_grad():
             self.embed = torch.cat([model.wte.weight, model.sos[None]]).float().contiguous()  # position 0 feeds sos
             self.positions = model.positions(0, c.n_ctx).float().contiguous()
-        self.blocks, self.head = cache.weights.panels()
+        self.blocks, self.head = cache.weights.panels(width)
         rows = cache.batch
         self.work = torch.empty(lib.decode_work_floats(rows, c.n_embd, c.n_ctx, c.vocab_size, self.threads),
                                 dtype=torch.float32)
