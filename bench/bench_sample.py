@@ -23,7 +23,8 @@ position attends, in each layer), in the compute dtype (4 bytes fp32, 2 bf16). B
 bandwidth (bench/common.py read_bandwidth) at the working set the sampler holds, those weights plus the
 whole cache, the best of ten reads before the contenders run and one in each of their turns (a host's
 other guests take a share that moves by the minute). FLOPs: 2 B (12 L d^2 + d x vocab), plus 4 B d per
-key attended in each layer. Peak: that precision's matmul peak, measured in the same run. A sample's
+key attended in each layer. Peak: that precision's matmul peak (bench/common.py matmul_peak), the best of a
+measurement before the contenders run and one product in each of their turns, as the bandwidth is. A sample's
 floor is the sum over its positions; "of floor" is that floor's time over the measured time.
 """
 
@@ -36,8 +37,8 @@ import numpy as np
 import torch
 
 from common import (DTYPES, add_device_options, add_precisions_option, attended_keys, autocast, bandwidth_reader,
-                    best_of, decode_weight_count, exported_to_hf, hf_input_ids, machine, matmul_peaks, peaks_line,
-                    read_bandwidth, result_row, step_bytes, synchronize, timed_precisions, write_json)
+                    best_of, decode_weight_count, exported_to_hf, hf_input_ids, machine, matmul_call, matmul_peaks,
+                    peaks_line, read_bandwidth, result_row, step_bytes, synchronize, timed_precisions, write_json)
 from igpt.attention import layer_pattern
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.sample import sample
@@ -79,6 +80,7 @@ def floor(config: ImageGPTConfig, batch: int, precision: str, peak: float, bandw
     reads, flops = step_costs(config, batch, element)
     memory_bound = reads / bandwidth >= flops / peak
     return {"floor_seconds": float(np.maximum(reads / bandwidth, flops / peak).sum()), "bandwidth": bandwidth,
+            "peak": peak,
             "working_set_bytes": working_set(config, batch, element), "bytes_per_step": float(reads.mean()),
             "flops_per_step": float(flops.mean()), "memory_bound_steps": float(memory_bound.mean())}
 
@@ -187,22 +189,26 @@ def main() -> None:
     shape = f"{config.n_layer}x{config.n_embd}, {config.n_head} heads, {args.side}x{args.side}"
     print(f"model {shape} (dense, 1-D positions), vocabulary {config.vocab_size}")
     peaks = matmul_peaks(modes, args.device, repeat=min(3, args.repeat))
-    print(f"  {peaks_line(peaks)}")
+    print(f"  {peaks_line(peaks)} before the contenders")
+    products = {precision: matmul_call(DTYPES[precision], device=args.device) for precision in modes}
     rows = []
     for batch in args.batches:
         pixels = min(args.uncached_pixels, config.n_ctx)
         before, readers = bandwidths(config, batch, modes, args.device)
         calls = contenders(model, hf, batch, modes, args.compile, pixels, device)
         calls.update({(precision, "read"): read for precision, (read, _) in readers.items()})
+        calls.update({(precision, "peak"): product for precision, (product, _) in products.items()})
         best = best_of(calls, args.repeat)
         routes = [mode for mode in ROUTES if any((precision, mode) in best for precision in modes)]
         print(HEADER.format(routes="  ".join(f"{mode:>10s}" for mode in routes)))
         for precision in modes:
             bandwidth = max(before[precision], readers[precision][1] / best[precision, "read"])
+            peaks[precision] = max(peaks[precision], products[precision][1] / best[precision, "peak"])
             bound = floor(config, batch, precision, peaks[precision], bandwidth)
             rows.append(report(config, batch, precision, best, bound, shape))
         print(f"  {batch:5d}  fp32  uncached, first {pixels} pixels: "
               f"{batch * pixels / best['fp32', 'uncached']:9,.0f} tokens/s")
+    print(f"  {peaks_line(peaks)}, the best the run saw: the floor's")
     write_json(args.json, "bench_sample", args.device, rows, peaks=peaks)
 
 

@@ -182,8 +182,9 @@ def mode_precision(mode: str) -> str:
     return mode.split()[0]
 
 
-def matmul_peak(dtype=None, n: int | None = None, device: str = "cpu") -> float:
-    """FLOP/s of a large square matrix product (in `peak_dtype` unless told): the practical peak a step can approach.
+def matmul_call(dtype=None, n: int | None = None, device: str = "cpu"):
+    """A call that runs one large square matrix product (in `peak_dtype` unless told), and the FLOPs it does: time
+    it in turns with what its peak bounds.
 
     2048^2 saturates a CPU; a GPU needs 8192^2.
     """
@@ -197,7 +198,13 @@ def matmul_peak(dtype=None, n: int | None = None, device: str = "cpu") -> float:
         torch.mm(a, b)
         synchronize(device)
 
-    return 2 * n**3 / seconds_per_call(run, min_time=2.0)
+    return run, 2 * n**3
+
+
+def matmul_peak(dtype=None, n: int | None = None, device: str = "cpu") -> float:
+    """FLOP/s of a large square matrix product (`matmul_call`): the practical peak a step can approach."""
+    run, flops = matmul_call(dtype, n, device)
+    return flops / seconds_per_call(run, min_time=2.0)
 
 
 def matmul_peaks(names, device: str = "cpu", repeat: int = 3) -> dict[str, float]:
