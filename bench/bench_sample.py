@@ -23,8 +23,9 @@ position attends, in each layer), in the compute dtype (4 bytes fp32, 2 bf16). B
 bandwidth (bench/common.py read_bandwidth) at the working set the sampler holds, those weights plus the
 whole cache, the best of ten reads before the contenders run and one in each of their turns (a host's
 other guests take a share that moves by the minute). FLOPs: 2 B (12 L d^2 + d x vocab), plus 4 B d per
-key attended in each layer. Peak: that precision's matmul peak (bench/common.py matmul_peak), the best of a
-measurement before the contenders run and one product in each of their turns, as the bandwidth is. A sample's
+key attended in each layer. Peak: that precision's matmul peak, for each batch size the best of the
+measurement before the contenders (bench/common.py matmul_peaks: the best of three means over two seconds)
+and one 2048^2 product in each of the batch's turns, as the bandwidth is taken. A sample's
 floor is the sum over its positions; "of floor" is that floor's time over the measured time.
 """
 
@@ -189,7 +190,7 @@ def main() -> None:
     shape = f"{config.n_layer}x{config.n_embd}, {config.n_head} heads, {args.side}x{args.side}"
     print(f"model {shape} (dense, 1-D positions), vocabulary {config.vocab_size}")
     peaks = matmul_peaks(modes, args.device, repeat=min(3, args.repeat))
-    print(f"  {peaks_line(peaks)} before the contenders")
+    print(f"  {peaks_line(peaks)} before the contenders (each row's floor takes the best of this and its turns)")
     products = {precision: matmul_call(DTYPES[precision], device=args.device) for precision in modes}
     rows = []
     for batch in args.batches:
@@ -203,12 +204,11 @@ def main() -> None:
         print(HEADER.format(routes="  ".join(f"{mode:>10s}" for mode in routes)))
         for precision in modes:
             bandwidth = max(before[precision], readers[precision][1] / best[precision, "read"])
-            peaks[precision] = max(peaks[precision], products[precision][1] / best[precision, "peak"])
-            bound = floor(config, batch, precision, peaks[precision], bandwidth)
+            peak = max(peaks[precision], products[precision][1] / best[precision, "peak"])
+            bound = floor(config, batch, precision, peak, bandwidth)
             rows.append(report(config, batch, precision, best, bound, shape))
         print(f"  {batch:5d}  fp32  uncached, first {pixels} pixels: "
               f"{batch * pixels / best['fp32', 'uncached']:9,.0f} tokens/s")
-    print(f"  {peaks_line(peaks)}, the best the run saw: the floor's")
     write_json(args.json, "bench_sample", args.device, rows, peaks=peaks)
 
 

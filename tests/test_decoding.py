@@ -102,11 +102,12 @@ def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, wi
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [32, 40])
 @pytest.mark.parametrize("panel", [32, 16, 8])
-def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width, panel):
+@pytest.mark.parametrize("vocab", [13, 41])
+def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width, panel, vocab):
     """The two layouts of the decode weights, built apart: the same numbers, rounded alike in bf16, and only zeros
-    in the padding; matrices that fill the panels and that do not (a vocabulary of 41), at the panel widths of
-    AVX-512, AVX2 and SSE."""
-    weights = DecodeWeights(random_model(n_embd=width, bias=True, vocab_size=41), dtype)
+    in the padding; matrices that fill the panels, that do not, and that fill none (vocabularies of 13 and 41), at
+    the panel widths of AVX-512, AVX2 and SSE; and each width its own panels."""
+    weights = DecodeWeights(random_model(n_embd=width, bias=True, vocab_size=vocab), dtype)
     blocks, head = weights.panels(panel)
     packed = [pair for block in blocks for pair in block] + [(head, None)]
     stored = [pair for block in weights.blocks for pair in block] + [(weights.head, None)]
@@ -117,6 +118,8 @@ def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width, panel
         assert torch.equal(columns[:, :n], matrix) and not columns[:, n:].any()
         if bias is not None:
             assert torch.equal(panel_bias[:n], bias) and not panel_bias[n:].any()
+    other = 8 if panel != 8 else 16
+    assert weights.panels(other)[1].shape[2] == other and weights.panels(panel)[1] is head
 
 
 @torch.no_grad()
@@ -124,7 +127,7 @@ def test_sampling_from_an_empty_prefix_in_the_kernel_builds_only_its_panels():
     decoder = step_decoder(random_model(), 2, "kernel")
     decoder.feed(None)
     decoder.feed_and_draw(torch.zeros(2, 25, dtype=torch.int64), 24, None, 1.0)
-    assert decoder.weights._stored is None and decoder.weights._panels is not None
+    assert decoder.weights._stored is None and decoder.weights._panels
 
 
 @torch.no_grad()

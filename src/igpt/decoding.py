@@ -77,7 +77,7 @@ class Fold(NamedTuple):
         weight, (n, k) = self.weight.float(), self.weight.shape
         whole, rest = divmod(n, width)
         panels = torch.empty(whole + (rest > 0), k, width, dtype=dtype, device=weight.device)
-        torch.mul(weight[: whole * width].view(whole, width, k).transpose(1, 2), self.factor[:, None],
+        torch.mul(weight[: whole * width].reshape(whole, width, k).transpose(1, 2), self.factor[:, None],
                   out=panels[:whole])
         if rest:
             panels[whole, :, rest:] = 0
@@ -97,17 +97,16 @@ class DecodeWeights:
     matrices (it becomes one silu), and q/k/v are one matrix (`Fold`). The eager and static steps read them stored
     (in, out) for torch.mm (`blocks`, `head`); the kernel step reads them packed in panels (`panels`). Each
     layout costs one copy of the block weights (in the autocast dtype when autocasting) while it lives, and is
-    built only where a step reads it, block by block, in one pass over each float32 matrix: a sample drawn from
-    an empty prefix by the kernel never builds the stored layout, and laying out was a tenth of a small model's
-    sample.
+    built only where a step reads it, block by block, one multiply per matrix: a sample drawn from an empty prefix
+    by the kernel never builds the stored layout.
     """
 
     def __init__(self, model: ImageGPT, dtype: torch.dtype):
         self.model, self.dtype = model, dtype
         self._stored: tuple[list[tuple[Affine, ...]], torch.Tensor] | None = None
-        self._panels: tuple[list[list[Affine]], torch.Tensor] | None = None
+        self._panels: dict[int, tuple[list[list[Affine]], torch.Tensor]] = {}  # by panel width
 
-    def block_folds(self) -> Iterator[tuple[Fold, Fold, Fold, Fold]]:
+    def _block_folds(self) -> Iterator[tuple[Fold, Fold, Fold, Fold]]:
         """Per block, its qkv, attention output, fc and MLP output: one block at a time, so that only one block's
         stacked qkv lives beside the layout being built."""
         for block in self.model.blocks:
@@ -117,7 +116,7 @@ class DecodeWeights:
                    Fold.of(mlp.fc.weight, mlp.fc.bias, block.ln_2.weight, QUICK_GELU, QUICK_GELU),
                    Fold.of(mlp.proj.weight, mlp.proj.bias, scale=1 / QUICK_GELU))
 
-    def head_fold(self) -> Fold:
+    def _head_fold(self) -> Fold:
         return Fold.of(self.model.head.weight, None, self.model.ln_f.weight)
 
     @property
@@ -132,22 +131,22 @@ class DecodeWeights:
     @torch.no_grad()
     def _stored_layout(self) -> tuple[list[tuple[Affine, ...]], torch.Tensor]:
         if self._stored is None:
-            self._stored = ([tuple(fold.stored(self.dtype) for fold in block) for block in self.block_folds()],
-                            self.head_fold().stored(self.dtype)[0])
+            self._stored = ([tuple(fold.stored(self.dtype) for fold in block) for block in self._block_folds()],
+                            self._head_fold().stored(self.dtype)[0])
         return self._stored
 
     def tensors(self) -> list[torch.Tensor]:
-        """The stored layout's tensors (what the static step reads)."""
+        """The stored layout's tensors (what the static step reads), built here if no step has built them."""
         return [w for block in self.blocks for pair in block for w in pair if w is not None] + [self.head]
 
     @torch.no_grad()
     def panels(self, width: int) -> tuple[list[list[Affine]], torch.Tensor]:
         """The blocks and the head packed in panels `width` columns wide, as decode_kernel.cpp reads them, once for
         every Decoder that shares these weights."""
-        if self._panels is None:
-            self._panels = ([[fold.packed(self.dtype, width) for fold in block] for block in self.block_folds()],
-                            self.head_fold().packed(self.dtype, width)[0])
-        return self._panels
+        if width not in self._panels:
+            blocks = [[fold.packed(self.dtype, width) for fold in block] for block in self._block_folds()]
+            self._panels[width] = blocks, self._head_fold().packed(self.dtype, width)[0]
+        return self._panels[width]
 
 
 def _affine(x: torch.Tensor, weight_bias: Affine) -> torch.Tensor:
