@@ -20,7 +20,7 @@ square of the image).
 The floor of a one-pixel step at batch B is max(bytes / bandwidth, FLOPs / peak). Bytes: the decode
 weights read once (12 L d^2 + d x vocab) and the keys and values the step reads (2 B d per key the
 position attends, in each layer), in the compute dtype (4 bytes fp32, 2 bf16). Bandwidth: the read
-bandwidth (bench/common.py read_bandwidth) at the working set the sampler holds, those weights plus the
+bandwidth (bench/common.py bandwidth_reader) at the working set the sampler holds, those weights plus the
 whole cache, the best of ten reads before the contenders run and one in each of their turns (a host's
 other guests take a share that moves by the minute). FLOPs: 2 B (12 L d^2 + d x vocab), plus 4 B d per
 key attended in each layer. Peak: that precision's matmul peak, for each batch size the best of the
@@ -39,7 +39,7 @@ import torch
 
 from common import (DTYPES, add_device_options, add_precisions_option, attended_keys, autocast, bandwidth_reader,
                     best_of, decode_weight_count, exported_to_hf, hf_input_ids, machine, matmul_call, matmul_peaks,
-                    peaks_line, read_bandwidth, result_row, step_bytes, synchronize, timed_precisions, write_json)
+                    peaks_line, result_row, step_bytes, synchronize, timed_precisions, write_json)
 from igpt.attention import layer_pattern
 from igpt.model import ImageGPT, ImageGPTConfig
 from igpt.sample import sample
@@ -140,8 +140,8 @@ def bandwidths(config: ImageGPTConfig, batch: int, modes: tuple[str, ...], devic
     now, readers = {}, {}
     for precision in modes:
         held = working_set(config, batch, DTYPES[precision].itemsize)
-        readers[precision] = bandwidth_reader(held, device)
-        now[precision] = read_bandwidth(held, device, reader=readers[precision])
+        read, amount = readers[precision] = bandwidth_reader(held, device)
+        now[precision] = amount / best_of({"read": read}, 10)["read"]
     return now, readers
 
 

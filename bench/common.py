@@ -296,12 +296,10 @@ def bandwidth_reader(nbytes: int, device: str = "cpu", bytes_per_call: int = 2**
     return read, calls * x.nbytes
 
 
-def read_bandwidth(nbytes: int, device: str = "cpu", repeat: int = 10, bytes_per_timing: int = 2**25,
-                   reader=None) -> float:
-    """Bytes/s of reading a float32 tensor of `nbytes` (`bandwidth_reader`, or the `reader` it made, to time that
-    one again later), the best of `repeat` timings. Many short timings, not a few long ones: the best of them is
-    the one no other process disturbed."""
-    read, nbytes_read = reader or bandwidth_reader(nbytes, device, bytes_per_timing)
+def read_bandwidth(nbytes: int, device: str = "cpu", repeat: int = 10, bytes_per_timing: int = 2**25) -> float:
+    """Bytes/s of reading a float32 tensor of `nbytes` (`bandwidth_reader`), the best of `repeat` timings. Many
+    short timings, not a few long ones: the best of them is the one no other process disturbed."""
+    read, nbytes_read = bandwidth_reader(nbytes, device, bytes_per_timing)
     return nbytes_read / best_of({"read": read}, repeat)["read"]
 
 

@@ -200,13 +200,12 @@ static void attend_scalar(const float* q, const T* keys, const T* values, int64_
   }
 }
 
-// Layer L's attention for the n pairs (at most GROUP) from `pair` (row pair / heads, head pair % heads): store
-// each pair's new key and value (from qkv) in slot `write`, then attend (above) over `count` slots from `first`,
-// `stride` apart, the outputs to y (rows, d).
+// Layer L's attention (head size hd = d / heads) for the n pairs (at most GROUP) from `pair` (row pair / heads,
+// head pair % heads): store each pair's new key and value (from qkv) in slot `write`, then attend (above) over
+// `count` slots from `first`, `stride` apart, the outputs to y (rows, d).
 template <typename T>
-static void attend(int64_t pair, int n, const float* qkv, const Layer& L, int64_t d, int64_t heads, int64_t write,
-                   int64_t first, int64_t count, int64_t stride, float scale, float* s, float* y) {
-  const int64_t hd = d / heads;
+static void attend(int64_t pair, int n, const float* qkv, const Layer& L, int64_t d, int64_t heads, int64_t hd,
+                   int64_t write, int64_t first, int64_t count, int64_t stride, float scale, float* s, float* y) {
   const float* q[GROUP];
   T *keys[GROUP], *values[GROUP];
   float* out[GROUP];
@@ -287,7 +286,7 @@ static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer
 #pragma omp for schedule(static)
     for (int64_t group = 0; group < (pairs + size - 1) / size; group++) {
       const int64_t pair = group * size;
-      attend<T>(pair, (int)(pairs - pair < size ? pairs - pair : size), qkv, L, d, heads, write, first, count,
+      attend<T>(pair, (int)(pairs - pair < size ? pairs - pair : size), qkv, L, d, heads, hd, write, first, count,
                 spacing, attention_scale, scores, y);
     }
     product(y, (const float*)0, rows, d, (const T*)L.proj, (const T*)L.proj_bias, d, h, ADD);

@@ -49,27 +49,25 @@ Affine = tuple[torch.Tensor, torch.Tensor | None]  # a weight laid out for a ste
 
 class Fold(NamedTuple):
     """One matrix of a block as a step reads it, before any layout: the model's (out, in) weight times `factor`
-    (in,), float32 and contiguous, one number per input, and its bias times `bias_scale`. Both layouts form each
-    product in float32 and round it once to their dtype, so they hold the same numbers."""
+    (in,), float32 and contiguous, one number per input, and its bias. Both layouts form each product in float32
+    and round it once to their dtype, so they hold the same numbers."""
 
     weight: torch.Tensor
     factor: torch.Tensor
     bias: torch.Tensor | None
-    bias_scale: float = 1.0
 
     @classmethod
-    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None, gain: torch.Tensor | None = None, scale: float = 1.0,
-           bias_scale: float = 1.0) -> "Fold":
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None, gain: torch.Tensor | None = None,
+           scale: float = 1.0) -> "Fold":
         """The weight with an RMS-norm `gain` (that reads its input) and a `scale` folded in."""
         factor = (gain.float() * scale if gain is not None
                   else torch.full(weight.shape[1:], scale, dtype=torch.float32, device=weight.device))
-        return cls(weight, factor, bias, bias_scale)
+        return cls(weight, factor, bias)
 
     def stored(self, dtype: torch.dtype) -> Affine:
-        """(in, out), contiguous, for torch.mm: one pass over the weight."""
-        out = torch.empty(self.weight.shape[::-1], dtype=dtype, device=self.weight.device)
-        torch.mul(self.weight.float().t(), self.factor[:, None], out=out)
-        return out, self._bias(dtype)
+        """(in, out), contiguous, for torch.mm: the layout of one panel as wide as the matrix."""
+        panel, bias = self.packed(dtype, self.weight.shape[0])
+        return panel[0], bias
 
     def packed(self, dtype: torch.dtype, width: int) -> Affine:
         """As decode_kernel.cpp reads it: panels of `width` output columns, each (in, width) and contiguous, the
@@ -82,11 +80,8 @@ class Fold(NamedTuple):
         if rest:
             panels[whole, :, rest:] = 0
             torch.mul(weight[whole * width :].t(), self.factor[:, None], out=panels[whole, :, :rest])
-        bias = self._bias(dtype)
-        return panels, (F.pad(bias, (0, -n % width)) if bias is not None else None)
-
-    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return (self.bias.float() * self.bias_scale).to(dtype) if self.bias is not None else None
+        bias = F.pad(self.bias.float(), (0, -n % width)).to(dtype) if self.bias is not None else None
+        return panels, bias
 
 
 class DecodeWeights:
@@ -111,9 +106,10 @@ class DecodeWeights:
         stacked qkv lives beside the layout being built."""
         for block in self.model.blocks:
             attn, mlp = block.attn, block.mlp
+            fc_bias = mlp.fc.bias.float() * QUICK_GELU if mlp.fc.bias is not None else None
             yield (Fold.of(*attn._stacked(), gain=block.ln_1.weight),
                    Fold.of(attn.proj.weight, attn.proj.bias),
-                   Fold.of(mlp.fc.weight, mlp.fc.bias, block.ln_2.weight, QUICK_GELU, QUICK_GELU),
+                   Fold.of(mlp.fc.weight, fc_bias, block.ln_2.weight, QUICK_GELU),
                    Fold.of(mlp.proj.weight, mlp.proj.bias, scale=1 / QUICK_GELU))
 
     def _head_fold(self) -> Fold:

@@ -28,7 +28,7 @@ static constexpr int power_of_two_below(int n) { return n < 2 ? 1 : 2 * power_of
 template <int HD> struct Group { static const int n = power_of_two_below((REGS / 2) / (HD / VL)); };
 
 static inline int64_t first_key(int64_t query, int64_t window) { return query - window + 1 > 0 ? query - window + 1 : 0; }
-static inline int whole_vectors(int n) { return (n + VL - 1) & ~(VL - 1); }  // n rounded up to vectors
+static inline int64_t whole_vectors(int64_t n) { return (n + VL - 1) & ~(int64_t)(VL - 1); }  // n rounded up to vectors
 static inline int tile_width(int64_t window) { return (int)((window + 2 * TILE - 2) & ~(int64_t)(TILE - 1)); }  // keys a tile can see, rounded up
 
 // x (t rows of HD at stride sx) -> xt (HD rows of tp) in float, zero beyond t so a last partial key tile reads zeros.
@@ -184,7 +184,7 @@ static void backward_head(const Head<T>& h, int64_t t, int64_t window, float sca
     }
     products<HD>(qs, kt, tp, lo, nk, p, width);
     products<HD>(gs, vt, tp, lo, nk, dp, width);
-    const int padded = whole_vectors(nk);
+    const int padded = (int)whole_vectors(nk);
     for (int i = 0; i < TILE; i++) score_gradients(p, dp, width, i, q0, nq, lo, window, h.lse, D[i], padded);
     accumulate_transposed<HD>(qs, dp, width, lo, nk, dkt, tp);
     accumulate_transposed<HD>(gs, p, width, lo, nk, dvt, tp);
@@ -370,7 +370,7 @@ static inline void weighted_rows(const bf16* w, int width, const pair* rows, int
 // weighted_rows reads up to the pair of a group's last key.
 template <int HD>
 struct Path<bf16, HD> {
-  static int64_t span(int64_t t) { return (transposed_length(t) + VL - 1) & ~(int64_t)(VL - 1); }  // keys in the layouts
+  static int64_t span(int64_t t) { return whole_vectors(transposed_length(t)); }  // keys in the layouts
   // k along d and v as pairs of keys, a tile's P in float and in bf16; in the backward k and v along d, k as
   // pairs of keys, P and dS as pairs of queries, dk and dv transposed in float, a tile's P and dP in float
   // and dS in bf16.
@@ -394,7 +394,7 @@ struct Path<bf16, HD> {
       int nq = t - q0 < TILE ? (int)(t - q0) : TILE;
       int64_t lo = first_key(q0, window) & ~(int64_t)1;
       int nk = (int)(q0 + nq - lo);
-      const int padded = whole_vectors(nk);
+      const int padded = (int)whole_vectors(nk);
       load_tile<HD>(h.q, h.sq, q0, nq, qs);
       prefetch_tile<HD>(h.q, h.sq, q0 + TILE, t);
       products<HD>(qs, kd, tp, lo, nk, scale, p, width);
@@ -446,7 +446,7 @@ struct Path<bf16, HD> {
       }
       products<HD>(qs, kd, tp, lo, nk, scale, p, width);
       products<HD>(gs, vd, tp, lo, nk, 1.f, dp, width);
-      const int padded = whole_vectors(nk);
+      const int padded = (int)whole_vectors(nk);
       for (int i = 0; i < TILE; i++) {
         score_gradients(p, dp, width, i, q0, nq, lo, window, h.lse, D[i], padded);
         for (int j = 0; j < padded; j += VL) store_rounded(dsb + i * width + j, load(dp + i * width + j));
