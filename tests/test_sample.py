@@ -42,6 +42,26 @@ def test_compiled_sampling_equals_eager_sampling():
     torch.testing.assert_close(sample(model, 2, generator=gen[0], compile=True), sample(model, 2, generator=gen[1]))
 
 
+def test_a_watch_sees_every_row_and_changes_no_draw(monkeypatch):
+    """Without a watch the kernel draws an image's pixels in one call; with one it stops at each row's end for it.
+    The seed's numbers are the same either way, so are the images."""
+    from igpt.decoding import KERNEL, Decoder
+
+    if not KERNEL.available():
+        pytest.skip("no C++ compiler builds igpt's decode kernel here")
+    model, calls = small_model(), []
+    feed_and_draw = Decoder.feed_and_draw
+    monkeypatch.setattr(Decoder, "feed_and_draw", lambda self, out, steps, *rest: (
+        calls.append(steps), feed_and_draw(self, out, steps, *rest))[1])
+    alone = sample(model, 3, generator=torch.Generator().manual_seed(4))
+    assert calls == [15]  # the first pixel comes from the prefix pass, the other 15 in one call
+    seen, calls[:] = [], []
+    watched = sample(model, 3, generator=torch.Generator().manual_seed(4),
+                     watch=lambda first, tokens, filled: seen.append(filled))
+    assert calls == [3, 4, 4, 4] and seen == [0, 4, 8, 12, 16]
+    torch.testing.assert_close(watched, alone)
+
+
 def test_tiny_temperature_is_greedy():
     model = small_model()
     gen = torch.Generator().manual_seed(0)

@@ -3,11 +3,11 @@
 // and fed back, for a run of steps in one call.
 //
 // igpt/decoding.py calls this through ctypes: one step for `Decoder.feed`, a run of drawn steps (up
-// to an image row's end) for `Decoder.feed_and_draw`. Why hand-written (docs/design.md): at a
+// to the image's end) for `Decoder.feed_and_draw`. Why hand-written (docs/design.md): at a
 // sampling batch a step is about 90 small operations, and dispatched one at a time their fixed cost,
 // not their arithmetic, sets the pace. Here a run of steps is one OpenMP region whose threads meet
-// at a barrier between the phases of each block; each product streams the weights once, with the
-// batch's rows held in registers.
+// at a barrier between the phases of each block, each phase's work shared out by the threads' measured
+// speed (Balance); each product streams the weights once, with the batch's rows held in registers.
 //
 // The weights are decoding.DecodeWeights' panels: the blocks' matrices with the RMS-norm gains and
 // quick GELU's 1.702 folded in, so a norm is one scale per row, applied to the product's result, and the
@@ -16,6 +16,8 @@
 // and read as igpt/attention/patterns.py's Pattern.read does: dense and column layers keep every
 // position, a band layer a ring of its window.
 #include <omp.h>
+
+#include <vector>
 
 #include "simd.h"
 
@@ -69,13 +71,58 @@ static inline void tile(const float* x, const float* scale, int64_t K, const T* 
   }
 }
 
-// The product over every row, its panels shared out over the region's threads (call inside one).
+// The phases of a step whose work Balance shares out: a block's four products and its attention, then the head.
+enum Phase { QKV, ATTEND, PROJ, FC, OUT, HEAD, PHASES };
+
+// Shares each phase's units of work (panels, attention groups) out over the region's threads in proportion to
+// the speed each thread showed on that phase before, each thread a contiguous run. Why: equal shares make every
+// thread wait at the barrier for the slowest, and a thread runs slower wherever its core is shared (a cloud
+// host's other guests on the same physical core, an efficiency core of a hybrid CPU) or its memory is farther.
+// Every thread computes the same split from the same rates. The rates are double-buffered by the phase's use
+// count (each thread's count agrees): a use reads the rates the last use wrote, which a barrier has since sealed,
+// and writes the other buffer, which nobody reads before the next barrier.
+struct Balance {
+  float* rates;  // shared: (PHASES, 2, threads) units per second, a running average per thread
+  int threads, me;
+  int64_t uses[PHASES] = {};
+  int64_t lo = 0, hi = 0;
+  double started = 0;
+
+  Balance(float* rates, int threads) : rates(rates), threads(threads), me(omp_get_thread_num()) {}
+
+  // This thread's run [lo, hi) of `units` at this use of phase p; the clock starts.
+  void start(Phase p, int64_t units) {
+    const float* r = rates + (p * 2 + (uses[p] + 1) % 2) * threads;
+    float top = 0;
+    for (int t = 0; t < threads; t++) top = fmaxf(top, r[t]);
+    double total = 0, before = 0, mine = 1;  // every rate at least a quarter of the fastest: no thread starves
+    for (int t = 0; t < threads; t++) {
+      const double rate = top > 0 ? fmaxf(r[t], 0.25f * top) : 1;  // none yet: equal shares
+      total += rate;
+      if (t < me) before += rate;
+      if (t == me) mine = rate;
+    }
+    lo = me ? (int64_t)(units * before / total + 0.5) : 0;
+    hi = me + 1 < threads ? (int64_t)(units * (before + mine) / total + 0.5) : units;
+    started = omp_get_wtime();
+  }
+
+  // The clock stops: this thread's rate for phase p, a quarter of it this use's (none where it had no units).
+  void finish(Phase p) {
+    const double seconds = omp_get_wtime() - started;
+    const float last = rates[(p * 2 + (uses[p] + 1) % 2) * threads + me];
+    const float now = hi > lo && seconds > 0 ? (float)((hi - lo) / seconds) : last;
+    rates[(p * 2 + uses[p] % 2) * threads + me] = last > 0 ? 0.75f * last + 0.25f * now : now;
+    uses[p]++;
+  }
+};
+
+// The product over every row, its panels shared out over the region's threads by `balance` (call inside one).
 template <typename T>
 static void product(const float* x, const float* scale, int64_t rows, int64_t K, const T* w, const T* bias, int64_t N,
-                    float* out, Epilogue e) {
-  const int64_t panels = (N + PANEL - 1) / PANEL;
-#pragma omp for schedule(static)
-  for (int64_t c = 0; c < panels; c++) {
+                    float* out, Epilogue e, Balance& balance, Phase phase) {
+  balance.start(phase, (N + PANEL - 1) / PANEL);
+  for (int64_t c = balance.lo; c < balance.hi; c++) {
     const T* panel = w + c * K * PANEL;
     const T* b = bias ? bias + c * PANEL : 0;
     const int valid = (int)(N - c * PANEL < PANEL ? N - c * PANEL : PANEL);
@@ -95,6 +142,8 @@ static void product(const float* x, const float* scale, int64_t rows, int64_t K,
 #endif
     }
   }
+  balance.finish(phase);
+#pragma omp barrier
 }
 
 // Each row's RMS-norm factor 1 / sqrt(mean(h^2) + eps); every thread computes all of them for itself.
@@ -265,7 +314,7 @@ template <typename T>
 static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer* layers, int64_t n_layer,
                  int64_t rows, int64_t d, int64_t heads, int64_t vocab, int64_t n_ctx, float eps, const float* embed,
                  const float* positions, const T* head, float* logits, const float* uniforms, float temperature,
-                 int64_t* drawn, float* work) {
+                 int64_t* drawn, float* work, Balance& balance) {
   const int64_t hd = d / heads, scratch = thread_scratch(n_ctx, vocab);
   const float attention_scale = 1.f / sqrtf((float)hd);
   float *h = work, *qkv = h + rows * d, *y = qkv + rows * 3 * d, *f = y + rows * d, *own = f + rows * 4 * d;
@@ -279,23 +328,25 @@ static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer
   for (int64_t l = 0; l < n_layer; l++) {
     const Layer& L = layers[l];
     norm_scales(h, rows, d, eps, scale);
-    product(h, scale, rows, d, (const T*)L.qkv, (const T*)L.qkv_bias, 3 * d, qkv, STORE);
+    product(h, scale, rows, d, (const T*)L.qkv, (const T*)L.qkv_bias, 3 * d, qkv, STORE, balance, QKV);
     int64_t write = pos, first = 0, count = pos + 1, spacing = 1;
     if (L.kind == BAND) { write = pos % L.slots; count = pos + 1 < L.slots ? pos + 1 : L.slots; }  // the ring
     if (L.kind == COLUMN) { first = pos % L.side; count = pos / L.side + 1; spacing = L.side; }
-#pragma omp for schedule(static)
-    for (int64_t group = 0; group < (pairs + size - 1) / size; group++) {
+    balance.start(ATTEND, (pairs + size - 1) / size);
+    for (int64_t group = balance.lo; group < balance.hi; group++) {
       const int64_t pair = group * size;
       attend<T>(pair, (int)(pairs - pair < size ? pairs - pair : size), qkv, L, d, heads, hd, write, first, count,
                 spacing, attention_scale, scores, y);
     }
-    product(y, (const float*)0, rows, d, (const T*)L.proj, (const T*)L.proj_bias, d, h, ADD);
+    balance.finish(ATTEND);
+#pragma omp barrier
+    product(y, (const float*)0, rows, d, (const T*)L.proj, (const T*)L.proj_bias, d, h, ADD, balance, PROJ);
     norm_scales(h, rows, d, eps, scale);
-    product(h, scale, rows, d, (const T*)L.fc, (const T*)L.fc_bias, 4 * d, f, SILU);
-    product(f, (const float*)0, rows, 4 * d, (const T*)L.out, (const T*)L.out_bias, d, h, ADD);
+    product(h, scale, rows, d, (const T*)L.fc, (const T*)L.fc_bias, 4 * d, f, SILU, balance, FC);
+    product(f, (const float*)0, rows, 4 * d, (const T*)L.out, (const T*)L.out_bias, d, h, ADD, balance, OUT);
   }
   norm_scales(h, rows, d, eps, scale);
-  product(h, scale, rows, d, head, (const T*)0, vocab, logits, STORE);
+  product(h, scale, rows, d, head, (const T*)0, vocab, logits, STORE, balance, HEAD);
   if (drawn) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++)
@@ -318,12 +369,14 @@ static int steps(int64_t* tokens, int64_t stride, int64_t pos, int64_t count, in
     const int64_t token = tokens[r * stride];
     if (pos == 0 ? token != vocab : token < 0 || token >= vocab) return 1;
   }
+  std::vector<float> rates(PHASES * 2 * threads, 0.f);
 #pragma omp parallel num_threads(threads)
   {
     FlushDenormals flush;
+    Balance balance(rates.data(), omp_get_num_threads());
     for (int64_t s = 0; s < count; s++)
       step(tokens + s, stride, pos + s, layers, n_layer, rows, d, heads, vocab, n_ctx, eps, embed, positions, head,
-           logits, uniforms ? uniforms + s * rows : 0, temperature, draw ? tokens + s + 1 : 0, work);
+           logits, uniforms ? uniforms + s * rows : 0, temperature, draw ? tokens + s + 1 : 0, work, balance);
   }
   return 0;
 }

@@ -89,7 +89,7 @@ def sample(
     `compile` runs each pixel's step through torch.compile with static shapes (CUDA graphs on
     GPUs), the route to launch-free decoding there. On CPUs leave it off: steps then run in igpt's
     decode kernel (`kernel`, where a C++ compiler builds it), with plain temperature or greedy
-    sampling the rest of an image row in one call, faster than either PyTorch route
+    sampling the rest of the image (of each row, with a `watch`) in one call, faster than either PyTorch route
     (bench/bench_sample.py measures each).
     """
     if model.config.objective != "ar":
@@ -145,8 +145,8 @@ def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, g
             watch(out, filled)
         if filled == n_ctx:
             break
-        if fused:  # to the row's end in one call, so `watch` still sees every row
-            steps = side - filled % side
+        if fused:  # in one call to the row's end where `watch` sees every row, else to the image's end
+            steps = side - filled % side if watch is not None else n_ctx - filled
             numbers = None if greedy else uniforms(steps * len(out), generator, out.device).view(steps, len(out))
             decoder.feed_and_draw(out, steps, numbers, temperature)
             filled += steps
