@@ -26,7 +26,10 @@ other guests take a share that moves by the minute). FLOPs: 2 B (12 L d^2 + d x 
 key attended in each layer. Peak: that precision's matmul peak, for each batch size the best of the
 measurement before the contenders (bench/common.py matmul_peaks: the best of three means over two seconds)
 and one 2048^2 product in each of the batch's turns, as the bandwidth is taken. A sample's
-floor is the sum over its positions; "of floor" is that floor's time over the measured time.
+floor is the sum over its positions; "of floor" is that floor's time over the measured time. The floor in
+turn takes each step's products (the weights' reads and their FLOPs) and its attention (the keys' and values'
+reads and theirs) each at its own roofline, one after the other, as a step that runs them in turn can at best:
+"of it" says how near the kernel comes to its own design, "of floor" how near to the machine.
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ from igpt.sample import sample
 
 MiB = 2**20
 ROUTES = ("kernel", "eager", "compiled")  # igpt's one-pixel steps; igpt/HF and "of floor" take the fastest
-HEADER = """  tokens/s; floor: the roofline's rate; of floor: floor / measured; MiB/step and GB/s: an average
-  step's reads and the bandwidth at the sampler's working set; mem: the share of steps their reads bound
-  kernel, eager, compiled: igpt's routes for the one-pixel step
-  batch  prec  {routes}  HF generate  igpt/HF      floor  of floor  MiB/step    GB/s   mem"""
+HEADER = """  tokens/s; floor: the roofline's rate; of floor: the measured rate / the floor's; in turn: the floor's rate with
+  the products and the attention one after the other, each at its own roofline (of it: the measured rate / its);
+  MiB/step and GB/s: an average step's reads and the bandwidth at the sampler's working set; mem: the share of
+  steps their reads bound; kernel, eager, compiled: igpt's routes for the one-pixel step
+  batch  prec  {routes}  HF generate  igpt/HF      floor  of floor    in turn  of it  MiB/step    GB/s   mem"""
 
 
 @torch.no_grad()
@@ -60,12 +64,14 @@ def uncached(model: ImageGPT, batch: int, pixels: int) -> None:
         tokens[:, i] = torch.multinomial(probs, 1).squeeze(1)
 
 
-def step_costs(config: ImageGPTConfig, batch: int, element: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bytes read and FLOPs of the one-pixel step at each position: the decode weights once, and the keys and values
-    each layer's pattern attends at that position, for every row of the batch."""
+def step_costs(config: ImageGPTConfig, batch: int, element: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Bytes read and FLOPs of the one-pixel step at each position, for each of its parts: the products (the decode
+    weights read once) and the attention (the keys and values each layer's pattern attends at that position, for
+    every row of the batch)."""
     keys = attended_keys(config).sum(0)  # over the layers
-    return (step_bytes(config, batch, element, keys),
-            2.0 * batch * decode_weight_count(config) + 4.0 * batch * config.n_embd * keys)
+    reads, weights = step_bytes(config, batch, element, keys), decode_weight_count(config)
+    return {"products": (np.full(reads.shape, float(weights * element)), np.full(reads.shape, 2.0 * batch * weights)),
+            "attention": (reads - weights * element, 4.0 * batch * config.n_embd * keys)}
 
 
 def working_set(config: ImageGPTConfig, batch: int, element: int) -> int:
@@ -76,12 +82,16 @@ def working_set(config: ImageGPTConfig, batch: int, element: int) -> int:
 
 def floor(config: ImageGPTConfig, batch: int, precision: str, peak: float, bandwidth: float) -> dict:
     """Seconds a whole sample of `batch` images takes at the roofline: each step at the slower of its reads (at
-    `bandwidth`, bytes/s) and its FLOPs, summed over the positions."""
+    `bandwidth`, bytes/s) and its FLOPs, summed over the positions. Also the floor in turn: the products, then the
+    attention, each at the slower of its own reads and FLOPs, as a step that runs them one after the other (as
+    decode_kernel.cpp does, a barrier apart) can at best; the floor proper overlaps the one with the other."""
     element = DTYPES[precision].itemsize
-    reads, flops = step_costs(config, batch, element)
+    parts = step_costs(config, batch, element)
+    reads, flops = (parts["products"][i] + parts["attention"][i] for i in (0, 1))
     memory_bound = reads / bandwidth >= flops / peak
-    return {"floor_seconds": float(np.maximum(reads / bandwidth, flops / peak).sum()), "bandwidth": bandwidth,
-            "peak": peak,
+    in_turn = sum(np.maximum(part_reads / bandwidth, part_flops / peak) for part_reads, part_flops in parts.values())
+    return {"floor_seconds": float(np.maximum(reads / bandwidth, flops / peak).sum()),
+            "in_turn_floor_seconds": float(in_turn.sum()), "bandwidth": bandwidth, "peak": peak,
             "working_set_bytes": working_set(config, batch, element), "bytes_per_step": float(reads.mean()),
             "flops_per_step": float(flops.mean()), "memory_bound_steps": float(memory_bound.mean())}
 
@@ -151,14 +161,15 @@ def report(config: ImageGPTConfig, batch: int, precision: str, best: dict, bound
     modes = [mode for mode in ROUTES if (precision, mode) in best]
     ours_mode = min(modes, key=lambda mode: best[precision, mode])
     ours, theirs = best[precision, ours_mode], best[precision, "hf"]
-    of_floor = bound["floor_seconds"] / ours
+    of_floor, of_in_turn = bound["floor_seconds"] / ours, bound["in_turn_floor_seconds"] / ours
     rates = "  ".join(f"{tokens / best[precision, mode]:10,.0f}" for mode in modes)
     print(f"  {batch:5d}  {precision:4s}  {rates}  {tokens / theirs:11,.0f}  {theirs / ours:6.2f}x  "
-          f"{tokens / bound['floor_seconds']:9,.0f}  {of_floor:8.0%}  {bound['bytes_per_step'] / MiB:8.1f}  "
+          f"{tokens / bound['floor_seconds']:9,.0f}  {of_floor:8.0%}  {tokens / bound['in_turn_floor_seconds']:9,.0f}"
+          f"  {of_in_turn:5.0%}  {bound['bytes_per_step'] / MiB:8.1f}  "
           f"{bound['bandwidth'] / 1e9:6.1f}  {bound['memory_bound_steps']:4.0%}")
     row = result_row(f"sampling, batch {batch}, {precision}", tokens_per_s=tokens / ours, images_per_s=batch / ours,
                      vs_hugging_face=theirs / ours, notes=f"{ours_mode}; {notes}; {of_floor:.0%} of the floor")
-    row.update(precision=precision, of_floor=of_floor, hf_tokens_per_s=tokens / theirs,
+    row.update(precision=precision, of_floor=of_floor, of_in_turn_floor=of_in_turn, hf_tokens_per_s=tokens / theirs,
                **{f"{mode}_tokens_per_s": tokens / best[precision, mode] for mode in modes}, **bound)
     return row
 

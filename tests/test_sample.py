@@ -1,5 +1,7 @@
 """Sampling: greedy equals full-forward argmax, filters respect their sets, prefixes are kept, CLI."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -43,18 +45,26 @@ def test_compiled_sampling_equals_eager_sampling():
 
 
 def test_a_watch_sees_every_row_and_changes_no_draw(monkeypatch):
-    """Without a watch the kernel draws an image's pixels in one call; with one it stops at each row's end for it.
-    The seed's numbers are the same either way, so are the images."""
+    """Without a watch a kernel call draws past the rows' ends (as many pixels as CALL_SECONDS allows, a row at
+    first); with one it stops at each row's end for it. The seed's numbers are the same either way, so are the
+    images."""
     from igpt.decoding import KERNEL, Decoder
+
+    sampling = importlib.import_module("igpt.sample")  # the module: igpt.sample is also the function's name
 
     if not KERNEL.available():
         pytest.skip("no C++ compiler builds igpt's decode kernel here")
     model, calls = small_model(), []
     feed_and_draw = Decoder.feed_and_draw
-    monkeypatch.setattr(Decoder, "feed_and_draw", lambda self, out, steps, *rest: (
-        calls.append(steps), feed_and_draw(self, out, steps, *rest))[1])
+
+    def counted(self, out, steps, *rest):
+        calls.append(steps)
+        return feed_and_draw(self, out, steps, *rest)
+
+    monkeypatch.setattr(Decoder, "feed_and_draw", counted)
+    monkeypatch.setattr(sampling, "CALL_SECONDS", 1e6)
     alone = sample(model, 3, generator=torch.Generator().manual_seed(4))
-    assert calls == [15]  # the first pixel comes from the prefix pass, the other 15 in one call
+    assert calls == [4, 11]  # the first pixel comes from the prefix pass, a row's worth, then the other 11
     seen, calls[:] = [], []
     watched = sample(model, 3, generator=torch.Generator().manual_seed(4),
                      watch=lambda first, tokens, filled: seen.append(filled))

@@ -17,8 +17,6 @@
 // position, a band layer a ring of its window.
 #include <omp.h>
 
-#include <vector>
-
 #include "simd.h"
 
 enum Kind { DENSE = 0, BAND = 1, COLUMN = 2 };  // attention/patterns.py's KINDS, in order
@@ -78,42 +76,52 @@ enum Phase { QKV, ATTEND, PROJ, FC, OUT, HEAD, PHASES };
 // the speed each thread showed on that phase before, each thread a contiguous run. Why: equal shares make every
 // thread wait at the barrier for the slowest, and a thread runs slower wherever its core is shared (a cloud
 // host's other guests on the same physical core, an efficiency core of a hybrid CPU) or its memory is farther.
-// Every thread computes the same split from the same rates. The rates are double-buffered by the phase's use
-// count (each thread's count agrees): a use reads the rates the last use wrote, which a barrier has since sealed,
-// and writes the other buffer, which nobody reads before the next barrier.
+// The rates live in the caller's work buffer, so a call goes on from the last call's. They are double-buffered by
+// the phase's use count (each thread's count agrees): a use reads the rates the last use wrote, sealed by the
+// barrier that ends every use (`finish`), and writes the other buffer, which nobody reads before that barrier.
 struct Balance {
-  float* rates;  // shared: (PHASES, 2, threads) units per second, a running average per thread
-  int threads, me;
+  float* rates;  // shared: (PHASES, 2, stride) units per second, a running average per thread; zero: none yet
+  int64_t stride;
+  int team, me;
   int64_t uses[PHASES] = {};
   int64_t lo = 0, hi = 0;
   double started = 0;
 
-  Balance(float* rates, int threads) : rates(rates), threads(threads), me(omp_get_thread_num()) {}
+  Balance(float* rates, int64_t stride)
+      : rates(rates), stride(stride), team(omp_get_num_threads()), me(omp_get_thread_num()) {}
 
-  // This thread's run [lo, hi) of `units` at this use of phase p; the clock starts.
+  float* buffer(Phase p, int64_t use) const { return rates + (p * 2 + use % 2) * stride; }
+
+  // This thread's run [lo, hi) of `units` at this use of phase p; the clock starts. Each thread's weight is an
+  // integer from its rate, at least a quarter of the fastest's, and every thread walks the same integer sums, so
+  // that each run ends exactly where the next begins. Every thread gets at least one unit where there are as many,
+  // so each is timed again; the rest go by weight.
   void start(Phase p, int64_t units) {
-    const float* r = rates + (p * 2 + (uses[p] + 1) % 2) * threads;
+    const float* r = buffer(p, uses[p] + 1);
     float top = 0;
-    for (int t = 0; t < threads; t++) top = fmaxf(top, r[t]);
-    double total = 0, before = 0, mine = 1;  // every rate at least a quarter of the fastest: no thread starves
-    for (int t = 0; t < threads; t++) {
-      const double rate = top > 0 ? fmaxf(r[t], 0.25f * top) : 1;  // none yet: equal shares
-      total += rate;
-      if (t < me) before += rate;
-      if (t == me) mine = rate;
+    for (int t = 0; t < team; t++) top = fmaxf(top, r[t]);
+    auto weight = [&](int t) { return top > 0 ? (int64_t)(1024.f * fmaxf(r[t], 0.25f * top) / top) : 1024; };
+    int64_t total = 0, before = 0;
+    for (int t = 0; t < team; t++) total += weight(t);
+    const int64_t least = units >= team ? 1 : 0, spare = units - least * team;
+    for (int t = 0; t <= me + 1; t++) {
+      const int64_t bound = t == team ? units : least * t + (2 * spare * before + total) / (2 * total);
+      if (t == me) lo = bound;
+      if (t == me + 1) hi = bound;
+      if (t < team) before += weight(t);
     }
-    lo = me ? (int64_t)(units * before / total + 0.5) : 0;
-    hi = me + 1 < threads ? (int64_t)(units * (before + mine) / total + 0.5) : units;
     started = omp_get_wtime();
   }
 
-  // The clock stops: this thread's rate for phase p, a quarter of it this use's (none where it had no units).
+  // The clock stops: this thread's rate for phase p, a quarter of it this use's (the last where it had no units);
+  // then the threads meet.
   void finish(Phase p) {
     const double seconds = omp_get_wtime() - started;
-    const float last = rates[(p * 2 + (uses[p] + 1) % 2) * threads + me];
+    const float last = buffer(p, uses[p] + 1)[me];
     const float now = hi > lo && seconds > 0 ? (float)((hi - lo) / seconds) : last;
-    rates[(p * 2 + uses[p] % 2) * threads + me] = last > 0 ? 0.75f * last + 0.25f * now : now;
+    buffer(p, uses[p])[me] = last > 0 ? 0.75f * last + 0.25f * now : now;
     uses[p]++;
+#pragma omp barrier
   }
 };
 
@@ -143,7 +151,6 @@ static void product(const float* x, const float* scale, int64_t rows, int64_t K,
     }
   }
   balance.finish(phase);
-#pragma omp barrier
 }
 
 // Each row's RMS-norm factor 1 / sqrt(mean(h^2) + eps); every thread computes all of them for itself.
@@ -306,6 +313,11 @@ static int64_t pick(const float* logits, int64_t vocab, const float* u, float te
 // Floats of scratch per thread: GROUP pairs' scores, or a row's running sums in pick.
 static int64_t thread_scratch(int64_t n_ctx, int64_t vocab) { return GROUP * n_ctx > vocab ? GROUP * n_ctx : vocab; }
 
+// Floats a step's work takes (laid out in `step`); Balance's rates follow them in the work buffer.
+static int64_t step_work_floats(int64_t rows, int64_t d, int64_t n_ctx, int64_t vocab, int64_t threads) {
+  return rows * 9 * d + threads * (thread_scratch(n_ctx, vocab) + rows);
+}
+
 // One step for every row at input position `pos` (call inside one parallel region): the rows' tokens
 // (token r at tokens[r * stride]) through every block to the next pixel's logits (rows, vocab) and, where
 // `drawn` is given, the next pixel itself, written to drawn[r * stride] (`pick`, with uniforms[r] for row r,
@@ -321,7 +333,7 @@ static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer
   float* scores = own + omp_get_thread_num() * (scratch + rows);
   float* scale = scores + scratch;  // this thread's copy of the rows' norm factors
   const int64_t pairs = rows * heads, share = (pairs + omp_get_num_threads() - 1) / omp_get_num_threads();
-  const int64_t size = share < GROUP ? share : GROUP;  // pairs a group: every thread has one where pairs are few
+  const int64_t size = share < GROUP ? share : GROUP;  // pairs a group: fewer where pairs are few, so all can work
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; r++)
     for (int64_t i = 0; i < d; i++) h[r * d + i] = embed[tokens[r * stride] * d + i] + positions[pos * d + i];
@@ -339,7 +351,6 @@ static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer
                 spacing, attention_scale, scores, y);
     }
     balance.finish(ATTEND);
-#pragma omp barrier
     product(y, (const float*)0, rows, d, (const T*)L.proj, (const T*)L.proj_bias, d, h, ADD, balance, PROJ);
     norm_scales(h, rows, d, eps, scale);
     product(h, scale, rows, d, (const T*)L.fc, (const T*)L.fc_bias, 4 * d, f, SILU, balance, FC);
@@ -369,11 +380,10 @@ static int steps(int64_t* tokens, int64_t stride, int64_t pos, int64_t count, in
     const int64_t token = tokens[r * stride];
     if (pos == 0 ? token != vocab : token < 0 || token >= vocab) return 1;
   }
-  std::vector<float> rates(PHASES * 2 * threads, 0.f);
 #pragma omp parallel num_threads(threads)
   {
     FlushDenormals flush;
-    Balance balance(rates.data(), omp_get_num_threads());
+    Balance balance(work + step_work_floats(rows, d, n_ctx, vocab, threads), threads);
     for (int64_t s = 0; s < count; s++)
       step(tokens + s, stride, pos + s, layers, n_layer, rows, d, heads, vocab, n_ctx, eps, embed, positions, head,
            logits, uniforms ? uniforms + s * rows : 0, temperature, draw ? tokens + s + 1 : 0, work, balance);
@@ -396,6 +406,6 @@ EXPORT(float, )
 EXPORT(bf16, _bf16)
 int decode_panel_width() { return PANEL; }
 int64_t decode_work_floats(int64_t rows, int64_t d, int64_t n_ctx, int64_t vocab, int64_t threads) {
-  return rows * 9 * d + threads * (thread_scratch(n_ctx, vocab) + rows);
+  return step_work_floats(rows, d, n_ctx, vocab, threads) + PHASES * 2 * threads;
 }
 }

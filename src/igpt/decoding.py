@@ -306,8 +306,8 @@ class KernelStep:
             self.positions = model.positions(0, c.n_ctx).float().contiguous()
         self.blocks, self.head = cache.weights.panels(width)
         rows = cache.batch
-        self.work = torch.empty(lib.decode_work_floats(rows, c.n_embd, c.n_ctx, c.vocab_size, self.threads),
-                                dtype=torch.float32)
+        self.work = torch.zeros(lib.decode_work_floats(rows, c.n_embd, c.n_ctx, c.vocab_size, self.threads),
+                                dtype=torch.float32)  # zero: the kernel's thread rates start unknown
         layers = []
         for block, pattern, keys, values in zip(self.blocks, cache.patterns, cache.k, cache.v):
             addresses = [x.data_ptr() if x is not None else 0 for pair in block for x in pair]

@@ -8,6 +8,7 @@ attention, a window or a column for local and strided), never a full forward pas
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,9 @@ from igpt.errors import IgptError
 from igpt.fileio import atomic_write
 from igpt.grids import completion_layout, save_grid
 from igpt.precision import autocast, precision_option
+
+
+CALL_SECONDS = 0.25  # about how long one kernel call draws for: what Ctrl-C waits, many steps to a call's Python
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -89,7 +93,7 @@ def sample(
     `compile` runs each pixel's step through torch.compile with static shapes (CUDA graphs on
     GPUs), the route to launch-free decoding there. On CPUs leave it off: steps then run in igpt's
     decode kernel (`kernel`, where a C++ compiler builds it), with plain temperature or greedy
-    sampling the rest of the image (of each row, with a `watch`) in one call, faster than either PyTorch route
+    sampling a run of pixels in each call (a row's end at most, with a `watch`), faster than either PyTorch route
     (bench/bench_sample.py measures each).
     """
     if model.config.objective != "ar":
@@ -139,16 +143,18 @@ def _sample_batch(decoder: Decoder, prefix, temperature, top_k, top_p, greedy, g
         return out
     fused = decoder.draws_in_kernel and top_k is None and top_p is None  # the kernel picks as `pick` does
     out[:, known] = pick(decoder.feed(out[:, :known] if known else None))
-    filled = known + 1
+    filled, per_call = known + 1, side  # the kernel's first call draws a row at most, later ones by CALL_SECONDS
     while True:
         if watch is not None and filled % side == 0:
             watch(out, filled)
         if filled == n_ctx:
             break
-        if fused:  # in one call to the row's end where `watch` sees every row, else to the image's end
-            steps = side - filled % side if watch is not None else n_ctx - filled
+        if fused:  # a run of pixels in one call, ending at the row's end where `watch` sees every row
+            steps = min(per_call, side - filled % side if watch is not None else n_ctx - filled)
             numbers = None if greedy else uniforms(steps * len(out), generator, out.device).view(steps, len(out))
+            started = time.perf_counter()
             decoder.feed_and_draw(out, steps, numbers, temperature)
+            per_call = max(1, int(CALL_SECONDS * steps / max(time.perf_counter() - started, 1e-9)))
             filled += steps
         else:
             out[:, filled] = pick(decoder.feed(out[:, filled - 1 : filled]))
