@@ -79,12 +79,13 @@ def test_bert_models_have_no_incremental_decoding():
 @pytest.mark.parametrize("attention", ["dense", "local", "strided"])
 @pytest.mark.parametrize("rows, vocab, width, heads", [(1, 13, 32, 4), (9, 40, 32, 2), (17, 512, 32, 8),
                                                      (5, 64, 96, 2), (6, 40, 64, 2), (3, 40, 64, 2),
-                                                     (3, 40, 128, 2), (7, 40, 64, 1)])
+                                                     (3, 40, 128, 2), (7, 40, 64, 1), (4, 40, 33, 3)])
 def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, width, heads):
     """decode_kernel.cpp against the eager step on the same cache, every pattern, fp32 and bf16: batch sizes on
     both sides of the rows it holds in registers, vocabularies that are and are not whole vectors, head sizes
-    (4 to 64) that are and are not, (row, head) pairs that fill its groups and that leave some over. In bf16 the
-    kernel computes in float from bf16 weights and keys, the eager step rounds every product to bf16."""
+    (4 to 64) that are and are not, (row, head) pairs that fill its groups and that leave some over, an odd width
+    (its paired panels padded). In bf16 the kernel sums in float from bf16 weights and keys (and, with AVX512-BF16,
+    from its products' inputs rounded to bf16, as autocast rounds them), the eager step rounds every product."""
     model = random_model(attention=attention, positions="2d", window_rows=1, vocab_size=vocab, n_embd=width,
                          n_head=heads, bias=True)
     tokens = torch.randint(0, vocab, (rows, 25), generator=torch.Generator().manual_seed(2))
@@ -100,26 +101,34 @@ def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, wi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("width", [32, 40])
+@pytest.mark.parametrize("width", [32, 40, 33])
 @pytest.mark.parametrize("panel", [32, 16, 8])
 @pytest.mark.parametrize("vocab", [13, 41])
-def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width, panel, vocab):
+@pytest.mark.parametrize("paired", [False, True])
+def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width, panel, vocab, paired):
     """The two layouts of the decode weights, built apart: the same numbers, rounded alike in bf16, and only zeros
     in the padding; matrices that fill the panels, that do not, and that fill none (vocabularies of 13 and 41), at
-    the panel widths of AVX-512, AVX2 and SSE; and each width its own panels."""
-    weights = DecodeWeights(random_model(n_embd=width, bias=True, vocab_size=vocab), dtype)
-    blocks, head = weights.panels(panel)
+    the panel widths of AVX-512, AVX2 and SSE, with rows in pairs (an odd width's padded with a zero row) and not;
+    and each width its own panels."""
+    weights = DecodeWeights(random_model(n_embd=width, n_head=width // 8 if width % 8 == 0 else 3, bias=True,
+                                         vocab_size=vocab), dtype)
+    blocks, head = weights.panels(panel, paired)
     packed = [pair for block in blocks for pair in block] + [(head, None)]
     stored = [pair for block in weights.blocks for pair in block] + [(weights.head, None)]
     for (panels, panel_bias), (matrix, bias) in zip(packed, stored, strict=True):
         assert panels.dtype == matrix.dtype == dtype
+        if paired:  # (panels, in / 2, width, 2) back to (panels, in, width), and the padding row
+            panels = panels.transpose(2, 3).flatten(1, 2)
+            assert panels.shape[1] == matrix.shape[0] + matrix.shape[0] % 2 and not panels[:, matrix.shape[0]:].any()
+            panels = panels[:, : matrix.shape[0]]
         columns = panels.transpose(0, 1).reshape(matrix.shape[0], -1)  # (in, panels x width)
         n = matrix.shape[1]
         assert torch.equal(columns[:, :n], matrix) and not columns[:, n:].any()
         if bias is not None:
             assert torch.equal(panel_bias[:n], bias) and not panel_bias[n:].any()
     other = 8 if panel != 8 else 16
-    assert weights.panels(other)[1].shape[2] == other and weights.panels(panel)[1] is head
+    assert weights.panels(other, paired)[1].shape[-2 if paired else 2] == other
+    assert weights.panels(panel, paired)[1] is head and weights.panels(panel, not paired)[1] is not head
 
 
 @torch.no_grad()

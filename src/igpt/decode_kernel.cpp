@@ -17,7 +17,12 @@
 // position, a band layer a ring of its window.
 #include <omp.h>
 
+#include <type_traits>
+
 #include "simd.h"
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 enum Kind { DENSE = 0, BAND = 1, COLUMN = 2 };  // attention/patterns.py's KINDS, in order
 enum Epilogue { STORE, ADD, SILU };             // what a product does with its result
@@ -36,20 +41,52 @@ struct Layer {
 // streams its panel from memory in order instead of a short piece of each of K rows.
 #define PANEL (COLS * VL)
 
+#if defined(__AVX512BF16__)
+// bf16 on a CPU with AVX512-BF16: vdpbf16ps multiplies two adjacent bf16s of one operand by the two of the
+// other and adds both products to a float lane, 32 multiply-adds per instruction against a float FMA's 16. So
+// bf16 panels come with their rows in pairs, (K / 2, PANEL, 2) (a zero row after an odd K), and a product's input
+// rows are rounded to bf16 for it, as autocast rounds a linear layer's input; every sum stays in float.
+template <typename T>
+constexpr bool PAIRED = std::is_same<T, bf16>::value;
+static inline vec dot(vec acc, __m512i w, const bf16* x) {
+  uint32_t both;
+  memcpy(&both, x, sizeof both);
+  return (vec)_mm512_dpbf16_ps((__m512)acc, (__m512bh)w, (__m512bh)_mm512_set1_epi32((int)both));
+}
+#else
+template <typename T>
+constexpr bool PAIRED = false;
+#endif
+// What a product's input rows are: bf16 where its panels come in pairs, else float as the step holds them.
+template <typename T>
+using Input = typename std::conditional<PAIRED<T>, bf16, float>::type;
+
 static inline float silu(float a) { return a / (1.f + expf(fminf(-a, 80.f))); }
 
-// out[r][n0 + j] (=, +=, silu of) scale[r] * sum_k x[r][k] panel[k][j] + bias[j] for R rows (x: (R, K) float,
-// out: rows of N floats), the panel's first `valid` columns.
+// out[r][n0 + j] (=, +=, silu of) scale[r] * sum_k x[r][k] panel[k][j] + bias[j] for R rows (x: (R, K), K even
+// where the panel comes in pairs; out: rows of N floats), the panel's first `valid` columns.
 template <typename T, int R>
-static inline void tile(const float* x, const float* scale, int64_t K, const T* panel, const T* bias, float* out,
+static inline void tile(const Input<T>* x, const float* scale, int64_t K, const T* panel, const T* bias, float* out,
                         int64_t N, int64_t n0, int valid, Epilogue epilogue) {
   vec acc[R][COLS] = {};
-  for (int64_t k = 0; k < K; k++) {
-    vec wk[COLS];
-    for (int v = 0; v < COLS; v++) wk[v] = load(panel + k * PANEL + v * VL);
-    for (int r = 0; r < R; r++) {
-      vec xr = splat(x[r * K + k]);
-      for (int v = 0; v < COLS; v++) acc[r][v] += xr * wk[v];
+#if defined(__AVX512BF16__)
+  if constexpr (PAIRED<T>) {
+    for (int64_t k = 0; k < K; k += 2) {
+      __m512i wk[COLS];
+      for (int v = 0; v < COLS; v++) wk[v] = _mm512_loadu_si512(panel + k * PANEL + 2 * v * VL);
+      for (int r = 0; r < R; r++)
+        for (int v = 0; v < COLS; v++) acc[r][v] = dot(acc[r][v], wk[v], x + r * K + k);
+    }
+  } else
+#endif
+  {
+    for (int64_t k = 0; k < K; k++) {
+      vec wk[COLS];
+      for (int v = 0; v < COLS; v++) wk[v] = load(panel + k * PANEL + v * VL);
+      for (int r = 0; r < R; r++) {
+        vec xr = splat(x[r * K + k]);
+        for (int v = 0; v < COLS; v++) acc[r][v] += xr * wk[v];
+      }
     }
   }
   for (int r = 0; r < R; r++) {
@@ -126,9 +163,22 @@ struct Balance {
 };
 
 // The product over every row, its panels shared out over the region's threads by `balance` (call inside one).
+// rounded: this thread's room for the input rows in bf16 (rows x (K + 1)), where the panels come in pairs.
 template <typename T>
-static void product(const float* x, const float* scale, int64_t rows, int64_t K, const T* w, const T* bias, int64_t N,
-                    float* out, Epilogue e, Balance& balance, Phase phase) {
+static void product(const float* input, const float* scale, int64_t rows, int64_t K, const T* w, const T* bias,
+                    int64_t N, float* out, Epilogue e, Balance& balance, Phase phase, bf16* rounded) {
+  const Input<T>* x = (const Input<T>*)input;
+  if constexpr (PAIRED<T>) {  // every thread rounds every row for itself: no barrier, and a few microseconds
+    const int64_t even = K + K % 2;
+    for (int64_t r = 0; r < rows; r++) {
+      int64_t i = 0;
+      for (; i + VL <= K; i += VL) store(rounded + r * even + i, load(input + r * K + i));
+      for (; i < K; i++) put(rounded + r * even + i, input[r * K + i]);
+      if (K % 2) rounded[r * even + K] = 0;
+    }
+    x = (const Input<T>*)rounded;
+    K = even;
+  }
   balance.start(phase, (N + PANEL - 1) / PANEL);
   for (int64_t c = balance.lo; c < balance.hi; c++) {
     const T* panel = w + c * K * PANEL;
@@ -137,7 +187,7 @@ static void product(const float* x, const float* scale, int64_t rows, int64_t K,
     int64_t r = 0;
     for (; r + ROWS <= rows; r += ROWS)
       tile<T, ROWS>(x + r * K, scale ? scale + r : 0, K, panel, b, out + r * N, N, c * PANEL, valid, e);
-    const float* xr = x + r * K; const float* sr = scale ? scale + r : 0; float* o = out + r * N;
+    const Input<T>* xr = x + r * K; const float* sr = scale ? scale + r : 0; float* o = out + r * N;
     switch (rows - r) {  // the batch's last rows, fewer than ROWS
       case 1: tile<T, 1>(xr, sr, K, panel, b, o, N, c * PANEL, valid, e); break;
       case 2: tile<T, 2>(xr, sr, K, panel, b, o, N, c * PANEL, valid, e); break;
@@ -313,9 +363,15 @@ static int64_t pick(const float* logits, int64_t vocab, const float* u, float te
 // Floats of scratch per thread: GROUP pairs' scores, or a row's running sums in pick.
 static int64_t thread_scratch(int64_t n_ctx, int64_t vocab) { return GROUP * n_ctx > vocab ? GROUP * n_ctx : vocab; }
 
+// Floats each thread owns in a step's work: its scratch, its copy of the rows' norm factors, and room for a
+// product's input rows rounded to bf16 (at most rows x (4 d + 1) of them, two to a float).
+static int64_t thread_floats(int64_t rows, int64_t d, int64_t n_ctx, int64_t vocab) {
+  return thread_scratch(n_ctx, vocab) + rows + rows * (2 * d + 1);
+}
+
 // Floats a step's work takes (laid out in `step`); Balance's rates follow them in the work buffer.
 static int64_t step_work_floats(int64_t rows, int64_t d, int64_t n_ctx, int64_t vocab, int64_t threads) {
-  return rows * 9 * d + threads * (thread_scratch(n_ctx, vocab) + rows);
+  return rows * 9 * d + threads * thread_floats(rows, d, n_ctx, vocab);
 }
 
 // One step for every row at input position `pos` (call inside one parallel region): the rows' tokens
@@ -330,8 +386,9 @@ static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer
   const int64_t hd = d / heads, scratch = thread_scratch(n_ctx, vocab);
   const float attention_scale = 1.f / sqrtf((float)hd);
   float *h = work, *qkv = h + rows * d, *y = qkv + rows * 3 * d, *f = y + rows * d, *own = f + rows * 4 * d;
-  float* scores = own + omp_get_thread_num() * (scratch + rows);
+  float* scores = own + omp_get_thread_num() * thread_floats(rows, d, n_ctx, vocab);
   float* scale = scores + scratch;  // this thread's copy of the rows' norm factors
+  bf16* rounded = (bf16*)(scale + rows);
   const int64_t pairs = rows * heads, share = (pairs + omp_get_num_threads() - 1) / omp_get_num_threads();
   const int64_t size = share < GROUP ? share : GROUP;  // pairs a group: fewer where pairs are few, so all can work
 #pragma omp for schedule(static)
@@ -340,7 +397,7 @@ static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer
   for (int64_t l = 0; l < n_layer; l++) {
     const Layer& L = layers[l];
     norm_scales(h, rows, d, eps, scale);
-    product(h, scale, rows, d, (const T*)L.qkv, (const T*)L.qkv_bias, 3 * d, qkv, STORE, balance, QKV);
+    product(h, scale, rows, d, (const T*)L.qkv, (const T*)L.qkv_bias, 3 * d, qkv, STORE, balance, QKV, rounded);
     int64_t write = pos, first = 0, count = pos + 1, spacing = 1;
     if (L.kind == BAND) { write = pos % L.slots; count = pos + 1 < L.slots ? pos + 1 : L.slots; }  // the ring
     if (L.kind == COLUMN) { first = pos % L.side; count = pos / L.side + 1; spacing = L.side; }
@@ -351,13 +408,13 @@ static void step(const int64_t* tokens, int64_t stride, int64_t pos, const Layer
                 spacing, attention_scale, scores, y);
     }
     balance.finish(ATTEND);
-    product(y, (const float*)0, rows, d, (const T*)L.proj, (const T*)L.proj_bias, d, h, ADD, balance, PROJ);
+    product(y, (const float*)0, rows, d, (const T*)L.proj, (const T*)L.proj_bias, d, h, ADD, balance, PROJ, rounded);
     norm_scales(h, rows, d, eps, scale);
-    product(h, scale, rows, d, (const T*)L.fc, (const T*)L.fc_bias, 4 * d, f, SILU, balance, FC);
-    product(f, (const float*)0, rows, 4 * d, (const T*)L.out, (const T*)L.out_bias, d, h, ADD, balance, OUT);
+    product(h, scale, rows, d, (const T*)L.fc, (const T*)L.fc_bias, 4 * d, f, SILU, balance, FC, rounded);
+    product(f, (const float*)0, rows, 4 * d, (const T*)L.out, (const T*)L.out_bias, d, h, ADD, balance, OUT, rounded);
   }
   norm_scales(h, rows, d, eps, scale);
-  product(h, scale, rows, d, head, (const T*)0, vocab, logits, STORE, balance, HEAD);
+  product(h, scale, rows, d, head, (const T*)0, vocab, logits, STORE, balance, HEAD, rounded);
   if (drawn) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++)
@@ -405,6 +462,7 @@ extern "C" {
 EXPORT(float, )
 EXPORT(bf16, _bf16)
 int decode_panel_width() { return PANEL; }
+int decode_paired() { return PAIRED<bf16>; }
 int64_t decode_work_floats(int64_t rows, int64_t d, int64_t n_ctx, int64_t vocab, int64_t threads) {
   return step_work_floats(rows, d, n_ctx, vocab, threads) + PHASES * 2 * threads;
 }

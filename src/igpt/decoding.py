@@ -69,9 +69,11 @@ class Fold(NamedTuple):
         panel, bias = self.packed(dtype, self.weight.shape[0])
         return panel[0], bias
 
-    def packed(self, dtype: torch.dtype, width: int) -> Affine:
+    def packed(self, dtype: torch.dtype, width: int, paired: bool = False) -> Affine:
         """As decode_kernel.cpp reads it: panels of `width` output columns, each (in, width) and contiguous, the
-        last padded with zero columns, and the bias padded likewise; one pass over the weight."""
+        last padded with zero columns, and the bias padded likewise; one pass over the weight. `paired`: each
+        panel's rows two at a time, interleaved column by column, (in / 2, width, 2), a zero row after an odd `in`
+        (AVX512-BF16's vdpbf16ps multiplies such pairs), in one more pass."""
         weight, (n, k) = self.weight.float(), self.weight.shape
         whole, rest = divmod(n, width)
         panels = torch.empty(whole + (rest > 0), k, width, dtype=dtype, device=weight.device)
@@ -81,6 +83,8 @@ class Fold(NamedTuple):
             panels[whole, :, rest:] = 0
             torch.mul(weight[whole * width :].t(), self.factor[:, None], out=panels[whole, :, :rest])
         bias = F.pad(self.bias.float(), (0, -n % width)).to(dtype) if self.bias is not None else None
+        if paired:
+            panels = F.pad(panels, (0, 0, 0, k % 2)).unflatten(1, (-1, 2)).transpose(2, 3).contiguous()
         return panels, bias
 
 
@@ -99,7 +103,7 @@ class DecodeWeights:
     def __init__(self, model: ImageGPT, dtype: torch.dtype):
         self.model, self.dtype = model, dtype
         self._stored: tuple[list[tuple[Affine, ...]], torch.Tensor] | None = None
-        self._panels: dict[int, tuple[list[list[Affine]], torch.Tensor]] = {}  # by panel width
+        self._panels: dict[tuple[int, bool], tuple[list[list[Affine]], torch.Tensor]] = {}  # by width, paired
 
     def _block_folds(self) -> Iterator[tuple[Fold, Fold, Fold, Fold]]:
         """Per block, its qkv, attention output, fc and MLP output: one block at a time, so that only one block's
@@ -136,13 +140,13 @@ class DecodeWeights:
         return [w for block in self.blocks for pair in block for w in pair if w is not None] + [self.head]
 
     @torch.no_grad()
-    def panels(self, width: int) -> tuple[list[list[Affine]], torch.Tensor]:
-        """The blocks and the head packed in panels `width` columns wide, as decode_kernel.cpp reads them, once for
-        every Decoder that shares these weights."""
-        if width not in self._panels:
-            blocks = [[fold.packed(self.dtype, width) for fold in block] for block in self._block_folds()]
-            self._panels[width] = blocks, self._head_fold().packed(self.dtype, width)[0]
-        return self._panels[width]
+    def panels(self, width: int, paired: bool = False) -> tuple[list[list[Affine]], torch.Tensor]:
+        """The blocks and the head packed in panels `width` columns wide (their rows in pairs where `paired`), as
+        decode_kernel.cpp reads them, once for every Decoder that shares these weights."""
+        if (width, paired) not in self._panels:
+            blocks = [[fold.packed(self.dtype, width, paired) for fold in block] for block in self._block_folds()]
+            self._panels[width, paired] = blocks, self._head_fold().packed(self.dtype, width, paired)[0]
+        return self._panels[width, paired]
 
 
 def _affine(x: torch.Tensor, weight_bias: Affine) -> torch.Tensor:
@@ -276,7 +280,7 @@ _STEP_ARGUMENTS = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, cty
                    + [ctypes.c_int])  # see decode_kernel.cpp's steps
 KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
                 {"decode_steps": _STEP_ARGUMENTS, "decode_steps_bf16": _STEP_ARGUMENTS, "decode_panel_width": [],
-                 "decode_work_floats": [ctypes.c_int64] * 5}, {"decode_work_floats": ctypes.c_int64})
+                 "decode_paired": [], "decode_work_floats": [ctypes.c_int64] * 5}, {"decode_work_floats": ctypes.c_int64})
 
 
 class KernelStep:
@@ -304,7 +308,8 @@ class KernelStep:
         with torch.no_grad():
             self.embed = torch.cat([model.wte.weight, model.sos[None]]).float().contiguous()  # position 0 feeds sos
             self.positions = model.positions(0, c.n_ctx).float().contiguous()
-        self.blocks, self.head = cache.weights.panels(width)
+        paired = cache.weights.dtype == torch.bfloat16 and bool(lib.decode_paired())
+        self.blocks, self.head = cache.weights.panels(width, paired)
         rows = cache.batch
         self.work = torch.zeros(lib.decode_work_floats(rows, c.n_embd, c.n_ctx, c.vocab_size, self.threads),
                                 dtype=torch.float32)  # zero: the kernel's thread rates start unknown
