@@ -49,10 +49,10 @@ from igpt.sample import sample
 
 MiB = 2**20
 ROUTES = ("kernel", "eager", "compiled")  # igpt's one-pixel steps; igpt/HF and "of floor" take the fastest
-HEADER = """  tokens/s; floor: the roofline's rate; of floor: the measured rate / the floor's; in turn: the floor's rate with
-  the products and the attention one after the other, each at its own roofline (of it: the measured rate / its);
-  MiB/step and GB/s: an average step's reads and the bandwidth at the sampler's working set; mem: the share of
-  steps their reads bound; kernel, eager, compiled: igpt's routes for the one-pixel step
+HEADER = """  tokens/s; floor: the roofline's rate; of floor: the measured rate / the floor's; in turn: the floor's rate
+  with the products and the attention one after the other, each at its own roofline (of it: the measured rate /
+  its); MiB/step and GB/s: an average step's reads and the bandwidth at the sampler's working set; mem: the share
+  of steps their reads bound; kernel, eager, compiled: igpt's routes for the one-pixel step
   batch  prec  {routes}  HF generate  igpt/HF      floor  of floor    in turn  of it  MiB/step    GB/s   mem"""
 
 

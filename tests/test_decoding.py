@@ -84,8 +84,8 @@ def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, wi
     """decode_kernel.cpp against the eager step on the same cache, every pattern, fp32 and bf16: batch sizes on
     both sides of the rows it holds in registers, vocabularies that are and are not whole vectors, head sizes
     (4 to 64) that are and are not, (row, head) pairs that fill its groups and that leave some over, an odd width
-    (its paired panels padded). In bf16 the kernel sums in float from bf16 weights and keys (and, with AVX512-BF16,
-    from its products' inputs rounded to bf16, as autocast rounds them), the eager step rounds every product."""
+    (its paired panels padded). In bf16 the kernel sums in float from bf16 weights and keys (with AVX512-BF16 from
+    its products' inputs rounded to bf16 too, before the norm's factor), the eager step rounds every product."""
     model = random_model(attention=attention, positions="2d", window_rows=1, vocab_size=vocab, n_embd=width,
                          n_head=heads, bias=True)
     tokens = torch.randint(0, vocab, (rows, 25), generator=torch.Generator().manual_seed(2))
@@ -110,13 +110,13 @@ def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width, panel
     in the padding; matrices that fill the panels, that do not, and that fill none (vocabularies of 13 and 41), at
     the panel widths of AVX-512, AVX2 and SSE, with rows in pairs (an odd width's padded with a zero row) and not;
     and each width its own panels."""
-    weights = DecodeWeights(random_model(n_embd=width, n_head=width // 8 if width % 8 == 0 else 3, bias=True,
-                                         vocab_size=vocab), dtype)
+    weights = DecodeWeights(random_model(n_embd=width, n_head=3 if width % 2 else 4, bias=True, vocab_size=vocab),
+                            dtype)
     blocks, head = weights.panels(panel, paired)
     packed = [pair for block in blocks for pair in block] + [(head, None)]
     stored = [pair for block in weights.blocks for pair in block] + [(weights.head, None)]
     for (panels, panel_bias), (matrix, bias) in zip(packed, stored, strict=True):
-        assert panels.dtype == matrix.dtype == dtype
+        assert panels.dtype == matrix.dtype == dtype and panels.is_contiguous()
         if paired:  # (panels, in / 2, width, 2) back to (panels, in, width), and the padding row
             panels = panels.transpose(2, 3).flatten(1, 2)
             assert panels.shape[1] == matrix.shape[0] + matrix.shape[0] % 2 and not panels[:, matrix.shape[0]:].any()
@@ -127,8 +127,19 @@ def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width, panel
         if bias is not None:
             assert torch.equal(panel_bias[:n], bias) and not panel_bias[n:].any()
     other = 8 if panel != 8 else 16
-    assert weights.panels(other, paired)[1].shape[-2 if paired else 2] == other
+    assert weights.panels(other, paired)[1].shape[2] == other
     assert weights.panels(panel, paired)[1] is head and weights.panels(panel, not paired)[1] is not head
+
+
+def test_the_kernel_multiplies_bf16_in_pairs_where_the_cpu_has_avx512_bf16():
+    """Where the CPU lists avx512_bf16, the kernel's bf16 products run in vdpbf16ps on paired panels; elsewhere in
+    float FMAs. A build that lost that path would still pass every other test, only slower."""
+    from igpt.decoding import KERNEL
+    from igpt.kernels import cpu_identity
+
+    if not KERNEL.available():
+        pytest.skip("no C++ compiler builds igpt's decode kernel here")
+    assert bool(KERNEL.library().decode_paired()) == ("avx512_bf16" in cpu_identity().split())
 
 
 @torch.no_grad()

@@ -12,17 +12,14 @@
 // The weights are decoding.DecodeWeights' panels: the blocks' matrices with the RMS-norm gains and
 // quick GELU's 1.702 folded in, so a norm is one scale per row, applied to the product's result, and the
 // MLP's activation is silu. Weights and the key/value cache are float or bfloat16 together; every
-// product and sum runs in float. The cache holds (batch, heads, slots, head_dim) per layer, written
-// and read as igpt/attention/patterns.py's Pattern.read does: dense and column layers keep every
-// position, a band layer a ring of its window.
+// sum runs in float (bf16's products with AVX512-BF16: PAIRED, below). The cache holds (batch, heads,
+// slots, head_dim) per layer, written and read as igpt/attention/patterns.py's Pattern.read does:
+// dense and column layers keep every position, a band layer a ring of its window.
 #include <omp.h>
 
 #include <type_traits>
 
 #include "simd.h"
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 
 enum Kind { DENSE = 0, BAND = 1, COLUMN = 2 };  // attention/patterns.py's KINDS, in order
 enum Epilogue { STORE, ADD, SILU };             // what a product does with its result
@@ -42,17 +39,12 @@ struct Layer {
 #define PANEL (COLS * VL)
 
 #if defined(__AVX512BF16__)
-// bf16 on a CPU with AVX512-BF16: vdpbf16ps multiplies two adjacent bf16s of one operand by the two of the
-// other and adds both products to a float lane, 32 multiply-adds per instruction against a float FMA's 16. So
-// bf16 panels come with their rows in pairs, (K / 2, PANEL, 2) (a zero row after an odd K), and a product's input
-// rows are rounded to bf16 for it, as autocast rounds a linear layer's input; every sum stays in float.
+// bf16 on a CPU with AVX512-BF16 multiplies in vdpbf16ps (simd.h's dot): bf16 panels come with their rows in
+// pairs, (K / 2, PANEL, 2) (a zero row after an odd K), and a product's input rows are rounded to bf16 for it, as
+// autocast rounds a linear layer's input (here before the norm's factor, which scales the result); every sum
+// stays in float.
 template <typename T>
 constexpr bool PAIRED = std::is_same<T, bf16>::value;
-static inline vec dot(vec acc, __m512i w, const bf16* x) {
-  uint32_t both;
-  memcpy(&both, x, sizeof both);
-  return (vec)_mm512_dpbf16_ps((__m512)acc, (__m512bh)w, (__m512bh)_mm512_set1_epi32((int)both));
-}
 #else
 template <typename T>
 constexpr bool PAIRED = false;
@@ -72,10 +64,12 @@ static inline void tile(const Input<T>* x, const float* scale, int64_t K, const 
 #if defined(__AVX512BF16__)
   if constexpr (PAIRED<T>) {
     for (int64_t k = 0; k < K; k += 2) {
-      __m512i wk[COLS];
-      for (int v = 0; v < COLS; v++) wk[v] = _mm512_loadu_si512(panel + k * PANEL + 2 * v * VL);
-      for (int r = 0; r < R; r++)
-        for (int v = 0; v < COLS; v++) acc[r][v] = dot(acc[r][v], wk[v], x + r * K + k);
+      pvec wk[COLS];
+      for (int v = 0; v < COLS; v++) wk[v] = load_pairs((const pair*)(panel + k * PANEL + 2 * v * VL));
+      for (int r = 0; r < R; r++) {
+        const pair xr = pair_at(x + r * K + k);
+        for (int v = 0; v < COLS; v++) acc[r][v] = dot(acc[r][v], wk[v], xr);
+      }
     }
   } else
 #endif
@@ -168,7 +162,7 @@ template <typename T>
 static void product(const float* input, const float* scale, int64_t rows, int64_t K, const T* w, const T* bias,
                     int64_t N, float* out, Epilogue e, Balance& balance, Phase phase, bf16* rounded) {
   const Input<T>* x = (const Input<T>*)input;
-  if constexpr (PAIRED<T>) {  // every thread rounds every row for itself: no barrier, and a few microseconds
+  if constexpr (PAIRED<T>) {  // every thread rounds every row for itself: no barrier
     const int64_t even = K + K % 2;
     for (int64_t r = 0; r < rows; r++) {
       int64_t i = 0;

@@ -76,15 +76,16 @@ class Fold(NamedTuple):
         (AVX512-BF16's vdpbf16ps multiplies such pairs), in one more pass."""
         weight, (n, k) = self.weight.float(), self.weight.shape
         whole, rest = divmod(n, width)
-        panels = torch.empty(whole + (rest > 0), k, width, dtype=dtype, device=weight.device)
+        panels = torch.empty(whole + (rest > 0), k + (k % 2 if paired else 0), width, dtype=dtype, device=weight.device)
+        panels[:, k:] = 0
         torch.mul(weight[: whole * width].reshape(whole, width, k).transpose(1, 2), self.factor[:, None],
-                  out=panels[:whole])
+                  out=panels[:whole, :k])
         if rest:
             panels[whole, :, rest:] = 0
-            torch.mul(weight[whole * width :].t(), self.factor[:, None], out=panels[whole, :, :rest])
+            torch.mul(weight[whole * width :].t(), self.factor[:, None], out=panels[whole, :k, :rest])
         bias = F.pad(self.bias.float(), (0, -n % width)).to(dtype) if self.bias is not None else None
         if paired:
-            panels = F.pad(panels, (0, 0, 0, k % 2)).unflatten(1, (-1, 2)).transpose(2, 3).contiguous()
+            panels = panels.unflatten(1, (-1, 2)).transpose(2, 3).contiguous()
         return panels, bias
 
 
@@ -280,7 +281,8 @@ _STEP_ARGUMENTS = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int, cty
                    + [ctypes.c_int])  # see decode_kernel.cpp's steps
 KERNEL = Kernel(Path(__file__).with_name("decode_kernel.cpp"),
                 {"decode_steps": _STEP_ARGUMENTS, "decode_steps_bf16": _STEP_ARGUMENTS, "decode_panel_width": [],
-                 "decode_paired": [], "decode_work_floats": [ctypes.c_int64] * 5}, {"decode_work_floats": ctypes.c_int64})
+                 "decode_paired": [], "decode_work_floats": [ctypes.c_int64] * 5},
+                {"decode_work_floats": ctypes.c_int64})
 
 
 class KernelStep:

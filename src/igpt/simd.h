@@ -52,6 +52,21 @@ static inline void store(bf16* p, vec x) {
 static inline void put(float* p, float x) { *p = x; }
 static inline void put(bf16* p, float x) { uint32_t u; memcpy(&u, &x, 4); *p = (bf16)nearest_bf16(u); }
 
+#if defined(__AVX512BF16__)
+// AVX512-BF16's vdpbf16ps multiplies two adjacent bf16s of one operand by the two of the other and adds both
+// products to a float lane: 32 multiply-adds per instruction against a float FMA's 16, for operands laid out
+// in pairs along the dimension a product sums over.
+#include <immintrin.h>
+typedef uint32_t pair;  // two bf16s in one 32-bit word, the first in the low half
+typedef __m512i pvec;  // VL of them
+static inline pvec load_pairs(const pair* p) { return _mm512_loadu_si512(p); }
+static inline pair pair_at(const bf16* p) { pair w; memcpy(&w, p, sizeof w); return w; }
+// acc plus, in each lane, b's pair there times a's (the same pair in every lane, broadcast from memory).
+static inline vec dot(vec acc, pvec b, pair a) {
+  return (vec)_mm512_dpbf16_ps((__m512)acc, (__m512bh)b, (__m512bh)_mm512_set1_epi32((int)a));
+}
+#endif
+
 // exp of a score minus its row's maximum or log-sum-exp (x <= 0), floored where the result would
 // leave float's normal range: glibc's vector expf hands such lanes to a scalar routine, an order of
 // magnitude slower, and a trained model's sharp attention puts many scores there (the step slowed

@@ -222,16 +222,8 @@ struct Path {
 // dV += P^T dO and dK += dS^T Q (over the tile's queries). P and dS are rounded to bf16 for their products,
 // as GPU flash attention (and PyTorch's CPU flash kernel) does in bf16; the sums stay in float. q is used as
 // it came (the scale multiplies the scores, and dK once at the end), so no input is rounded twice.
-typedef uint32_t pair;  // two bf16s in one 32-bit word, the first in the low half
-typedef __m512i pvec;  // VL of them
-
-static inline pvec load_pairs(const pair* p) { return _mm512_loadu_si512(p); }
+// (pair, pvec, load_pairs, pair_at and dot: simd.h)
 static inline void store(pair* p, pvec x) { _mm512_storeu_si512(p, x); }
-static inline pair pair_at(const bf16* p) { pair w; memcpy(&w, p, sizeof w); return w; }
-// acc plus, in each lane, b's pair there times a's (the same pair in every lane, broadcast from memory).
-static inline vec dot(vec acc, pvec b, pair a) {
-  return (vec)_mm512_dpbf16_ps((__m512)acc, (__m512bh)b, (__m512bh)_mm512_set1_epi32((int)a));
-}
 // p, as far as the compiler knows changed: read inside a loop, its pairs are not hoisted out of it (GCC would
 // broadcast every pair of a tile ahead of the loop over keys and spill them, 64 bytes read per 4 of them).
 template <typename P>
