@@ -20,7 +20,8 @@ SECTIONS = ["What it is", "Commands", "Quickstart on your own images", "Python A
             "Multi-GPU and multi-node", "The code", "Headline results", "Development"]
 HEADLINE_SECTION = "Headline results"
 MACHINE_NAMES = ("EPYC", "Xeon", "H100", "H200")
-LINKED = [README, ROOT / "docs" / "guide.md", *sorted(RESULTS.glob("*.md"))]
+LINKED = [README, *(ROOT / "docs" / name for name in ("guide.md", "design.md", "reference.md", "cli.md")),
+          *sorted(RESULTS.glob("*.md"))]
 DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 

@@ -31,7 +31,7 @@ HERE = Path(__file__).parent
 HEADERS = (HERE / "simd.h",)
 # -ffast-math for the compile only (glibc's vector expf): on the link line GCC before 13 adds
 # crtfastmath.o, which sets flush-to-zero for the whole process once the library loads.
-COMPILE = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-Wno-psabi", f"-I{HERE}")
+COMPILE = ("-std=c++17", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-Wno-psabi", f"-I{HERE}")
 LINK = ("-shared", "-fopenmp")
 log = logging.getLogger(__name__)
 KERNELS: list["Kernel"] = []  # every Kernel defined, in the order their modules were imported
