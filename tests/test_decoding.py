@@ -1,11 +1,15 @@
 """Incremental decoding: the cache, the prefix pass and the one-pixel steps against the full forward."""
 
+import subprocess
+
 import pytest
 import torch
 
 from conftest import STEPS, random_model, step_decoder
 from igpt import IgptError
 from igpt.decoding import DecodeWeights, Decoder
+
+PHASES = 6  # decode_kernel.cpp's Phase: a block's four products and its attention, then the head
 
 
 @torch.no_grad()
@@ -100,6 +104,40 @@ def test_the_kernel_step_equals_the_eager_step(attention, dtype, rows, vocab, wi
     torch.testing.assert_close(ours, theirs, atol=tolerance, rtol=0)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("attention", ["dense", "strided"])
+@pytest.mark.parametrize("rates", [(1.0, 0.0), (1e6, 1.0), (0.0, 0.0, 3.0, 1.0, 1e6)])
+def test_the_kernel_s_threads_shared_out_by_any_speeds_compute_the_same_logits(attention, dtype, rates):
+    """Balance splits each phase by the threads' past speeds, which a test machine's timing never makes uneven
+    on demand: here the speeds the kernel keeps in its work buffer are set before every step (a thread never
+    timed, one a million times faster, so the quarter-speed floor holds, and five threads for two cores, more
+    than some phases have panels or groups). Each panel and group is computed whole by one thread, so the
+    logits are exactly those of the even split."""
+    model = random_model(attention=attention, positions="2d", window_rows=1, vocab_size=13, n_embd=32, n_head=4,
+                         bias=True)
+    tokens = torch.randint(0, 13, (3, 25), generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(rates))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = {}
+            for skewed in (False, True):
+                decoder = step_decoder(model, 3, "kernel")
+                work = decoder.kernel_step.work
+                speeds = work[-PHASES * 2 * len(rates):].view(PHASES, 2, len(rates))  # (phase, buffer, thread)
+                logits[skewed] = [decoder.feed(tokens[:, :3])]
+                for i in range(3, 24):
+                    if skewed:
+                        speeds[:] = torch.tensor(rates)
+                    logits[skewed].append(decoder.feed(tokens[:, i : i + 1]))
+                    if skewed:  # the kernel timed its threads and wrote their speeds where these were set
+                        assert not torch.equal(speeds, torch.tensor(rates).expand_as(speeds))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(torch.stack(logits[True]), torch.stack(logits[False]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [32, 40, 33])
 @pytest.mark.parametrize("panel", [32, 16, 8])
@@ -132,14 +170,20 @@ def test_the_kernel_s_panels_hold_the_stored_weights_exactly(dtype, width, panel
 
 
 def test_the_kernel_multiplies_bf16_in_pairs_where_the_cpu_has_avx512_bf16():
-    """Where the CPU lists avx512_bf16, the kernel's bf16 products run in vdpbf16ps on paired panels; elsewhere in
-    float FMAs. A build that lost that path would still pass every other test, only slower."""
+    """Where the CPU lists avx512_bf16 and the compiler targets it, the kernel's bf16 products run in vdpbf16ps on
+    paired panels; elsewhere in float FMAs. A build that lost that path would still pass every other test, only
+    slower."""
     from igpt.decoding import KERNEL
-    from igpt.kernels import cpu_identity
+    from igpt.kernels import COMPILE, compiler_command, cpu_identity
 
     if not KERNEL.available():
         pytest.skip("no C++ compiler builds igpt's decode kernel here")
-    assert bool(KERNEL.library().decode_paired()) == ("avx512_bf16" in cpu_identity().split())
+    cpu = "avx512_bf16" in cpu_identity().split()
+    macros = subprocess.run([*compiler_command(), *COMPILE, "-dM", "-E", "-x", "c++", "-"], input="",
+                            capture_output=True, text=True, check=True).stdout
+    if cpu and "__AVX512BF16__" not in macros:
+        pytest.skip("the CPU has avx512_bf16 but this compiler does not target it (GCC 10 or later does)")
+    assert bool(KERNEL.library().decode_paired()) == cpu
 
 
 @torch.no_grad()

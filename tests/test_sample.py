@@ -46,8 +46,8 @@ def test_compiled_sampling_equals_eager_sampling():
 
 def test_a_watch_sees_every_row_and_changes_no_draw(monkeypatch):
     """Without a watch a kernel call draws past the rows' ends (as many pixels as CALL_SECONDS allows, a row at
-    first); with one it stops at each row's end for it. The seed's numbers are the same either way, so are the
-    images."""
+    first, one at least); with one it stops at each row's end for it. The seed's numbers are the same however the
+    calls fall, so are the images."""
     from igpt.decoding import KERNEL, Decoder
 
     sampling = importlib.import_module("igpt.sample")  # the module: igpt.sample is also the function's name
@@ -70,6 +70,11 @@ def test_a_watch_sees_every_row_and_changes_no_draw(monkeypatch):
                      watch=lambda first, tokens, filled: seen.append(filled))
     assert calls == [3, 4, 4, 4] and seen == [0, 4, 8, 12, 16]
     torch.testing.assert_close(watched, alone)
+    calls[:] = []
+    monkeypatch.setattr(sampling, "CALL_SECONDS", 0.0)  # a step per call after the first row
+    one_by_one = sample(model, 3, generator=torch.Generator().manual_seed(4))
+    assert calls == [4] + [1] * 11
+    torch.testing.assert_close(one_by_one, alone)
 
 
 def test_tiny_temperature_is_greedy():

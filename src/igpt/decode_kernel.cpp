@@ -154,6 +154,13 @@ struct Balance {
     uses[p]++;
 #pragma omp barrier
   }
+
+  // At the end of a call: where a phase's last rate went to the buffer that a call's first use does not read
+  // (an odd count of uses), this thread's entry is copied to the other, so the next call goes on from it.
+  void keep() {
+    for (int p = 0; p < PHASES; p++)
+      if (uses[p] % 2) buffer((Phase)p, 1)[me] = buffer((Phase)p, 0)[me];
+  }
 };
 
 // The product over every row, its panels shared out over the region's threads by `balance` (call inside one).
@@ -358,7 +365,8 @@ static int64_t pick(const float* logits, int64_t vocab, const float* u, float te
 static int64_t thread_scratch(int64_t n_ctx, int64_t vocab) { return GROUP * n_ctx > vocab ? GROUP * n_ctx : vocab; }
 
 // Floats each thread owns in a step's work: its scratch, its copy of the rows' norm factors, and room for a
-// product's input rows rounded to bf16 (at most rows x (4 d + 1) of them, two to a float).
+// product's input rows rounded to bf16 (at most rows x (4 d + 1) of them, two to a float); that room goes unused
+// where the panels are not paired, kept so that one work size serves both dtypes.
 static int64_t thread_floats(int64_t rows, int64_t d, int64_t n_ctx, int64_t vocab) {
   return thread_scratch(n_ctx, vocab) + rows + rows * (2 * d + 1);
 }
@@ -438,6 +446,7 @@ static int steps(int64_t* tokens, int64_t stride, int64_t pos, int64_t count, in
     for (int64_t s = 0; s < count; s++)
       step(tokens + s, stride, pos + s, layers, n_layer, rows, d, heads, vocab, n_ctx, eps, embed, positions, head,
            logits, uniforms ? uniforms + s * rows : 0, temperature, draw ? tokens + s + 1 : 0, work, balance);
+    balance.keep();
   }
   return 0;
 }

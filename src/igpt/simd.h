@@ -3,7 +3,8 @@
 // Plain C++ with GCC/Clang vector extensions: one source builds for AVX-512, AVX2 or NEON under
 // -march=native (igpt/kernels.py). Elements are float or bfloat16 (bf16: a float's upper 16 bits);
 // these helpers compute in float, so bf16 costs only the conversions on load and store, rounded to
-// nearest even with NaN kept a NaN (band_kernel.cpp's bf16-dot path has products of its own).
+// nearest even with NaN kept a NaN. Where the CPU has AVX512-BF16, the vdpbf16ps helpers below multiply
+// bf16 pairs for both kernels' bf16 products.
 #pragma once
 #include <math.h>
 #include <stdint.h>
